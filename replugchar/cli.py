@@ -1,0 +1,81 @@
+"""Command line: ``replugchar fit|validate`` (LightningCLI) and the tool subcommands.
+
+``fit`` validates once before training and once after, prints both (top-1 agreement with the LM's best
+setting, KL between LM target and retriever), and exports the trained retriever (encoder + index).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import LSRDataModule
+from .module import LSRModule
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+REPORTED = ("val/top1_agreement", "val/loss", "val/retriever_entropy", "val/lm_entropy")
+
+
+class LSRCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def before_fit(self) -> None:
+        if self.trainer.limit_val_batches == 0 or getattr(self.config_init, "ckpt_path", None):
+            self._before = None
+            return
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        self._before = {k: float(v) for k, v in results[0].items()} if results else None
+
+    def after_fit(self) -> None:
+        after = {}
+        if self.trainer.limit_val_batches != 0:
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            after = {k: float(v) for k, v in results[0].items()} if results else {}
+        if self.trainer.global_rank != 0:
+            return
+        before = getattr(self, "_before", None) or {}
+        lines = ["", "replugchar fit: validation before -> after training (character-disjoint split)"]
+        for key in REPORTED:
+            if key in after:
+                b = f"{before[key]:.4f}" if key in before else "   n/a"
+                lines.append(f"  {key:<26} {b} -> {after[key]:.4f}")
+        lines.append("  (val/loss = KL(LM target || retriever) per query; lower is better)")
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            lines.append(f"  checkpoint: {ckpt.best_model_path}")
+        for cb in self.trainer.callbacks:
+            if getattr(cb, "written", None):
+                lines.append(f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)")
+        if self.trainer.logger is not None and self.trainer.log_dir:
+            lines.append(f"  logs: {self.trainer.log_dir}")
+        print("\n".join(lines), flush=True)
+
+
+def run_lightning(args: list[str] | None = None) -> LSRCLI:
+    return LSRCLI(
+        LSRModule,
+        LSRDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or not argv or argv[0] in ("-h", "--help"):
+        run_lightning(argv)
+        return
+    from .tools import run_tool
+
+    run_tool(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Characters and dialogue examples: schema, validation, character-disjoint split, batching.
+
+The on-disk schema is the one of ``../shared/data`` (``characters.jsonl`` + ``dialogues.jsonl``). Every record
+is validated line by line so a user sees ``file:line: field: problem`` instead of a KeyError deep in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+QUERY_TYPES = ("greeting", "closing", "other")
+ROLES = ("user", "character")
+MAX_TEXT_CHARS = 4000
+"""Texts longer than this are rejected at load time: a setting or turn this long is almost always a data bug,
+and the LM prompt has a token budget anyway (see :mod:`replugchar.lm_scoring` for the truncation policy)."""
+
+
+class DataError(ValueError):
+    """A malformed input record. The message names the file, the line and the field."""
+
+
+@dataclass(frozen=True)
+class Character:
+    character_id: str
+    settings: tuple[str, ...]
+    language: str = "en"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (dialogue so far, query) -> gold response of ``character_id``."""
+
+    example_id: str
+    character_id: str
+    dialogue_id: str
+    query: str
+    response: str
+    context: tuple[Turn, ...] = ()
+    query_type: str = "other"
+    shown_setting_indices: tuple[int, ...] | None = None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _text(record: dict, key: str, where: str, *, required: bool = True) -> str | None:
+    if key not in record or record[key] is None:
+        if required:
+            raise DataError(f"{where}: missing field '{key}'")
+        return None
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: field '{key}' has {len(value)} characters (limit {MAX_TEXT_CHARS})")
+    return value
+
+
+def load_characters(path: str | Path) -> dict[str, Character]:
+    path = Path(path)
+    characters: dict[str, Character] = {}
+    for lineno, rec in _iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        cid = _text(rec, "character_id", where)
+        if cid in characters:
+            raise DataError(f"{where}: duplicate character_id '{cid}'")
+        settings = rec.get("settings")
+        if not isinstance(settings, list):
+            raise DataError(f"{where}: field 'settings' must be a list of strings")
+        if not settings:
+            raise DataError(f"{where}: character '{cid}' has no settings")
+        for i, s in enumerate(settings):
+            if not isinstance(s, str) or not s.strip():
+                raise DataError(f"{where}: field 'settings[{i}]' must be a non-empty string")
+            if len(s) > MAX_TEXT_CHARS:
+                raise DataError(f"{where}: field 'settings[{i}]' is longer than {MAX_TEXT_CHARS} characters")
+        if len(set(settings)) != len(settings):
+            raise DataError(f"{where}: character '{cid}' has duplicate settings")
+        language = rec.get("language") or "en"
+        characters[cid] = Character(cid, tuple(settings), str(language), rec.get("name"))
+    if not characters:
+        raise DataError(f"{path}: no characters")
+    return characters
+
+
+def load_examples(path: str | Path, characters: dict[str, Character]) -> list[Example]:
+    path = Path(path)
+    examples: list[Example] = []
+    seen: set[str] = set()
+    for lineno, rec in _iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        eid = _text(rec, "example_id", where)
+        if eid in seen:
+            raise DataError(f"{where}: duplicate example_id '{eid}'")
+        seen.add(eid)
+        cid = _text(rec, "character_id", where)
+        if cid not in characters:
+            raise DataError(f"{where}: field 'character_id': unknown character '{cid}'")
+        context = rec.get("context") or []
+        if not isinstance(context, list):
+            raise DataError(f"{where}: field 'context' must be a list")
+        turns = []
+        for i, turn in enumerate(context):
+            if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+                raise DataError(f"{where}: field 'context[{i}].role' must be one of {ROLES}")
+            turns.append(Turn(turn["role"], _text(turn, "text", f"{where}: context[{i}]")))
+        query_type = rec.get("query_type") or "other"
+        if query_type not in QUERY_TYPES:
+            raise DataError(f"{where}: field 'query_type' must be one of {QUERY_TYPES}, got {query_type!r}")
+        shown = rec.get("shown_setting_indices")
+        n = len(characters[cid].settings)
+        if shown is not None:
+            if not isinstance(shown, list) or not all(isinstance(i, int) and 0 <= i < n for i in shown):
+                raise DataError(f"{where}: field 'shown_setting_indices' must be indices in [0, {n})")
+            shown = tuple(shown)
+        examples.append(
+            Example(
+                example_id=eid,
+                character_id=cid,
+                dialogue_id=_text(rec, "dialogue_id", where, required=False) or eid,
+                query=_text(rec, "query", where),
+                response=_text(rec, "response", where),
+                context=tuple(turns),
+                query_type=query_type,
+                shown_setting_indices=shown,
+            )
+        )
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+@dataclass
+class Corpus:
+    """A data folder: characters plus their examples."""
+
+    characters: dict[str, Character]
+    examples: list[Example]
+    source: str = ""
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> Corpus:
+        data_dir = resolve_data_dir(data_dir)
+        characters = load_characters(data_dir / "characters.jsonl")
+        return cls(characters, load_examples(data_dir / "dialogues.jsonl", characters), str(data_dir))
+
+    def to_dataset(self):
+        """The examples as a :class:`datasets.Dataset` (for map/filter/Arrow caching in user code)."""
+        import datasets
+
+        rows = [
+            {
+                "example_id": e.example_id,
+                "character_id": e.character_id,
+                "dialogue_id": e.dialogue_id,
+                "query": e.query,
+                "response": e.response,
+                "context": [{"role": t.role, "text": t.text} for t in e.context],
+                "query_type": e.query_type,
+                "settings": list(self.characters[e.character_id].settings),
+            }
+            for e in self.examples
+        ]
+        return datasets.Dataset.from_list(rows)
+
+
+def resolve_data_dir(data_dir: str | Path) -> Path:
+    """``"demo"`` names the small Synthetic-Persona-Chat subset shipped inside the package."""
+    if str(data_dir) == "demo":
+        return Path(__file__).parent / "demo_data"
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data_dir '{data_dir}' is not a folder (set data.data_dir, or 'demo')")
+    return path
+
+
+def split_characters(character_ids: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Character-disjoint split: a character's dialogues are either all train or all validation."""
+    ids = sorted(character_ids)
+    random.Random(seed).shuffle(ids)
+    n_val = max(1, round(len(ids) * val_fraction)) if val_fraction > 0 else 0
+    return set(ids[n_val:]), set(ids[:n_val])
+
+
+def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    picked = random.Random(seed).sample(range(len(examples)), limit)
+    return [examples[i] for i in sorted(picked)]
+
+
+def collate_examples(batch: list[Example]) -> list[Example]:
+    return list(batch)
+
+
+class LSRDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "demo",
+        val_fraction: float = 0.2,
+        batch_size: int = 8,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        query_types: list[str] | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder with characters.jsonl and dialogues.jsonl, or "demo" for the bundled subset.
+            val_fraction: share of *characters* held out for validation (no character is in both splits).
+            batch_size: queries per optimisation step.
+            max_train_examples: cap on training examples (random, seeded); None keeps all. Sizes the LM budget.
+            max_val_examples: cap on validation examples.
+            query_types: keep only these query types (greeting/closing/other); None keeps all.
+            seed: seed of the character split and of the caps.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        for name, value in (("max_train_examples", max_train_examples), ("max_val_examples", max_val_examples)):
+            if value is not None and value <= 0:
+                raise ValueError(f"data.{name} must be positive or null, got {value}")
+        for qt in query_types or []:
+            if qt not in QUERY_TYPES:
+                raise ValueError(f"data.query_types: unknown query type {qt!r}; use {QUERY_TYPES}")
+        self.save_hyperparameters()
+        self.corpus: Corpus | None = None
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is not None:
+            return
+        hp = self.hparams
+        self.corpus = Corpus.load(hp.data_dir)
+        train_ids, val_ids = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed)
+        keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
+        examples = [e for e in self.corpus.examples if e.query_type in keep]
+        self.train_examples = _cap([e for e in examples if e.character_id in train_ids], hp.max_train_examples, hp.seed)
+        self.val_examples = _cap([e for e in examples if e.character_id in val_ids], hp.max_val_examples, hp.seed)
+
+    @property
+    def characters(self) -> dict[str, Character]:
+        if self.corpus is None:
+            self.setup()
+        return self.corpus.characters
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=collate_examples,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=collate_examples,
+            num_workers=self.hparams.num_workers,
+        )

