@@ -63,7 +63,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM (Windows editors)
         except UnicodeDecodeError as err:
             raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
         try:
@@ -83,11 +83,19 @@ def _text(record: dict, key: str, where: str, *, required: bool = True) -> str |
     value = record[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty")
-    if len(value) > MAX_TEXT_CHARS:
-        raise DataError(f"{where}: field '{key}' has {len(value)} characters (limit {MAX_TEXT_CHARS})")
+    _check_text(value, f"field '{key}'", where)
     return value
+
+
+def _check_text(value: str, field: str, where: str) -> None:
+    if not value.strip():
+        raise DataError(f"{where}: {field} is empty")
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: {field} has {len(value)} characters (limit {MAX_TEXT_CHARS})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800" is valid JSON but not text
+        raise DataError(f"{where}: {field} is not valid Unicode ({err.reason} at character {err.start})") from None
 
 
 def load_characters(path: str | Path) -> dict[str, Character]:
@@ -103,15 +111,21 @@ def load_characters(path: str | Path) -> dict[str, Character]:
             raise DataError(f"{where}: field 'settings' must be a list of strings")
         if not settings:
             raise DataError(f"{where}: character '{cid}' has no settings")
+        first: dict[str, int] = {}
         for i, s in enumerate(settings):
-            if not isinstance(s, str) or not s.strip():
-                raise DataError(f"{where}: field 'settings[{i}]' must be a non-empty string")
-            if len(s) > MAX_TEXT_CHARS:
-                raise DataError(f"{where}: field 'settings[{i}]' is longer than {MAX_TEXT_CHARS} characters")
-        if len(set(settings)) != len(settings):
-            raise DataError(f"{where}: character '{cid}' has duplicate settings")
-        language = rec.get("language") or "en"
-        characters[cid] = Character(cid, tuple(settings), str(language), rec.get("name"))
+            if not isinstance(s, str):
+                raise DataError(f"{where}: field 'settings[{i}]' must be a string, got {type(s).__name__}")
+            _check_text(s, f"field 'settings[{i}]'", where)
+            norm = " ".join(s.split())  # "I like dogs." and "I like  dogs. " are the same setting
+            if norm in first:
+                raise DataError(
+                    f"{where}: character '{cid}' has duplicate settings: 'settings[{i}]' repeats "
+                    f"'settings[{first[norm]}]' ({s!r})"
+                )
+            first[norm] = i
+        language = _text(rec, "language", where, required=False) or "en"
+        name = _text(rec, "name", where, required=False)
+        characters[cid] = Character(cid, tuple(settings), language, name)
     if not characters:
         raise DataError(f"{path}: no characters")
     return characters
@@ -144,7 +158,9 @@ def load_examples(path: str | Path, characters: dict[str, Character]) -> list[Ex
         shown = rec.get("shown_setting_indices")
         n = len(characters[cid].settings)
         if shown is not None:
-            if not isinstance(shown, list) or not all(isinstance(i, int) and 0 <= i < n for i in shown):
+            if not isinstance(shown, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in shown
+            ):
                 raise DataError(f"{where}: field 'shown_setting_indices' must be indices in [0, {n})")
             shown = tuple(shown)
         examples.append(
@@ -283,7 +299,21 @@ class LSRDataModule(L.LightningDataModule):
             self.setup()
         return self.corpus.characters
 
+    def _require(self, examples: list[Example], split: str) -> None:
+        """An empty split would make Lightning skip training or validation with only a warning."""
+        if self.corpus is None:
+            self.setup()
+            examples = self.train_examples if split == "training" else self.val_examples
+        if not examples:
+            hp = self.hparams
+            raise DataError(
+                f"{self.corpus.source if self.corpus else hp.data_dir}: no {split} examples after the character "
+                f"split ({len(self.corpus.characters) if self.corpus else 0} characters, "
+                f"data.val_fraction={hp.val_fraction}, data.query_types={hp.query_types})"
+            )
+
     def train_dataloader(self) -> DataLoader:
+        self._require(self.train_examples, "training")
         return DataLoader(
             self.train_examples,
             batch_size=self.hparams.batch_size,
@@ -293,6 +323,8 @@ class LSRDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.val_fraction > 0:
+            self._require(self.val_examples, "validation")
         return DataLoader(
             self.val_examples,
             batch_size=self.hparams.batch_size,

@@ -91,6 +91,7 @@ def export_retriever(
     kind: str = "flat",
     metrics: dict[str, float] | None = None,
     data_dir: str | None = None,
+    train_characters: list[str] | None = None,
 ) -> Path:
     """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters."""
     out = Path(out_dir)
@@ -118,6 +119,7 @@ def export_retriever(
             "lm": module.hparams.lm,
             "encoder_fingerprint": fingerprint,
             "metrics": metrics or {},
+            "train_characters": train_characters or [],
             "versions": _versions(),
         }
         (tmp / "retriever.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
@@ -147,4 +149,6 @@ class ExportRetriever(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         dm = getattr(trainer, "datamodule", None)
         data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
-        self.written = export_retriever(pl_module, out, metrics=metrics, data_dir=data_dir)
+        train_chars = sorted({e.character_id for e in getattr(dm, "train_examples", [])})
+        self.written = export_retriever(pl_module, out, metrics=metrics, data_dir=data_dir,
+                                        train_characters=train_chars)

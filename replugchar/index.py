@@ -51,7 +51,10 @@ class SettingIndex:
         self.meta = meta
         self.ranges: dict[str, tuple[int, int]] = {}
         for r in records:
-            lo, _ = self.ranges.get(r.character_id, (r.setting_id, r.setting_id))
+            lo, hi = self.ranges.get(r.character_id, (r.setting_id, r.setting_id))
+            if hi != r.setting_id:  # a range search would then return other characters' settings
+                raise ValueError(f"settings of character '{r.character_id}' must have contiguous setting ids, "
+                                 f"got {r.setting_id} after {hi - 1}")
             self.ranges[r.character_id] = (lo, r.setting_id + 1)
 
     @property
@@ -171,28 +174,54 @@ class SettingIndex:
         meta_path = folder / "index.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{folder}: no index.json (not a replugchar index folder)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: unsupported index format {meta.get('format')}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{meta_path}: unsupported index format {fmt}")
+        if not isinstance(meta.get("dim"), int) or meta.get("kind") not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"{meta_path}: fields 'dim' (int) and 'kind' (flat/ivf/hnsw) are required")
         if expected_dim is not None and meta["dim"] != expected_dim:
             raise ValueError(
                 f"{meta_path}: index was built with {meta['dim']}-d embeddings but the encoder gives "
                 f"{expected_dim}-d: rebuild it with `replugchar index` for this encoder"
             )
-        index = faiss.read_index(str(folder / "index.faiss"))
+        faiss_path = folder / "index.faiss"
+        if not faiss_path.is_file():
+            raise FileNotFoundError(f"{faiss_path}: missing (incomplete index folder)")
+        try:
+            index = faiss.read_index(str(faiss_path))
+        except RuntimeError as err:  # faiss reports a truncated or foreign file as a C++ exception
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(f"{faiss_path}: not a readable FAISS index ({first})") from None
         records, priors = [], []
-        with (folder / "settings.jsonl").open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                rec = json.loads(line)
+        settings_path = folder / "settings.jsonl"
+        if not settings_path.is_file():
+            raise FileNotFoundError(f"{settings_path}: missing (incomplete index folder)")
+        with settings_path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                where = f"{settings_path}:{lineno}"
                 try:
-                    records.append(SettingRecord(int(rec["setting_id"]), rec["character_id"],
-                                                 int(rec["index_in_character"]), rec["text"]))
+                    rec = json.loads(raw.decode("utf-8"))
+                    records.append(SettingRecord(int(rec["setting_id"]), str(rec["character_id"]),
+                                                 int(rec["index_in_character"]), str(rec["text"])))
                     priors.append(float(rec.get("prior", 0.0)))
-                except (KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{folder / 'settings.jsonl'}:{lineno}: bad record ({err})") from None
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+                except (AttributeError, KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"{where}: bad record ({type(err).__name__}: {err})") from None
                 if records[-1].setting_id != len(records) - 1:
-                    raise ValueError(f"{folder / 'settings.jsonl'}:{lineno}: setting ids must be 0..n-1 in order")
+                    raise ValueError(f"{where}: setting ids must be 0..n-1 in order")
+                if not np.isfinite(priors[-1]):
+                    raise ValueError(f"{where}: field 'prior' must be finite, got {priors[-1]}")
         if index.ntotal != len(records) or index.d != meta["dim"] + 1:
             raise ValueError(f"{folder}: index.faiss holds {index.ntotal}x{index.d - 1} vectors but the id map "
                              f"{len(records)} settings of dim {meta['dim']}")
-        return cls(index, records, np.asarray(priors, dtype=np.float32), meta)
+        try:
+            return cls(index, records, np.asarray(priors, dtype=np.float32), meta)
+        except ValueError as err:
+            raise ValueError(f"{settings_path}: {err}") from None

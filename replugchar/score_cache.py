@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .lm_scoring import LMScorer, Scores, ScoreRequest
+from .lm_scoring import LMScorer, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,20 @@ class CachedScorer:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "FINGERPRINT").write_text(self.fingerprint + "\n")
         for shard in sorted(self.folder.glob("shard-*.parquet")):
-            table = pq.read_table(shard)
-            keys = table.column("key").to_pylist()
-            sums = table.column("logp_sum").to_numpy()
-            ns = table.column("n_tokens").to_numpy()
-            self._scores.update(zip(keys, zip(sums.tolist(), ns.tolist())))
+            try:
+                table = pq.read_table(shard, columns=["key", "logp_sum", "n_tokens"])
+                keys = table.column("key").to_pylist()
+                sums = table.column("logp_sum").to_numpy()
+                ns = table.column("n_tokens").to_numpy()
+            except (pa.ArrowException, OSError, KeyError) as err:
+                # a shard damaged outside our write path (disk full, copy): its pairs are scored again
+                log.warning("score cache: skipping unreadable shard %s (%s)", shard, err)
+                continue
+            ok = np.isfinite(sums) | (sums == -np.inf)  # NaN / +inf cannot be log-likelihoods
+            if not ok.all():
+                log.warning("score cache: %s holds %d non-finite scores; they will be recomputed",
+                            shard, int((~ok).sum()))
+            self._scores.update((k, (s, n)) for k, s, n, good in zip(keys, sums.tolist(), ns.tolist(), ok) if good)
         if self._scores:
             log.info("score cache %s: %d scores loaded", self.folder, len(self._scores))
 

@@ -1,0 +1,304 @@
+"""Does the retriever make the frozen LM's gold replies likelier? Metrics, baselines, intervals, tables, plots.
+
+Every method ranks the settings of the example's character. All LM numbers come from one
+:class:`~replugchar.score_cache.CachedScorer` (the scorer training used): for each example the gold response is
+scored once with no setting and once with each setting, so top-1 NLL, hit@1 of the LM-best setting, MRR and
+nDCG of every method are lookups. Only the top-k *concatenated* prompt costs extra LM calls (``concat_k``).
+
+Priors for an evaluated character come from that character's *other* dialogues (leave one dialogue out), never
+from the dialogue being scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import Character, Example
+from .lm_scoring import NO_SETTING, ScoreRequest
+from .priors import _znorm
+from .score_cache import CachedScorer
+
+METHODS = ("none", "random", "bm25", "base", "base+prior", "trained", "trained+prior", "oracle")
+QUERY_GROUPS = ("all", "greeting", "closing", "other")
+HEADLINE = ("nll_top1", "hit1_lm_best", "ndcg", "mrr")
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class LMTable:
+    """Per example: log-likelihood of the gold response (nats/token) with no setting and with each setting."""
+
+    none: np.ndarray  # (n,)
+    per_setting: list[np.ndarray]  # n arrays of (n_settings,)
+    sums: list[np.ndarray]  # summed log-likelihoods (n_settings,), for the ensemble
+    n_tokens: np.ndarray  # (n,)
+
+    @property
+    def gains(self) -> list[np.ndarray]:
+        return [s - z for s, z in zip(self.per_setting, self.none)]
+
+
+def lm_table(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer,
+             chunk: int = 64) -> LMTable:
+    requests = []
+    for e in examples:
+        requests.append(ScoreRequest(e, NO_SETTING))
+        requests += [ScoreRequest(e, (s,)) for s in characters[e.character_id].settings]
+    means, sums, ntok = [], [], []
+    for i in tqdm(range(0, len(requests), chunk), desc="LM scores", unit="chunk", leave=False):
+        sc = scorer.score(requests[i : i + chunk])
+        means.append(sc.logp_mean)
+        sums.append(sc.logp_sum)
+        ntok.append(sc.n_tokens)
+        scorer.flush()
+    means, sums, ntok = np.concatenate(means), np.concatenate(sums), np.concatenate(ntok)
+    none, per, per_sum, n_tok, pos = [], [], [], [], 0
+    for e in examples:
+        n = len(characters[e.character_id].settings)
+        none.append(means[pos])
+        n_tok.append(ntok[pos])
+        per.append(means[pos + 1 : pos + 1 + n])
+        per_sum.append(sums[pos + 1 : pos + 1 + n])
+        pos += 1 + n
+    return LMTable(np.array(none), per, per_sum, np.array(n_tok))
+
+
+def loo_priors(examples: Sequence[Example], gains: list[np.ndarray]) -> list[np.ndarray]:
+    """Per example, the LM-utility prior of its character's settings from the character's other dialogues."""
+    by_char: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_char[e.character_id].append(i)
+    out: list[np.ndarray] = [np.zeros_like(g) for g in gains]
+    for rows in by_char.values():
+        for i in rows:
+            others = [j for j in rows if examples[j].dialogue_id != examples[i].dialogue_id]
+            if others:
+                out[i] = np.asarray(_znorm(np.mean([gains[j] for j in others], axis=0)))
+    return out
+
+
+def bm25_rank(documents: Sequence[str], queries: Sequence[str], language: str = "en") -> list[np.ndarray]:
+    """BM25 (bm25s) scores of ``documents`` for each query; all zeros for a query made only of stopwords."""
+    import logging
+
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    stop = "en" if language == "en" else None
+    r = bm25s.BM25()
+    r.index(bm25s.tokenize(list(documents), stopwords=stop, show_progress=False), show_progress=False)
+    out = []
+    for q in queries:
+        tokens = bm25s.tokenize([q], stopwords=stop, return_ids=False, show_progress=False)[0]
+        out.append(np.asarray(r.get_scores(tokens), dtype=np.float64) if tokens else np.zeros(len(documents)))
+    return out
+
+
+def bm25_scores(examples: Sequence[Example], characters: dict[str, Character]) -> list[np.ndarray]:
+    by_char: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_char[e.character_id].append(i)
+    out: list[np.ndarray] = [np.zeros(0)] * len(examples)
+    for cid, rows in by_char.items():
+        char = characters[cid]
+        for i, s in zip(rows, bm25_rank(char.settings, [examples[i].query for i in rows], char.language)):
+            out[i] = s
+    return out
+
+
+def cosine_scores(examples: Sequence[Example], characters: dict[str, Character], embed_query: Embed,
+                  embed_setting: Embed, query_strings: Sequence[str]) -> list[np.ndarray]:
+    q = embed_query(list(query_strings))
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for row, e in enumerate(examples):
+        if e.character_id not in cache:
+            cache[e.character_id] = embed_setting(list(characters[e.character_id].settings))
+        out.append(cache[e.character_id] @ q[row])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def example_metrics(scores: np.ndarray | None, lm: LMTable, i: int, k: int, shown: Sequence[int] | None,
+                    temperature: float) -> dict[str, float]:
+    gains, none = lm.gains[i], lm.none[i]
+    if scores is None:  # no setting
+        return {"nll_top1": -none, "nll_ensemble": -none}
+    order = np.argsort(-scores, kind="stable")
+    top1 = order[0]
+    best = int(np.argmax(gains))
+    rank_best = int(np.where(order == best)[0][0]) + 1
+    rel = np.maximum(gains, 0.0)
+    kk = min(k, len(order))
+    disc = 1.0 / np.log2(np.arange(2, kk + 2))
+    ideal = float((np.sort(rel)[::-1][:kk] * disc).sum())
+    ndcg = float((rel[order[:kk]] * disc).sum() / ideal) if ideal > 0 else 1.0
+    top = order[:kk]
+    w = np.exp((scores[top] - scores[top].max()) / temperature)
+    w /= w.sum()
+    ens = float(np.log(np.sum(w * np.exp(lm.sums[i][top] - lm.sums[i][top].max()))) + lm.sums[i][top].max())
+    out = {
+        "nll_top1": -(none + gains[top1]),
+        "nll_ensemble": -ens / max(int(lm.n_tokens[i]), 1),
+        "hit1_lm_best": float(top1 == best),
+        "mrr": 1.0 / rank_best,
+        "ndcg": ndcg,
+    }
+    if shown:
+        out["recall_shown"] = len(set(top.tolist()) & set(shown)) / len(shown)
+    return out
+
+
+def bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the mean, resampling whole dialogues."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inv, weights=values, minlength=len(uniq))
+    counts = np.bincount(inv, minlength=len(uniq))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+    means = sums[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+@dataclass
+class EvalResult:
+    table: dict = field(default_factory=dict)  # method -> group -> metric -> {mean, lo, hi, n}
+    paired: dict = field(default_factory=dict)  # "a vs b" -> group -> metric -> {diff, lo, hi, p_better}
+    pool: dict = field(default_factory=dict)  # method -> {hit1_lm_best, mrr} with distractors
+    meta: dict = field(default_factory=dict)
+
+
+def aggregate(per_method: dict[str, list[dict]], examples: Sequence[Example], n_boot: int, seed: int,
+              pairs: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
+    dialogues = np.array([e.dialogue_id for e in examples])
+    qtypes = np.array([e.query_type for e in examples])
+    table: dict = {}
+    for method, rows in per_method.items():
+        table[method] = {}
+        for group in QUERY_GROUPS:
+            mask = np.ones(len(rows), bool) if group == "all" else qtypes == group
+            if not mask.any():
+                continue
+            table[method][group] = {}
+            for metric in sorted({m for r in rows for m in r}):
+                vals = np.array([r.get(metric, np.nan) for r in rows])
+                sel = mask & ~np.isnan(vals)
+                if not sel.any():
+                    continue
+                lo, hi = bootstrap_ci(vals[sel], dialogues[sel], n_boot, seed)
+                table[method][group][metric] = {"mean": float(vals[sel].mean()), "lo": lo, "hi": hi, "n": int(sel.sum())}
+    paired: dict = {}
+    for a, b in pairs:
+        if a not in per_method or b not in per_method:
+            continue
+        key = f"{a} vs {b}"
+        paired[key] = {}
+        for group in QUERY_GROUPS:
+            mask = np.ones(len(examples), bool) if group == "all" else qtypes == group
+            if not mask.any():
+                continue
+            paired[key][group] = {}
+            for metric in HEADLINE:
+                va = np.array([r.get(metric, np.nan) for r in per_method[a]])
+                vb = np.array([r.get(metric, np.nan) for r in per_method[b]])
+                d = va - vb
+                sel = mask & ~np.isnan(d)
+                if not sel.any():
+                    continue
+                lo, hi = bootstrap_ci(d[sel], dialogues[sel], n_boot, seed)
+                paired[key][group][metric] = {"diff": float(d[sel].mean()), "lo": lo, "hi": hi}
+    return table, paired
+
+
+def markdown_table(result: EvalResult, groups: Sequence[str] = ("all", "greeting")) -> str:
+    def fmt(cell: dict | None, scale: float = 1.0) -> str:
+        if not cell:
+            return "–"
+        return f"{cell['mean'] * scale:.3f} [{cell['lo'] * scale:.3f}, {cell['hi'] * scale:.3f}]"
+
+    head = ["method"] + [f"{m} ({g})" for g in groups for m in ("NLL top-1", "hit@1 LM-best", "nDCG@k")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_group in result.table.items():
+        cells = [method]
+        for g in groups:
+            row = by_group.get(g, {})
+            cells += [fmt(row.get("nll_top1")), fmt(row.get("hit1_lm_best")), fmt(row.get("ndcg"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = {g: result.table.get("none", {}).get(g, {}).get("nll_top1", {}).get("n", 0) for g in groups}
+    lines.append("")
+    lines.append("NLL = gold-response negative log-likelihood per token under the frozen LM (lower is better); "
+                 "[95% bootstrap interval over dialogues]; n = " + ", ".join(f"{g}: {n[g]}" for g in groups) + ".")
+    if result.paired:
+        lines += ["", "| paired difference (a − b) | group | ΔNLL top-1 | Δhit@1 | ΔnDCG |", "|---|---|---|---|---|"]
+        for key, by_group in result.paired.items():
+            for g in groups:
+                row = by_group.get(g)
+                if not row:
+                    continue
+                cells = [f"{row[m]['diff']:+.3f} [{row[m]['lo']:+.3f}, {row[m]['hi']:+.3f}]" if m in row else "–"
+                         for m in ("nll_top1", "hit1_lm_best", "ndcg")]
+                lines.append(f"| {key} | {g} | " + " | ".join(cells) + " |")
+    if result.pool:
+        lines += ["", f"Harder pool (own settings + {result.meta.get('distractors')} distractors from other characters):",
+                  "", "| method | hit@1 LM-best | MRR |", "|---|---|---|"]
+        for method, row in result.pool.items():
+            lines.append(f"| {method} | {row['hit1_lm_best']:.3f} | {row['mrr']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(result: EvalResult, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result.table)
+    groups = [g for g in ("all", "greeting", "closing", "other") if any(g in result.table[m] for m in methods)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, metric, label in ((axes[0], "nll_top1", "gold NLL / token (top-1 setting)"),
+                              (axes[1], "hit1_lm_best", "hit@1 of the LM-best setting")):
+        width = 0.8 / len(groups)
+        for gi, g in enumerate(groups):
+            xs, ys, errs = [], [], []
+            for mi, m in enumerate(methods):
+                cell = result.table[m].get(g, {}).get(metric)
+                if cell:
+                    xs.append(mi + gi * width)
+                    ys.append(cell["mean"])
+                    errs.append([[cell["mean"] - cell["lo"]], [cell["hi"] - cell["mean"]]])
+            if xs:
+                err = np.array(errs).reshape(len(xs), 2).T
+                ax.bar(xs, ys, width, yerr=err, label=g, capsize=2)
+        ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30, ha="right")
+        ax.set_title(label)
+        if metric == "nll_top1":
+            lo = min(c["lo"] for m in methods for c in [result.table[m].get(g, {}).get(metric) for g in groups] if c)
+            ax.set_ylim(bottom=lo * 0.97)
+    axes[0].legend(title="query type")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_result(result: EvalResult, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"table": result.table, "paired": result.paired,
+                                                  "pool": result.pool, "meta": result.meta}, indent=2))
+    (out / "results.md").write_text(markdown_table(result) + "\n")
+    plot(result, out / "results.png")
+    return out
+
+
+def nan_safe(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

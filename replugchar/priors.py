@@ -1,0 +1,226 @@
+"""Generality priors g(s): how much a setting helps a character's replies regardless of the query.
+
+Why: for "Hello!" cosine similarity never surfaces "cheerful with everyone", though that trait shapes every
+reply. A per-setting prior blended into retrieval (score = cos + λ·g, see :mod:`replugchar.index`) lifts such
+traits. Three sources, one table format:
+
+* ``lm_utility`` -- the frozen LM's mean gain log P(y | s, x) − log P(y | no setting, x) (nats/token) over a
+  character's queries, all of them and the greeting/closing subset separately;
+* ``llm_judge`` -- a local instruct LM asked how broadly a trait applies, read from the probabilities of the
+  answer tokens 1..5 (expected score, no sampling);
+* ``import`` -- scores from an external judge (e.g. GPT-4o) in JSONL/CSV keyed by character and setting.
+
+Raw scores are z-normalised within each character so characters with 5 or 10 settings are comparable.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Character, DataError, Example
+from .lm_scoring import NO_SETTING, ScoreRequest
+from .score_cache import CachedScorer
+
+JUDGE_TEMPLATE = (
+    "Here is one trait of a role-play character: \"{setting}\"\n"
+    "On a scale of 1 to 5, how much does this trait shape how the character replies in ANY conversation, "
+    "even to a simple greeting? 1 = only when the topic comes up, 5 = in every reply.\nAnswer: "
+)
+
+
+@dataclass(frozen=True)
+class Prior:
+    character_id: str
+    setting_index: int
+    setting: str
+    prior: float  # z-normalised within the character: what the index blends
+    raw: float  # the method's own scale (nats/token gain, expected 1-5 score, imported score)
+    raw_greeting: float | None = None  # lm_utility only: mean gain over greeting/closing queries
+    n_queries: int = 0
+    method: str = ""
+    provenance: str = ""
+
+
+def _znorm(values: Sequence[float]) -> list[float]:
+    v = np.asarray(values, dtype=np.float64)
+    sd = v.std()
+    return ((v - v.mean()) / sd).tolist() if sd > 1e-12 else [0.0] * len(v)
+
+
+def _table(characters: dict[str, Character], raw: dict[tuple[str, int], float], method: str, provenance: str,
+           greeting: dict[tuple[str, int], float] | None = None, counts: dict[str, int] | None = None) -> list[Prior]:
+    out: list[Prior] = []
+    for cid, char in characters.items():
+        keys = [(cid, i) for i in range(len(char.settings))]
+        if not all(key in raw for key in keys):
+            continue
+        for (_, i), z in zip(keys, _znorm([raw[key] for key in keys])):
+            g = greeting.get((cid, i)) if greeting else None
+            out.append(Prior(cid, i, char.settings[i], z, raw[(cid, i)], g, (counts or {}).get(cid, 0), method, provenance))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- LM utility
+def setting_gains(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer) -> np.ndarray:
+    """Per example, gain of each of its character's settings over no setting (nats/token); (n, max_settings),
+    NaN where a character has fewer settings. The same cached scores serve evaluation and λ fitting."""
+    width = max(len(characters[e.character_id].settings) for e in examples)
+    requests = []
+    for e in examples:
+        requests.append(ScoreRequest(e, NO_SETTING))
+        requests += [ScoreRequest(e, (s,)) for s in characters[e.character_id].settings]
+    means = scorer.score(requests).logp_mean
+    gains = np.full((len(examples), width), np.nan)
+    pos = 0
+    for row, e in enumerate(examples):
+        n = len(characters[e.character_id].settings)
+        gains[row, :n] = means[pos + 1 : pos + 1 + n] - means[pos]
+        pos += 1 + n
+    return gains
+
+
+def lm_utility_priors(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer) -> list[Prior]:
+    """Mean LM gain per setting over the character's ``examples`` (pass only training dialogues)."""
+    gains = setting_gains(examples, characters, scorer)
+    by_char: dict[str, list[int]] = defaultdict(list)
+    for row, e in enumerate(examples):
+        by_char[e.character_id].append(row)
+    raw, greet, counts = {}, {}, {}
+    for cid, rows in by_char.items():
+        n = len(characters[cid].settings)
+        counts[cid] = len(rows)
+        g_rows = [r for r in rows if examples[r].query_type != "other"]
+        for i in range(n):
+            raw[(cid, i)] = float(np.mean(gains[rows, i]))
+            greet[(cid, i)] = float(np.mean(gains[g_rows, i])) if g_rows else math.nan
+    prov = f"lm={scorer.fingerprint}"
+    return _table({c: characters[c] for c in by_char}, raw, "lm_utility", prov, greet, counts)
+
+
+# ----------------------------------------------------------------------------------------------- LLM judge
+@torch.inference_mode()
+def llm_judge_priors(characters: dict[str, Character], model, tokenizer, template: str = JUDGE_TEMPLATE,
+                     lm_id: str = "") -> list[Prior]:
+    """Expected 1-5 answer of ``model`` for each setting, from the next-token probabilities of "1".."5"."""
+    if "{setting}" not in template:
+        raise ValueError("priors judge template must contain '{setting}'")
+    digit_ids = []
+    for d in "12345":
+        ids = tokenizer(d, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"the judge tokenizer splits the answer '{d}' into {len(ids)} tokens")
+        digit_ids.append(ids[0])
+    device = next(model.parameters()).device
+    raw = {}
+    for cid, char in characters.items():
+        for i, s in enumerate(char.settings):
+            ids = tokenizer(template.format(setting=s), return_tensors="pt").input_ids.to(device)
+            logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+            p = torch.softmax(logits[digit_ids], -1)  # renormalised over the five answers
+            raw[(cid, i)] = float((p * torch.arange(1, 6, device=device)).sum())
+    prov = f"lm={lm_id}|template={hashlib.sha1(template.encode()).hexdigest()[:12]}"
+    return _table(characters, raw, "llm_judge", prov)
+
+
+# ----------------------------------------------------------------------------------------------- import
+def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Prior]:
+    """Read external scores: JSONL or CSV with character_id, setting (index or exact text) and score."""
+    path = Path(path)
+    raw: dict[tuple[str, int], float] = {}
+    for where, rec in _read_rows(path):
+        cid = rec.get("character_id")
+        if cid not in characters:
+            raise DataError(f"{where}: field 'character_id': unknown character {cid!r}")
+        settings = characters[cid].settings
+        sid = rec.get("setting_id", rec.get("setting_index", rec.get("setting")))
+        if isinstance(sid, str) and sid.strip().isdigit():
+            sid = int(sid)
+        if isinstance(sid, int) and not isinstance(sid, bool):
+            if not 0 <= sid < len(settings):
+                raise DataError(f"{where}: field 'setting_id': {sid} out of range for '{cid}' ({len(settings)} settings)")
+            idx = sid
+        elif isinstance(sid, str) and sid in settings:
+            idx = settings.index(sid)
+        else:
+            raise DataError(f"{where}: field 'setting_id': unknown setting {sid!r} of character '{cid}'")
+        try:
+            score = float(rec["score"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where}: field 'score' missing or not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{where}: field 'score' is {score} (must be finite)")
+        raw[(cid, idx)] = score
+    if not raw:
+        raise DataError(f"{path}: no prior scores")
+    prov = f"file={path.name}|sha1={hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
+    table = _table(characters, raw, "import", prov)
+    covered = {(p.character_id, p.setting_index) for p in table}
+    partial = sorted({cid for cid, _ in raw if any((cid, i) not in covered for i in range(len(characters[cid].settings)))})
+    if partial:
+        raise DataError(f"{path}: characters with scores for only some settings: {', '.join(partial[:5])}")
+    return table
+
+
+def _read_rows(path: Path):
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for lineno, row in enumerate(csv.DictReader(f), start=2):
+                yield f"{path}:{lineno}", row
+        return
+    from .data import _iter_jsonl
+
+    for lineno, rec in _iter_jsonl(path):
+        yield f"{path}:{lineno}", rec
+
+
+# ----------------------------------------------------------------------------------------------- files
+def save_priors(priors: Sequence[Prior], path: str | Path) -> None:
+    """JSONL, one setting per line with its provenance; written to a temp file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for p in priors:
+            row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p).items()}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_priors(path: str | Path, characters: dict[str, Character] | None = None) -> list[Prior]:
+    from .data import _iter_jsonl
+
+    path = Path(path)
+    out = []
+    for lineno, rec in _iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        try:
+            p = Prior(**{k: rec[k] for k in Prior.__dataclass_fields__ if k in rec})
+        except TypeError as err:
+            raise DataError(f"{where}: bad prior record ({err})") from None
+        if not isinstance(p.prior, (int, float)) or not math.isfinite(p.prior):
+            raise DataError(f"{where}: field 'prior' is {p.prior!r} (must be a finite number)")
+        if characters is not None:
+            char = characters.get(p.character_id)
+            if char is None or not 0 <= p.setting_index < len(char.settings):
+                raise DataError(f"{where}: prior for unknown setting {p.character_id!r}[{p.setting_index}]")
+        out.append(p)
+    return out
+
+
+def prior_vector(priors: Sequence[Prior], records) -> np.ndarray:
+    """Align priors with index records (``SettingRecord``); settings without a prior get 0."""
+    lookup = {(p.character_id, p.setting_index): p.prior for p in priors}
+    return np.array([lookup.get((r.character_id, r.index_in_character), 0.0) for r in records], dtype=np.float32)
