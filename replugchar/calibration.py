@@ -27,7 +27,9 @@ class Calibration:
     gains_by_weight: tuple[float, ...]
 
 
-def top1_gain(sims: np.ndarray, priors: np.ndarray, gains: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+def top1_gain(
+    sims: np.ndarray, priors: np.ndarray, gains: np.ndarray, weight: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per example: gain of the top-1 setting under score = sim + weight·prior, and that score.
 
     Shapes: sims, priors, gains (n, max_settings) with NaN where a character has fewer settings.
@@ -38,8 +40,13 @@ def top1_gain(sims: np.ndarray, priors: np.ndarray, gains: np.ndarray, weight: f
     return gains[rows, best], scores[rows, best]
 
 
-def fit(sims: np.ndarray, priors: np.ndarray, gains: np.ndarray, grid: Sequence[float] = DEFAULT_GRID,
-        fit_threshold: bool = True) -> Calibration:
+def fit(
+    sims: np.ndarray,
+    priors: np.ndarray,
+    gains: np.ndarray,
+    grid: Sequence[float] = DEFAULT_GRID,
+    fit_threshold: bool = True,
+) -> Calibration:
     if len(sims) == 0:
         raise ValueError("no validation examples to calibrate on")
     if np.isinf(gains).any() or np.isnan(gains[~np.isnan(sims)]).any():
@@ -53,5 +60,13 @@ def fit(sims: np.ndarray, priors: np.ndarray, gains: np.ndarray, grid: Sequence[
             value = float(np.where(s >= cand, g, 0.0).mean())  # below τ: no setting, gain 0
             if value > gain_tau + 1e-9:
                 tau, gain_tau = float(cand), value
-    return Calibration(best_w, tau, per_weight[0] if grid[0] == 0 else float(top1_gain(sims, priors, gains, 0)[0].mean()),
-                       float(max(per_weight)), gain_tau, len(sims), tuple(grid), tuple(per_weight))
+    return Calibration(
+        best_w,
+        tau,
+        per_weight[0] if grid[0] == 0 else float(top1_gain(sims, priors, gains, 0)[0].mean()),
+        float(max(per_weight)),
+        gain_tau,
+        len(sims),
+        tuple(grid),
+        tuple(per_weight),
+    )

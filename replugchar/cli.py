@@ -21,8 +21,10 @@ REPORTED = ("val/top1_agreement", "val/loss", "val/retriever_entropy", "val/lm_e
 class LSRCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "validate": {"model", "dataloaders", "datamodule"}}
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
 
     def before_fit(self) -> None:
         if self.trainer.limit_val_batches == 0 or getattr(self.config_init, "ckpt_path", None):
@@ -50,7 +52,9 @@ class LSRCLI(LightningCLI):
             lines.append(f"  checkpoint: {ckpt.best_model_path}")
         for cb in self.trainer.callbacks:
             if getattr(cb, "written", None):
-                lines.append(f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)")
+                lines.append(
+                    f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
+                )
         if self.trainer.logger is not None and self.trainer.log_dir:
             lines.append(f"  logs: {self.trainer.log_dir}")
         print("\n".join(lines), flush=True)
@@ -69,7 +73,7 @@ def run_lightning(args: list[str] | None = None) -> LSRCLI:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or not argv or argv[0] in ("-h", "--help"):
+    if (argv and argv[0] in LIGHTNING_SUBCOMMANDS) or not argv or argv[0] in ("-h", "--help"):
         run_lightning(argv)
         return
     from .tools import run_tool

@@ -95,7 +95,9 @@ def _check_text(value: str, field: str, where: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800" is valid JSON but not text
-        raise DataError(f"{where}: {field} is not valid Unicode ({err.reason} at character {err.start})") from None
+        raise DataError(
+            f"{where}: {field} is not valid Unicode ({err.reason} at character {err.start})"
+        ) from None
 
 
 def load_characters(path: str | Path) -> dict[str, Character]:
@@ -271,7 +273,10 @@ class LSRDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
-        for name, value in (("max_train_examples", max_train_examples), ("max_val_examples", max_val_examples)):
+        for name, value in (
+            ("max_train_examples", max_train_examples),
+            ("max_val_examples", max_val_examples),
+        ):
             if value is not None and value <= 0:
                 raise ValueError(f"data.{name} must be positive or null, got {value}")
         for qt in query_types or []:
@@ -290,8 +295,12 @@ class LSRDataModule(L.LightningDataModule):
         train_ids, val_ids = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed)
         keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
         examples = [e for e in self.corpus.examples if e.query_type in keep]
-        self.train_examples = _cap([e for e in examples if e.character_id in train_ids], hp.max_train_examples, hp.seed)
-        self.val_examples = _cap([e for e in examples if e.character_id in val_ids], hp.max_val_examples, hp.seed)
+        self.train_examples = _cap(
+            [e for e in examples if e.character_id in train_ids], hp.max_train_examples, hp.seed
+        )
+        self.val_examples = _cap(
+            [e for e in examples if e.character_id in val_ids], hp.max_val_examples, hp.seed
+        )
 
     @property
     def characters(self) -> dict[str, Character]:

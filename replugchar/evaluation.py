@@ -47,8 +47,9 @@ class LMTable:
         return [s - z for s, z in zip(self.per_setting, self.none)]
 
 
-def lm_table(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer,
-             chunk: int = 64) -> LMTable:
+def lm_table(
+    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer, chunk: int = 64
+) -> LMTable:
     requests = []
     for e in examples:
         requests.append(ScoreRequest(e, NO_SETTING))
@@ -115,8 +116,13 @@ def bm25_scores(examples: Sequence[Example], characters: dict[str, Character]) -
     return out
 
 
-def cosine_scores(examples: Sequence[Example], characters: dict[str, Character], embed_query: Embed,
-                  embed_setting: Embed, query_strings: Sequence[str]) -> list[np.ndarray]:
+def cosine_scores(
+    examples: Sequence[Example],
+    characters: dict[str, Character],
+    embed_query: Embed,
+    embed_setting: Embed,
+    query_strings: Sequence[str],
+) -> list[np.ndarray]:
     q = embed_query(list(query_strings))
     cache: dict[str, np.ndarray] = {}
     out = []
@@ -128,8 +134,9 @@ def cosine_scores(examples: Sequence[Example], characters: dict[str, Character],
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def example_metrics(scores: np.ndarray | None, lm: LMTable, i: int, k: int, shown: Sequence[int] | None,
-                    temperature: float) -> dict[str, float]:
+def example_metrics(
+    scores: np.ndarray | None, lm: LMTable, i: int, k: int, shown: Sequence[int] | None, temperature: float
+) -> dict[str, float]:
     gains, none = lm.gains[i], lm.none[i]
     if scores is None:  # no setting
         return {"nll_top1": -none, "nll_ensemble": -none}
@@ -178,8 +185,13 @@ class EvalResult:
     meta: dict = field(default_factory=dict)
 
 
-def aggregate(per_method: dict[str, list[dict]], examples: Sequence[Example], n_boot: int, seed: int,
-              pairs: Sequence[tuple[str, str]]) -> tuple[dict, dict]:
+def aggregate(
+    per_method: dict[str, list[dict]],
+    examples: Sequence[Example],
+    n_boot: int,
+    seed: int,
+    pairs: Sequence[tuple[str, str]],
+) -> tuple[dict, dict]:
     dialogues = np.array([e.dialogue_id for e in examples])
     qtypes = np.array([e.query_type for e in examples])
     table: dict = {}
@@ -196,7 +208,12 @@ def aggregate(per_method: dict[str, list[dict]], examples: Sequence[Example], n_
                 if not sel.any():
                     continue
                 lo, hi = bootstrap_ci(vals[sel], dialogues[sel], n_boot, seed)
-                table[method][group][metric] = {"mean": float(vals[sel].mean()), "lo": lo, "hi": hi, "n": int(sel.sum())}
+                table[method][group][metric] = {
+                    "mean": float(vals[sel].mean()),
+                    "lo": lo,
+                    "hi": hi,
+                    "n": int(sel.sum()),
+                }
     paired: dict = {}
     for a, b in pairs:
         if a not in per_method or b not in per_method:
@@ -236,21 +253,34 @@ def markdown_table(result: EvalResult, groups: Sequence[str] = ("all", "greeting
         lines.append("| " + " | ".join(cells) + " |")
     n = {g: result.table.get("none", {}).get(g, {}).get("nll_top1", {}).get("n", 0) for g in groups}
     lines.append("")
-    lines.append("NLL = gold-response negative log-likelihood per token under the frozen LM (lower is better); "
-                 "[95% bootstrap interval over dialogues]; n = " + ", ".join(f"{g}: {n[g]}" for g in groups) + ".")
+    lines.append(
+        "NLL = gold-response negative log-likelihood per token under the frozen LM (lower is better); "
+        "[95% bootstrap interval over dialogues]; n = " + ", ".join(f"{g}: {n[g]}" for g in groups) + "."
+    )
     if result.paired:
-        lines += ["", "| paired difference (a − b) | group | ΔNLL top-1 | Δhit@1 | ΔnDCG |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| paired difference (a − b) | group | ΔNLL top-1 | Δhit@1 | ΔnDCG |",
+            "|---|---|---|---|---|",
+        ]
         for key, by_group in result.paired.items():
             for g in groups:
                 row = by_group.get(g)
                 if not row:
                     continue
-                cells = [f"{row[m]['diff']:+.3f} [{row[m]['lo']:+.3f}, {row[m]['hi']:+.3f}]" if m in row else "–"
-                         for m in ("nll_top1", "hit1_lm_best", "ndcg")]
+                cells = [
+                    f"{row[m]['diff']:+.3f} [{row[m]['lo']:+.3f}, {row[m]['hi']:+.3f}]" if m in row else "–"
+                    for m in ("nll_top1", "hit1_lm_best", "ndcg")
+                ]
                 lines.append(f"| {key} | {g} | " + " | ".join(cells) + " |")
     if result.pool:
-        lines += ["", f"Harder pool (own settings + {result.meta.get('distractors')} distractors from other characters):",
-                  "", "| method | hit@1 LM-best | MRR |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Harder pool (own settings + {result.meta.get('distractors')} distractors from other characters):",
+            "",
+            "| method | hit@1 LM-best | MRR |",
+            "|---|---|---|",
+        ]
         for method, row in result.pool.items():
             lines.append(f"| {method} | {row['hit1_lm_best']:.3f} | {row['mrr']:.3f} |")
     return "\n".join(lines)
@@ -263,10 +293,14 @@ def plot(result: EvalResult, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = list(result.table)
-    groups = [g for g in ("all", "greeting", "closing", "other") if any(g in result.table[m] for m in methods)]
+    groups = [
+        g for g in ("all", "greeting", "closing", "other") if any(g in result.table[m] for m in methods)
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, metric, label in ((axes[0], "nll_top1", "gold NLL / token (top-1 setting)"),
-                              (axes[1], "hit1_lm_best", "hit@1 of the LM-best setting")):
+    for ax, metric, label in (
+        (axes[0], "nll_top1", "gold NLL / token (top-1 setting)"),
+        (axes[1], "hit1_lm_best", "hit@1 of the LM-best setting"),
+    ):
         width = 0.8 / len(groups)
         for gi, g in enumerate(groups):
             xs, ys, errs = [], [], []
@@ -282,7 +316,12 @@ def plot(result: EvalResult, path: str | Path) -> None:
         ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30, ha="right")
         ax.set_title(label)
         if metric == "nll_top1":
-            lo = min(c["lo"] for m in methods for c in [result.table[m].get(g, {}).get(metric) for g in groups] if c)
+            lo = min(
+                c["lo"]
+                for m in methods
+                for c in [result.table[m].get(g, {}).get(metric) for g in groups]
+                if c
+            )
             ax.set_ylim(bottom=lo * 0.97)
     axes[0].legend(title="query type")
     fig.tight_layout()
@@ -293,8 +332,12 @@ def plot(result: EvalResult, path: str | Path) -> None:
 def save_result(result: EvalResult, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"table": result.table, "paired": result.paired,
-                                                  "pool": result.pool, "meta": result.meta}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"table": result.table, "paired": result.paired, "pool": result.pool, "meta": result.meta},
+            indent=2,
+        )
+    )
     (out / "results.md").write_text(markdown_table(result) + "\n")
     plot(result, out / "results.png")
     return out

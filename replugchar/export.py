@@ -97,8 +97,13 @@ def export_retriever(
     out = Path(out_dir)
     records = setting_records(module.characters)
     fingerprint = encoder_fingerprint(lambda t: module.encode_all(t))
-    index = SettingIndex.build(module.encode_all([r.text for r in records]), records, priors,
-                               kind=kind, encoder_fingerprint=fingerprint)
+    index = SettingIndex.build(
+        module.encode_all([r.text for r in records]),
+        records,
+        priors,
+        kind=kind,
+        encoder_fingerprint=fingerprint,
+    )
     hp = {**dict(module.hparams), "data_dir": data_dir}
     tmp = atomic_dir(out)
     try:
@@ -150,5 +155,6 @@ class ExportRetriever(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
         train_chars = sorted({e.character_id for e in getattr(dm, "train_examples", [])})
-        self.written = export_retriever(pl_module, out, metrics=metrics, data_dir=data_dir,
-                                        train_characters=train_chars)
+        self.written = export_retriever(
+            pl_module, out, metrics=metrics, data_dir=data_dir, train_characters=train_chars
+        )

@@ -37,7 +37,7 @@ def evaluate(
     lm_dtype: str = "auto",
     max_length: int = 512,
     lm_batch_tokens: int = 4096,
-    score_cache_dir: str | None = "~/.cache/replugchar/scores",
+    score_cache_dir: str | None = "auto",
     methods: list[str] | None = None,
 ) -> ev.EvalResult:
     """Compare retrievers on held-out characters by the frozen LM's likelihood of the gold replies.
@@ -64,7 +64,7 @@ def evaluate(
         lm_dtype: "auto" = bfloat16 on GPU, float32 on CPU.
         max_length: token limit of prompt + response.
         lm_batch_tokens: token budget per LM forward pass.
-        score_cache_dir: shared LM-score cache (null = in memory).
+        score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         methods: subset of the eight methods (default all that are available).
     """
     from .module import LSRModule
@@ -91,8 +91,17 @@ def evaluate(
     if not examples:
         raise ValueError(f"no examples to evaluate in {data_dir} (split={split})")
 
-    module = LSRModule(encoder=base_encoder, lm=lm, template=template, query_text=query_text, lm_dtype=lm_dtype,
-                       max_length=max_length, lm_batch_tokens=lm_batch_tokens, score_cache_dir=score_cache_dir, k=k)
+    module = LSRModule(
+        encoder=base_encoder,
+        lm=lm,
+        template=template,
+        query_text=query_text,
+        lm_dtype=lm_dtype,
+        max_length=max_length,
+        lm_batch_tokens=lm_batch_tokens,
+        score_cache_dir=score_cache_dir,
+        k=k,
+    )
     scorer = module.scorer
     table = ev.lm_table(examples, chars, scorer)
     gains = table.gains
@@ -110,10 +119,13 @@ def evaluate(
         scores["bm25"] = ev.bm25_scores(examples, chars)
     base_embed = module.encode_all
     if "base" in wanted or "base+prior" in wanted:
-        base = ev.cosine_scores(examples, chars, lambda t: module.encode_all(t, queries=True), base_embed, queries)
+        base = ev.cosine_scores(
+            examples, chars, lambda t: module.encode_all(t, queries=True), base_embed, queries
+        )
         scores["base"] = base
         scores["base+prior"] = [s + prior_weight * p for s, p in zip(base, priors)]
     if retriever is not None:
+
         def t_query(texts):
             return retriever.query_encoder.encode(texts, normalize_embeddings=True)
 
@@ -131,8 +143,11 @@ def evaluate(
     for method, sc in scores.items():
         rows = []
         for i, e in enumerate(examples):
-            rows.append(ev.example_metrics(None if sc is None else sc[i], table, i, k, e.shown_setting_indices,
-                                           ensemble_temperature))
+            rows.append(
+                ev.example_metrics(
+                    None if sc is None else sc[i], table, i, k, e.shown_setting_indices, ensemble_temperature
+                )
+            )
         per_method[method] = rows
     if concat_k > 0:
         _add_concat(per_method, scores, examples, chars, scorer, concat_k)
@@ -140,12 +155,34 @@ def evaluate(
     result = ev.EvalResult()
     result.table, result.paired = ev.aggregate(per_method, examples, n_boot, seed, pairs)
     if distractors > 0:
-        result.pool = _pool_metrics(scores, examples, chars, gains, priors, prior_weight, distractors, seed,
-                                    base_embed, module, retriever, queries)
-    result.meta = {"data_dir": str(data_dir), "split": split, "n_examples": len(examples),
-                   "n_characters": len({e.character_id for e in examples}), "lm": lm, "base_encoder": base_encoder,
-                   "trained": trained, "prior_weight": prior_weight, "k": k, "distractors": distractors,
-                   "score_cache": str(scorer.folder), "lm_pairs_scored_now": scorer.misses}
+        result.pool = _pool_metrics(
+            scores,
+            examples,
+            chars,
+            gains,
+            priors,
+            prior_weight,
+            distractors,
+            seed,
+            base_embed,
+            module,
+            retriever,
+            queries,
+        )
+    result.meta = {
+        "data_dir": str(data_dir),
+        "split": split,
+        "n_examples": len(examples),
+        "n_characters": len({e.character_id for e in examples}),
+        "lm": lm,
+        "base_encoder": base_encoder,
+        "trained": trained,
+        "prior_weight": prior_weight,
+        "k": k,
+        "distractors": distractors,
+        "score_cache": str(scorer.folder),
+        "lm_pairs_scored_now": scorer.misses,
+    }
     out = ev.save_result(result, out_dir)
     print(ev.markdown_table(result))
     print(f"\nevaluation written to {out}/results.json, results.md, results.png")
@@ -167,8 +204,20 @@ def _add_concat(per_method, scores, examples, chars, scorer, concat_k: int) -> N
         per_method[method][i][f"nll_top{concat_k}_concat"] = -v
 
 
-def _pool_metrics(scores, examples, chars, gains, priors, prior_weight, n_distract, seed, base_embed, module,
-                  retriever, queries: Sequence[str]) -> dict:
+def _pool_metrics(
+    scores,
+    examples,
+    chars,
+    gains,
+    priors,
+    prior_weight,
+    n_distract,
+    seed,
+    base_embed,
+    module,
+    retriever,
+    queries: Sequence[str],
+) -> dict:
     """Rank own settings + distractors; hit@1 / MRR of the own LM-best setting (distractors count as wrong)."""
     rng = random.Random(seed)
     pool_settings = [(cid, s) for cid, c in chars.items() for s in c.settings]
@@ -177,11 +226,15 @@ def _pool_metrics(scores, examples, chars, gains, priors, prior_weight, n_distra
         own_prior.setdefault(e.character_id, p)
     embedders = {"base": (lambda t: module.encode_all(t, queries=True), base_embed)}
     if retriever is not None:
-        embedders["trained"] = (lambda t: retriever.query_encoder.encode(t, normalize_embeddings=True),
-                                lambda t: retriever.encoder.encode(t, normalize_embeddings=True))
+        embedders["trained"] = (
+            lambda t: retriever.query_encoder.encode(t, normalize_embeddings=True),
+            lambda t: retriever.encoder.encode(t, normalize_embeddings=True),
+        )
     qemb = {name: f[0](list(queries)) for name, f in embedders.items()}
     emb_cache: dict[tuple[str, str], np.ndarray] = {}
-    out: dict[str, dict[str, list[float]]] = {m: {"hit1_lm_best": [], "mrr": []} for m in scores if m not in ("none",)}
+    out: dict[str, dict[str, list[float]]] = {
+        m: {"hit1_lm_best": [], "mrr": []} for m in scores if m not in ("none",)
+    }
     for i, e in enumerate(examples):
         own = list(chars[e.character_id].settings)
         others = [s for cid, s in pool_settings if cid != e.character_id]
@@ -212,7 +265,7 @@ def _pool_metrics(scores, examples, chars, gains, priors, prior_weight, n_distra
 
 
 def main(argv: list[str]) -> None:
-    from jsonargparse import ArgumentParser, ActionConfigFile
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="replugchar evaluate", description=evaluate.__doc__)
     parser.add_argument("--config", action=ActionConfigFile)

@@ -1,9 +1,11 @@
 """The FAISS index of settings, with the generality prior blended in exactly.
 
-score(q, s) = cos(q, s) + λ·g(s) is computed *inside* FAISS: each setting vector is stored as [e_s, g(s)] and
-each query is sent as [e_q, λ], so the inner product is the blended score for Flat, IVF and HNSW alike, and λ
-is a query-time knob (λ = 0 is plain cosine retrieval). Settings of one character have contiguous ids, so a
-search restricted to one character is a FAISS ``IDSelectorRange``. One builder serves the training refresh,
+score(q, s) = cos(q, s) + λ·g(s) is computed *inside* FAISS: each setting vector is stored as [e_s, α·g(s)] and
+each query is sent as [e_q, λ/α], so the inner product is the blended score for Flat, IVF and HNSW alike, and λ
+is a query-time knob (λ = 0 is plain cosine retrieval). α = 1/√d puts the prior coordinate on the scale of one
+embedding coordinate: with α = 1 a z-normalised prior dominates IVF's k-means (lists 17x unbalanced at 10^4
+settings in benchmarks/index_scale.py) and HNSW's graph. Settings of one character have contiguous ids, so a
+search restricted to one character scores its few stored vectors exactly (read back with ``reconstruct_n``). One builder serves the training refresh,
 ``replugchar index`` and export.
 """
 
@@ -44,17 +46,22 @@ def setting_records(characters: dict[str, Character]) -> list[SettingRecord]:
 
 
 class SettingIndex:
-    def __init__(self, index: faiss.Index, records: list[SettingRecord], priors: np.ndarray, meta: dict) -> None:
+    def __init__(
+        self, index: faiss.Index, records: list[SettingRecord], priors: np.ndarray, meta: dict
+    ) -> None:
         self.index = index
         self.records = records
         self.priors = priors  # (n,) float32, zeros when no prior
         self.meta = meta
+        self._vectors: dict[str, np.ndarray] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
         for r in records:
             lo, hi = self.ranges.get(r.character_id, (r.setting_id, r.setting_id))
             if hi != r.setting_id:  # a range search would then return other characters' settings
-                raise ValueError(f"settings of character '{r.character_id}' must have contiguous setting ids, "
-                                 f"got {r.setting_id} after {hi - 1}")
+                raise ValueError(
+                    f"settings of character '{r.character_id}' must have contiguous setting ids, "
+                    f"got {r.setting_id} after {hi - 1}"
+                )
             self.ranges[r.character_id] = (lo, r.setting_id + 1)
 
     @property
@@ -82,11 +89,15 @@ class SettingIndex:
         prior = np.zeros(n, dtype=np.float32) if priors is None else np.asarray(priors, dtype=np.float32)
         if prior.shape != (n,) or not np.isfinite(prior).all():
             raise ValueError("priors must be a finite vector with one value per setting")
-        vectors = np.concatenate([emb, prior[:, None]], axis=1)  # (n, d+1)
+        scale = 1.0 / np.sqrt(d)
+        vectors = np.concatenate([emb, scale * prior[:, None]], axis=1)  # (n, d+1)
         if kind == "flat":
             index = faiss.IndexFlatIP(d + 1)
         elif kind == "ivf":
-            nlist = nlist or max(1, int(4 * np.sqrt(n)))
+            # ~4√n lists, but never more than n/39 (FAISS's minimum training points per list)
+            nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+            if not 1 <= nlist <= n:
+                raise ValueError(f"index nlist must be in [1, {n}] for {n} settings, got {nlist}")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d + 1), d + 1, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
         elif kind == "hnsw":
@@ -94,24 +105,34 @@ class SettingIndex:
         else:
             raise ValueError(f"index kind must be flat, ivf or hnsw, got {kind!r}")
         index.add(vectors)
-        meta = {"format": FORMAT_VERSION, "kind": kind, "dim": d, "n": n, "has_prior": priors is not None,
-                "encoder_fingerprint": encoder_fingerprint}
+        if kind == "ivf":
+            index.make_direct_map()  # reconstruct() for per-character search
+        meta = {
+            "format": FORMAT_VERSION,
+            "kind": kind,
+            "dim": d,
+            "n": n,
+            "has_prior": priors is not None,
+            "prior_scale": scale,
+            "encoder_fingerprint": encoder_fingerprint,
+        }
         return cls(index, list(records), prior, meta)
 
-    def _params(self, lo: int, hi: int, nprobe: int, ef_search: int):
-        sel = faiss.IDSelectorRange(lo, hi)
-        kind = self.meta["kind"]
-        if kind == "ivf":
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe), sel
-        if kind == "hnsw":
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search), sel
-        return faiss.SearchParameters(sel=sel), sel
+    def character_vectors(self, character_id: str) -> np.ndarray:
+        """The stored (n_settings, d+1) vectors of one character, read back from FAISS (cached)."""
+        if character_id not in self.ranges:
+            raise KeyError(f"unknown character '{character_id}' (not in the index)")
+        if character_id not in self._vectors:
+            lo, hi = self.ranges[character_id]
+            self._vectors[character_id] = self.index.reconstruct_n(lo, hi - lo)
+        return self._vectors[character_id]
 
     def query_vectors(self, query_emb: np.ndarray, prior_weight: float) -> np.ndarray:
         q = np.ascontiguousarray(query_emb, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"query embeddings have shape {q.shape}, the index expects (*, {self.dim})")
-        return np.concatenate([q, np.full((len(q), 1), prior_weight, dtype=np.float32)], axis=1)
+        weight = prior_weight / self.meta.get("prior_scale", 1.0)
+        return np.concatenate([q, np.full((len(q), 1), weight, dtype=np.float32)], axis=1)
 
     def search(
         self,
@@ -135,15 +156,16 @@ class SettingIndex:
             return self.index.search(qv, k)
         if len(character_ids) != len(qv):
             raise ValueError(f"{len(qv)} queries but {len(character_ids)} character ids")
+        # One character has a handful of settings: search them exactly (an IVF probe or an HNSW walk restricted
+        # to a few ids can miss some of them), with the same stored vectors as the FAISS search.
         scores = np.full((len(qv), k), -np.inf, dtype=np.float32)
         ids = np.full((len(qv), k), -1, dtype=np.int64)
         for row, cid in enumerate(character_ids):
-            if cid not in self.ranges:
-                raise KeyError(f"unknown character '{cid}' (not in the index)")
-            lo, hi = self.ranges[cid]
-            params, _sel = self._params(lo, hi, nprobe, ef_search)  # keep _sel alive during the search
-            s, i = self.index.search(qv[row : row + 1], min(k, hi - lo), params=params)
-            scores[row, : s.shape[1]], ids[row, : i.shape[1]] = s[0], i[0]
+            vecs = self.character_vectors(cid)  # (n_char, d+1)
+            sims = vecs @ qv[row]
+            top = np.argsort(-sims, kind="stable")[:k]
+            scores[row, : len(top)] = sims[top]
+            ids[row, : len(top)] = self.ranges[cid][0] + top
         return scores, ids
 
     # ------------------------------------------------------------------------------------------- files
@@ -152,9 +174,19 @@ class SettingIndex:
         faiss.write_index(self.index, str(folder / "index.faiss"))
         with (folder / "settings.jsonl").open("w", encoding="utf-8") as f:
             for r, g in zip(self.records, self.priors.tolist()):
-                f.write(json.dumps({"setting_id": r.setting_id, "character_id": r.character_id,
-                                    "index_in_character": r.index_in_character, "text": r.text,
-                                    "prior": g}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "setting_id": r.setting_id,
+                            "character_id": r.character_id,
+                            "index_in_character": r.index_in_character,
+                            "text": r.text,
+                            "prior": g,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
         (folder / "index.json").write_text(json.dumps(self.meta, indent=2))
 
     def save(self, folder: str | Path) -> None:
@@ -205,8 +237,14 @@ class SettingIndex:
                 where = f"{settings_path}:{lineno}"
                 try:
                     rec = json.loads(raw.decode("utf-8"))
-                    records.append(SettingRecord(int(rec["setting_id"]), str(rec["character_id"]),
-                                                 int(rec["index_in_character"]), str(rec["text"])))
+                    records.append(
+                        SettingRecord(
+                            int(rec["setting_id"]),
+                            str(rec["character_id"]),
+                            int(rec["index_in_character"]),
+                            str(rec["text"]),
+                        )
+                    )
                     priors.append(float(rec.get("prior", 0.0)))
                 except UnicodeDecodeError as err:
                     raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
@@ -219,8 +257,10 @@ class SettingIndex:
                 if not np.isfinite(priors[-1]):
                     raise ValueError(f"{where}: field 'prior' must be finite, got {priors[-1]}")
         if index.ntotal != len(records) or index.d != meta["dim"] + 1:
-            raise ValueError(f"{folder}: index.faiss holds {index.ntotal}x{index.d - 1} vectors but the id map "
-                             f"{len(records)} settings of dim {meta['dim']}")
+            raise ValueError(
+                f"{folder}: index.faiss holds {index.ntotal}x{index.d - 1} vectors but the id map "
+                f"{len(records)} settings of dim {meta['dim']}"
+            )
         try:
             return cls(index, records, np.asarray(priors, dtype=np.float32), meta)
         except ValueError as err:

@@ -103,6 +103,12 @@ class Scores:
 
 
 # ----------------------------------------------------------------------------------------------- scorer
+def _weights_key(model) -> str:
+    """Identity of a model without a name (built in code): its class and a hash of its input embeddings."""
+    emb = model.get_input_embeddings().weight.detach().float().flatten()[:65536].cpu().numpy()
+    return f"{type(model).__name__}-{hashlib.sha1(emb.tobytes()).hexdigest()[:12]}"
+
+
 class LMScorer:
     """Scores (example, settings) pairs with a frozen causal LM in length-bucketed, token-budgeted batches.
 
@@ -112,17 +118,29 @@ class LMScorer:
     every prompt position costs several times the forward pass on CPU.
     """
 
-    def __init__(self, model, tokenizer, template: PromptTemplate | None = None, *, max_length: int = 512,
-                 max_batch_tokens: int = 4096, lm_key: str = "") -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: PromptTemplate | None = None,
+        *,
+        max_length: int = 512,
+        max_batch_tokens: int = 4096,
+        lm_key: str = "",
+    ) -> None:
         if max_length <= 0 or max_batch_tokens <= 0:
-            raise ValueError(f"max_length and max_batch_tokens must be positive, got {max_length}, {max_batch_tokens}")
+            raise ValueError(
+                f"max_length and max_batch_tokens must be positive, got {max_length}, {max_batch_tokens}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.template = template or PromptTemplate()
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
         self.max_length = min(max_length, limit) if limit else max_length
         self.max_batch_tokens = max_batch_tokens
-        self.lm_key = lm_key or getattr(model.config, "_name_or_path", "lm")
+        self.lm_key = lm_key or getattr(model.config, "_name_or_path", "") or _weights_key(model)
         self.forward_passes = 0
         self.pairs_scored = 0
 
@@ -150,7 +168,8 @@ class LMScorer:
                 )
             context.pop(0)
 
-    def _batches(self, lengths: list[int]) -> list[list[int]]:
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Index groups, longest first, each within ``max_batch_tokens`` padded tokens."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
         batches, current, width = [], [], 0
         for i in order:
@@ -164,33 +183,47 @@ class LMScorer:
             batches.append(current)
         return batches
 
+    def collate(
+        self, encoded: Sequence[tuple[list[int], int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded (ids, attention_mask, response_mask), each (batch, width): every sequence ends at the
+        last position, so the response tokens of all rows sit in the last columns."""
+        width = max(len(seq) for seq, _ in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        resp_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+        for row, (seq, n_resp) in enumerate(encoded):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+            resp_mask[row, width - n_resp :] = True
+        return ids, mask, resp_mask
+
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> Scores:
         encoded = [self.encode(r) for r in requests]
         logp_sum = np.zeros(len(requests), dtype=np.float64)
         n_tokens = np.array([n for _, n in encoded], dtype=np.int64)
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        for batch in self._batches([len(ids) for ids, _ in encoded]):
-            width = max(len(encoded[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            resp_mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, i in enumerate(batch):  # left padding: every sequence ends at position width-1
-                seq, n_resp = encoded[i]
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
-                resp_mask[row, width - n_resp:] = True
+        for batch in self.batches([len(ids) for ids, _ in encoded]):
+            ids, mask, resp_mask = self.collate([encoded[i] for i in batch])
+            width = ids.shape[1]
             r_max = int(resp_mask.sum(1).max())
             ids, mask = ids.to(device), mask.to(device)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # positions unaffected by left padding
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                logits_to_keep=r_max + 1, use_cache=False,
-            ).logits[:, :-1].float()  # (batch, r_max, vocab): predictions of the last r_max tokens
-            targets = ids[:, width - r_max:]  # (batch, r_max)
+            logits = (
+                self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    logits_to_keep=r_max + 1,
+                    use_cache=False,
+                )
+                .logits[:, :-1]
+                .float()
+            )  # (batch, r_max, vocab): predictions of the last r_max tokens
+            targets = ids[:, width - r_max :]  # (batch, r_max)
             token_logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            token_logp = token_logp.masked_fill(~resp_mask[:, width - r_max:].to(device), 0.0)
+            token_logp = token_logp.masked_fill(~resp_mask[:, width - r_max :].to(device), 0.0)
             logp_sum[batch] = token_logp.sum(-1).double().cpu().numpy()
             self.forward_passes += 1
         self.pairs_scored += len(requests)

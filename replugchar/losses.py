@@ -42,7 +42,9 @@ class LSRLoss(nn.Module):
     left out of the mean; NaN scores raise.
     """
 
-    def __init__(self, gamma: float = 0.05, beta: float = 0.1, direction: Direction = "lm_to_retriever") -> None:
+    def __init__(
+        self, gamma: float = 0.05, beta: float = 0.1, direction: Direction = "lm_to_retriever"
+    ) -> None:
         super().__init__()
         for name, value in (("gamma", gamma), ("beta", beta)):
             if not (0 < value < float("inf")):
@@ -51,7 +53,9 @@ class LSRLoss(nn.Module):
             raise ValueError(f"direction must be 'lm_to_retriever' or 'retriever_to_lm', got {direction!r}")
         self.gamma, self.beta, self.direction = gamma, beta, direction
 
-    def distributions(self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def distributions(
+        self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(log P_R, log Q, valid rows): the two log-distributions over candidates, -inf outside the mask."""
         if torch.isnan(lm_logp).any() or torch.isnan(sim).any():
             raise FloatingPointError("LSRLoss got NaN scores")

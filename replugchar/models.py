@@ -58,7 +58,9 @@ def byte_tokenizer(model_max_length: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length)
-    fast.add_special_tokens({"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>"})
+    fast.add_special_tokens(
+        {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    )
     return fast
 
 
@@ -92,8 +94,13 @@ def _tiny_bert_encoder(device: str | None):
         tok.add_special_tokens({"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
         torch.manual_seed(0)
         cfg = BertConfig(
-            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
         )
         tmp = atomic_dir(folder)
         BertModel(cfg).save_pretrained(tmp)
@@ -144,8 +151,14 @@ def _tiny_gpt2():
     tok = byte_tokenizer(1024)
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=1024, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        n_positions=1024,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return GPT2LMHeadModel(cfg), tok
 

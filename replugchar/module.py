@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Literal
@@ -16,11 +17,18 @@ from .data import Character, Example
 from .index import SettingIndex, setting_records
 from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest
 from .losses import Direction, LSRLoss, entropy
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM, load_causal_lm, load_encoder
+from .models import EMBEDDED_ENCODER, EMBEDDED_LM, cache_dir, load_causal_lm, load_encoder
 from .score_cache import CachedScorer
 
 log = logging.getLogger(__name__)
 QueryText = Literal["query", "context_and_query"]
+
+
+def resolve_cache_dir(option: str | None) -> Path | None:
+    """``"auto"`` -> ``$REPLUGCHAR_CACHE/scores``; a path -> that path; None -> no persistent cache."""
+    if option is None:
+        return None
+    return cache_dir() / "scores" if option == "auto" else Path(option).expanduser()
 
 
 class LSRModule(L.LightningModule):
@@ -39,12 +47,12 @@ class LSRModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         refresh_every: int = 50,
-        template: PromptTemplate | None = None,
+        template: PromptTemplate | dict | None = None,
         lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         lm_revision: str | None = None,
         max_length: int = 512,
         lm_batch_tokens: int = 4096,
-        score_cache_dir: str | None = "~/.cache/replugchar/scores",
+        score_cache_dir: str | None = "auto",
         trust_remote_code: bool = False,
     ) -> None:
         """
@@ -71,25 +79,38 @@ class LSRModule(L.LightningModule):
             lm_revision: hub revision of ``lm`` (part of the score-cache key).
             max_length: token limit of prompt + response; old context is cut first, the response never.
             lm_batch_tokens: token budget of one LM forward pass (padded tokens counted).
-            score_cache_dir: persistent LM-score cache; null keeps scores in memory for this run only.
+            score_cache_dir: persistent LM-score cache folder; "auto" = $REPLUGCHAR_CACHE/scores (default
+                ~/.cache/replugchar/scores); null keeps scores in memory for this run only.
             trust_remote_code: allow model repositories to run their own code (off unless you trust them).
         """
         super().__init__()
-        checks = {"k": k > 0, "gamma": 0 < gamma < float("inf"), "beta": 0 < beta < float("inf"),
-                  "refresh_every": refresh_every > 0, "learning_rate": learning_rate > 0,
-                  "max_length": max_length > 0, "lm_batch_tokens": lm_batch_tokens > 0, "warmup_steps": warmup_steps >= 0}
+        checks = {
+            "k": k > 0,
+            "gamma": 0 < gamma < float("inf"),
+            "beta": 0 < beta < float("inf"),
+            "refresh_every": refresh_every > 0,
+            "learning_rate": learning_rate > 0,
+            "max_length": max_length > 0,
+            "lm_batch_tokens": lm_batch_tokens > 0,
+            "warmup_steps": warmup_steps >= 0,
+        }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"model.{name} is out of range: {locals()[name]!r}")
-        self.save_hyperparameters()
+        self.template = (
+            PromptTemplate(**template) if isinstance(template, dict) else (template or PromptTemplate())
+        )
+        # hparams hold plain data only (a dataclass there would make checkpoints need pickle to load)
+        self.save_hyperparameters(ignore=["template"])
+        self.hparams["template"] = dataclasses.asdict(self.template)
         self.encoder = load_encoder(encoder, trust_remote_code=trust_remote_code)
         self.query_encoder = None if share_encoders else copy.deepcopy(self.encoder)
         self.loss_fn = LSRLoss(gamma=gamma, beta=beta, direction=kl_direction)
-        self.template = template or PromptTemplate()
         self.characters: dict[str, Character] = {}
         self._scorer: CachedScorer | None = None  # not an nn.Module: the LM stays out of state_dict
         self.index: SettingIndex | None = None
         self._index_step = -1
+        self._emb_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -106,12 +127,23 @@ class LSRModule(L.LightningModule):
             dtype = hp.lm_dtype
             if dtype == "auto":
                 dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-            model, tok = load_causal_lm(hp.lm, dtype=dtype, revision=hp.lm_revision,
-                                        trust_remote_code=hp.trust_remote_code, device=str(self.device))
+            model, tok = load_causal_lm(
+                hp.lm,
+                dtype=dtype,
+                revision=hp.lm_revision,
+                trust_remote_code=hp.trust_remote_code,
+                device=str(self.device),
+            )
             lm_key = f"{hp.lm}@{hp.lm_revision or 'main'}"
-            scorer = LMScorer(model, tok, self.template, max_length=hp.max_length,
-                              max_batch_tokens=hp.lm_batch_tokens, lm_key=lm_key)
-            cache = Path(hp.score_cache_dir).expanduser() if hp.score_cache_dir else None
+            scorer = LMScorer(
+                model,
+                tok,
+                self.template,
+                max_length=hp.max_length,
+                max_batch_tokens=hp.lm_batch_tokens,
+                lm_key=lm_key,
+            )
+            cache = resolve_cache_dir(hp.score_cache_dir)
             self._scorer = CachedScorer(scorer, cache, rank=self.global_rank)
         return self._scorer
 
@@ -138,19 +170,27 @@ class LSRModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            out = [self.encode(texts[i : i + batch_size], queries=queries).float().cpu().numpy()
-                   for i in range(0, len(texts), batch_size)]
+            out = [
+                self.encode(texts[i : i + batch_size], queries=queries).float().cpu().numpy()
+                for i in range(0, len(texts), batch_size)
+            ]
         finally:
             self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, self.encoder.get_embedding_dimension()), np.float32)
+        return (
+            np.concatenate(out) if out else np.zeros((0, self.encoder.get_embedding_dimension()), np.float32)
+        )
 
     def refresh_index(self) -> SettingIndex:
         """Re-encode every setting with the current encoder and rebuild the index (same builder as export)."""
         if not self.characters:
             raise RuntimeError("no characters: attach a datamodule or set module.characters first")
         records = setting_records(self.characters)
-        self.index = SettingIndex.build(self.encode_all([r.text for r in records]), records)
+        emb = self.encode_all([r.text for r in records])  # (n_settings, d), unit norm
+        self.index = SettingIndex.build(emb, records)
         self._index_step = self.global_step if self._trainer is not None else 0
+        mean = emb.mean(0)
+        # collapse shows as a per-dimension std -> 0 and the mean vector's norm (≈ mean pairwise cos) -> 1
+        self._emb_stats = {"emb_std": float(emb.std(0).mean()), "emb_mean_cos": float(mean @ mean)}
         return self.index
 
     # ------------------------------------------------------------------------------------------- LSR step
@@ -165,7 +205,9 @@ class LSRModule(L.LightningModule):
     def lm_targets(self, examples: list[Example], cands: list[list[int]]) -> Tensor:
         """(batch, k) LM log-likelihood of the gold response with each candidate setting; -inf = no candidate."""
         k = self.hparams.k
-        requests = [ScoreRequest(e, (self.index.records[i].text,)) for e, row in zip(examples, cands) for i in row]
+        requests = [
+            ScoreRequest(e, (self.index.records[i].text,)) for e, row in zip(examples, cands) for i in row
+        ]
         scores = self.scorer.score(requests)
         values = scores.logp_mean if self.hparams.lm_score == "mean" else scores.logp_sum
         out = torch.full((len(examples), k), float("-inf"))
@@ -198,7 +240,9 @@ class LSRModule(L.LightningModule):
         with torch.no_grad():
             log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
             neg = torch.finfo(sim.dtype).min
-            agree = (sim.masked_fill(~mask, neg).argmax(-1) == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1))
+            agree = sim.masked_fill(~mask, neg).argmax(-1) == lm.masked_fill(~torch.isfinite(lm), neg).argmax(
+                -1
+            )
             metrics = {
                 "loss": loss,
                 "retriever_entropy": entropy(log_pr)[valid].mean(),
@@ -206,10 +250,22 @@ class LSRModule(L.LightningModule):
                 "top1_agreement": agree[valid].float().mean(),
             }
         bs = len(examples)
-        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=bs,
-                      prog_bar=False, on_step=prefix == "train", on_epoch=True)
-        self.log(f"{prefix}_top1", metrics["top1_agreement"], batch_size=bs, prog_bar=True, on_epoch=True,
-                 on_step=False, logger=False)
+        self.log_dict(
+            {f"{prefix}/{k}": v for k, v in metrics.items()},
+            batch_size=bs,
+            prog_bar=False,
+            on_step=prefix == "train",
+            on_epoch=True,
+        )
+        self.log(
+            f"{prefix}_top1",
+            metrics["top1_agreement"],
+            batch_size=bs,
+            prog_bar=True,
+            on_epoch=True,
+            on_step=False,
+            logger=False,
+        )
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -224,8 +280,7 @@ class LSRModule(L.LightningModule):
     def training_step(self, batch: list[Example], batch_idx: int) -> Tensor:
         if self.index is None or self.global_step - self._index_step >= self.hparams.refresh_every:
             self.refresh_index()
-            emb = torch.from_numpy(self.encode_all([r.text for r in self.index.records[:256]]))
-            self.log_dict({"train/emb_norm": emb.norm(dim=-1).mean(), "train/emb_std": emb.std(0).mean()})
+            self.log_dict({f"train/{k}": v for k, v in self._emb_stats.items()})
         self.log("train/index_age", float(self.global_step - self._index_step))
         return self._step(batch, "train")
 
@@ -234,16 +289,30 @@ class LSRModule(L.LightningModule):
             self.refresh_index()  # validation always sees the current encoder
         self._step(batch, "val")
 
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.training or self.trainer.state.fn == "fit":
-            self.index = None  # force a refresh at the next training step (val rebuilt it)
-
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         warm = self.hparams.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def flush_scores(self) -> None:
+        """Write LM scores still buffered in memory to the cache (also called at the end of fit/validate)."""
+        if self._scorer is not None:
+            self._scorer.flush()
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_scores()
+
+    def on_validation_epoch_end(self) -> None:
+        self.flush_scores()
+        if self.trainer.state.fn == "fit":
+            self.index = None  # force a refresh at the next training step (val rebuilt it)
+
+    def teardown(self, stage: str) -> None:
+        self.flush_scores()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the LM is not a registered submodule, so it is not in state_dict; say so in the checkpoint

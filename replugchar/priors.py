@@ -33,7 +33,7 @@ from .lm_scoring import NO_SETTING, ScoreRequest
 from .score_cache import CachedScorer
 
 JUDGE_TEMPLATE = (
-    "Here is one trait of a role-play character: \"{setting}\"\n"
+    'Here is one trait of a role-play character: "{setting}"\n'
     "On a scale of 1 to 5, how much does this trait shape how the character replies in ANY conversation, "
     "even to a simple greeting? 1 = only when the topic comes up, 5 = in every reply.\nAnswer: "
 )
@@ -58,8 +58,14 @@ def _znorm(values: Sequence[float]) -> list[float]:
     return ((v - v.mean()) / sd).tolist() if sd > 1e-12 else [0.0] * len(v)
 
 
-def _table(characters: dict[str, Character], raw: dict[tuple[str, int], float], method: str, provenance: str,
-           greeting: dict[tuple[str, int], float] | None = None, counts: dict[str, int] | None = None) -> list[Prior]:
+def _table(
+    characters: dict[str, Character],
+    raw: dict[tuple[str, int], float],
+    method: str,
+    provenance: str,
+    greeting: dict[tuple[str, int], float] | None = None,
+    counts: dict[str, int] | None = None,
+) -> list[Prior]:
     out: list[Prior] = []
     for cid, char in characters.items():
         keys = [(cid, i) for i in range(len(char.settings))]
@@ -67,12 +73,26 @@ def _table(characters: dict[str, Character], raw: dict[tuple[str, int], float], 
             continue
         for (_, i), z in zip(keys, _znorm([raw[key] for key in keys])):
             g = greeting.get((cid, i)) if greeting else None
-            out.append(Prior(cid, i, char.settings[i], z, raw[(cid, i)], g, (counts or {}).get(cid, 0), method, provenance))
+            out.append(
+                Prior(
+                    cid,
+                    i,
+                    char.settings[i],
+                    z,
+                    raw[(cid, i)],
+                    g,
+                    (counts or {}).get(cid, 0),
+                    method,
+                    provenance,
+                )
+            )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- LM utility
-def setting_gains(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer) -> np.ndarray:
+def setting_gains(
+    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer
+) -> np.ndarray:
     """Per example, gain of each of its character's settings over no setting (nats/token); (n, max_settings),
     NaN where a character has fewer settings. The same cached scores serve evaluation and λ fitting."""
     width = max(len(characters[e.character_id].settings) for e in examples)
@@ -90,7 +110,9 @@ def setting_gains(examples: Sequence[Example], characters: dict[str, Character],
     return gains
 
 
-def lm_utility_priors(examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer) -> list[Prior]:
+def lm_utility_priors(
+    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer
+) -> list[Prior]:
     """Mean LM gain per setting over the character's ``examples`` (pass only training dialogues)."""
     gains = setting_gains(examples, characters, scorer)
     by_char: dict[str, list[int]] = defaultdict(list)
@@ -110,8 +132,9 @@ def lm_utility_priors(examples: Sequence[Example], characters: dict[str, Charact
 
 # ----------------------------------------------------------------------------------------------- LLM judge
 @torch.inference_mode()
-def llm_judge_priors(characters: dict[str, Character], model, tokenizer, template: str = JUDGE_TEMPLATE,
-                     lm_id: str = "") -> list[Prior]:
+def llm_judge_priors(
+    characters: dict[str, Character], model, tokenizer, template: str = JUDGE_TEMPLATE, lm_id: str = ""
+) -> list[Prior]:
     """Expected 1-5 answer of ``model`` for each setting, from the next-token probabilities of "1".."5"."""
     if "{setting}" not in template:
         raise ValueError("priors judge template must contain '{setting}'")
@@ -148,7 +171,9 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
             sid = int(sid)
         if isinstance(sid, int) and not isinstance(sid, bool):
             if not 0 <= sid < len(settings):
-                raise DataError(f"{where}: field 'setting_id': {sid} out of range for '{cid}' ({len(settings)} settings)")
+                raise DataError(
+                    f"{where}: field 'setting_id': {sid} out of range for '{cid}' ({len(settings)} settings)"
+                )
             idx = sid
         elif isinstance(sid, str) and sid in settings:
             idx = settings.index(sid)
@@ -166,7 +191,9 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
     prov = f"file={path.name}|sha1={hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
     table = _table(characters, raw, "import", prov)
     covered = {(p.character_id, p.setting_index) for p in table}
-    partial = sorted({cid for cid, _ in raw if any((cid, i) not in covered for i in range(len(characters[cid].settings)))})
+    partial = sorted(
+        {cid for cid, _ in raw if any((cid, i) not in covered for i in range(len(characters[cid].settings)))}
+    )
     if partial:
         raise DataError(f"{path}: characters with scores for only some settings: {', '.join(partial[:5])}")
     return table
@@ -223,4 +250,6 @@ def load_priors(path: str | Path, characters: dict[str, Character] | None = None
 def prior_vector(priors: Sequence[Prior], records) -> np.ndarray:
     """Align priors with index records (``SettingRecord``); settings without a prior get 0."""
     lookup = {(p.character_id, p.setting_index): p.prior for p in priors}
-    return np.array([lookup.get((r.character_id, r.index_in_character), 0.0) for r in records], dtype=np.float32)
+    return np.array(
+        [lookup.get((r.character_id, r.index_in_character), 0.0) for r in records], dtype=np.float32
+    )

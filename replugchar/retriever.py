@@ -35,7 +35,9 @@ class Retriever:
         self.config = config
 
     @classmethod
-    def load(cls, folder: str | Path, *, device: str | None = None, check_fingerprint: bool = True) -> Retriever:
+    def load(
+        cls, folder: str | Path, *, device: str | None = None, check_fingerprint: bool = True
+    ) -> Retriever:
         from sentence_transformers import SentenceTransformer
 
         folder = Path(folder)
@@ -44,8 +46,11 @@ class Retriever:
             raise FileNotFoundError(f"{folder}: no retriever.json (not a replugchar export folder)")
         config = json.loads(cfg_path.read_text())
         encoder = SentenceTransformer(str(folder / "encoder"), device=device)
-        query_encoder = (SentenceTransformer(str(folder / "query_encoder"), device=device)
-                         if config.get("separate_query_encoder") else None)
+        query_encoder = (
+            SentenceTransformer(str(folder / "query_encoder"), device=device)
+            if config.get("separate_query_encoder")
+            else None
+        )
         index = SettingIndex.load(folder, expected_dim=encoder.get_embedding_dimension())
         retriever = cls(encoder, index, config, query_encoder)
         if check_fingerprint and config.get("encoder_fingerprint"):
@@ -61,8 +66,16 @@ class Retriever:
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.query_encoder.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True)
 
-    def search(self, character_id: str, query: str, k: int | None = None, *, prior_weight: float | None = None,
-               threshold: float | None = None, context: str = "") -> list[Hit]:
+    def search(
+        self,
+        character_id: str,
+        query: str,
+        k: int | None = None,
+        *,
+        prior_weight: float | None = None,
+        threshold: float | None = None,
+        context: str = "",
+    ) -> list[Hit]:
         """Top-k settings of one character for ``query``, best first, those under the threshold dropped.
 
         ``prior_weight`` and ``threshold`` default to the values fitted at export (retriever.json).
@@ -73,8 +86,14 @@ class Retriever:
         k = k or self.config.get("k", 5)
         lam = self.config.get("prior_weight", 0.0) if prior_weight is None else prior_weight
         tau = self.config.get("threshold") if threshold is None else threshold
-        text = (context + "\n" + query) if context and self.config.get("query_text") == "context_and_query" else query
-        scores, ids = self.index.search(self.embed_queries([text]), k, character_ids=[character_id], prior_weight=lam)
+        text = (
+            (context + "\n" + query)
+            if context and self.config.get("query_text") == "context_and_query"
+            else query
+        )
+        scores, ids = self.index.search(
+            self.embed_queries([text]), k, character_ids=[character_id], prior_weight=lam
+        )
         hits = []
         for score, sid in zip(scores[0].tolist(), ids[0].tolist()):
             if sid < 0:
@@ -87,8 +106,16 @@ class Retriever:
 
 
 @torch.inference_mode()
-def replug_next_token_logprobs(model, tokenizer, template: PromptTemplate, hits: Sequence[Hit], context: Sequence,
-                               query: str, response_prefix: str = "", temperature: float = 1.0) -> torch.Tensor:
+def replug_next_token_logprobs(
+    model,
+    tokenizer,
+    template: PromptTemplate,
+    hits: Sequence[Hit],
+    context: Sequence,
+    query: str,
+    response_prefix: str = "",
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """REPLUG ensemble: log Σ_i softmax(score/temperature)_i · P_LM(next token | setting_i, dialogue, prefix).
 
     One forward pass per retrieved setting (batched); returns (vocab,) log-probabilities. With no hits it is

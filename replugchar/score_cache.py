@@ -54,8 +54,15 @@ class CachedScorer:
         rank: process rank, part of shard names so DDP workers never write the same file.
     """
 
-    def __init__(self, scorer: LMScorer | None, cache_dir: str | Path | None = None, *, fingerprint: str = "",
-                 shard_size: int = 256, rank: int = 0) -> None:
+    def __init__(
+        self,
+        scorer: LMScorer | None,
+        cache_dir: str | Path | None = None,
+        *,
+        fingerprint: str = "",
+        shard_size: int = 256,
+        rank: int = 0,
+    ) -> None:
         self.scorer = scorer
         self.fingerprint = fingerprint or (scorer.fingerprint if scorer else "")
         if not self.fingerprint:
@@ -87,9 +94,14 @@ class CachedScorer:
                 continue
             ok = np.isfinite(sums) | (sums == -np.inf)  # NaN / +inf cannot be log-likelihoods
             if not ok.all():
-                log.warning("score cache: %s holds %d non-finite scores; they will be recomputed",
-                            shard, int((~ok).sum()))
-            self._scores.update((k, (s, n)) for k, s, n, good in zip(keys, sums.tolist(), ns.tolist(), ok) if good)
+                log.warning(
+                    "score cache: %s holds %d non-finite scores; they will be recomputed",
+                    shard,
+                    int((~ok).sum()),
+                )
+            self._scores.update(
+                (k, (s, n)) for k, s, n, good in zip(keys, sums.tolist(), ns.tolist(), ok) if good
+            )
         if self._scores:
             log.info("score cache %s: %d scores loaded", self.folder, len(self._scores))
 
@@ -109,7 +121,9 @@ class CachedScorer:
         self.misses += len(missing)
         if missing:
             if self.scorer is None:
-                raise KeyError(f"{len(missing)} pairs are not in the score cache {self.folder} (run `replugchar score`)")
+                raise KeyError(
+                    f"{len(missing)} pairs are not in the score cache {self.folder} (run `replugchar score`)"
+                )
             fresh = self.scorer.score(list(missing.values()))
             for k, s, n in zip(missing, fresh.logp_sum.tolist(), fresh.n_tokens.tolist()):
                 if not np.isfinite(s) and s != -np.inf:
@@ -118,22 +132,30 @@ class CachedScorer:
             if len(self._pending) >= self.shard_size:
                 self.flush()
         values = [self._scores[k] for k in keys]
-        return Scores(np.array([v[0] for v in values], dtype=np.float64), np.array([v[1] for v in values], dtype=np.int64))
+        return Scores(
+            np.array([v[0] for v in values], dtype=np.float64),
+            np.array([v[1] for v in values], dtype=np.int64),
+        )
 
     def flush(self) -> None:
         """Write pending scores as one shard: temp file + rename, so a kill leaves no partial shard."""
         if not self._pending or self.folder is None:
             self._pending.clear()
             return
-        table = pa.table({
-            "key": list(self._pending),
-            "logp_sum": [v[0] for v in self._pending.values()],
-            "n_tokens": [v[1] for v in self._pending.values()],
-        })
+        table = pa.table(
+            {
+                "key": list(self._pending),
+                "logp_sum": [v[0] for v in self._pending.values()],
+                "n_tokens": [v[1] for v in self._pending.values()],
+            }
+        )
         name = f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet"
         tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
         self._pending.clear()

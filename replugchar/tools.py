@@ -33,13 +33,18 @@ def _load(config_args: list[str], ckpt_path: str | None = None):
     if ckpt_path:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
         missing, unexpected = module.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"{ckpt_path}: unexpected keys {unexpected[:3]}")
+        if missing or unexpected:
+            raise ValueError(
+                f"{ckpt_path}: checkpoint does not match model.encoder "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     return module, dm
 
 
 def _examples(dm, split: str):
-    return {"train": dm.train_examples, "val": dm.val_examples, "all": dm.train_examples + dm.val_examples}[split]
+    return {"train": dm.train_examples, "val": dm.val_examples, "all": dm.train_examples + dm.val_examples}[
+        split
+    ]
 
 
 def cmd_score(args, rest) -> None:
@@ -132,10 +137,13 @@ def cmd_index(args, rest) -> None:
     records = setting_records(dm.characters)
     priors = prior_vector(table, records) if table else None
     fp = encoder_fingerprint(lambda t: module.encode_all(t))
-    index = SettingIndex.build(module.encode_all([r.text for r in records]), records, priors, kind=args.kind,
-                               encoder_fingerprint=fp)
+    index = SettingIndex.build(
+        module.encode_all([r.text for r in records]), records, priors, kind=args.kind, encoder_fingerprint=fp
+    )
     index.save(args.out)
-    print(f"index ({args.kind}, {len(records)} settings, prior={'yes' if table else 'no'}) written to {args.out}")
+    print(
+        f"index ({args.kind}, {len(records)} settings, prior={'yes' if table else 'no'}) written to {args.out}"
+    )
 
 
 def cmd_export(args, rest) -> None:
@@ -146,9 +154,16 @@ def cmd_export(args, rest) -> None:
     table, fitted, prior_vector = _priors_and_fit(args, dm)
     priors = prior_vector(table, setting_records(dm.characters)) if table else None
     weight = args.prior_weight if args.prior_weight is not None else fitted.get("prior_weight", 0.0)
-    out = export_retriever(module, args.out, priors=priors, prior_weight=weight, threshold=fitted.get("threshold"),
-                           kind=args.kind, data_dir=str(dm.hparams.data_dir),
-                           train_characters=sorted({e.character_id for e in dm.train_examples}))
+    out = export_retriever(
+        module,
+        args.out,
+        priors=priors,
+        prior_weight=weight,
+        threshold=fitted.get("threshold"),
+        kind=args.kind,
+        data_dir=str(dm.hparams.data_dir),
+        train_characters=sorted({e.character_id for e in dm.train_examples}),
+    )
     if table:
         from .priors import save_priors
 
@@ -190,8 +205,10 @@ def run_tool(argv: list[str]) -> None:
     p.add_argument("--priors", help="fit-weight: priors.jsonl")
     p.add_argument("--ckpt_path", help="fit-weight: trained checkpoint (default: the config's encoder)")
     p.set_defaults(func=cmd_priors)
-    for name, func, help_ in (("index", cmd_index, "rebuild the FAISS index (encoder and/or priors changed)"),
-                              ("export", cmd_export, "export encoder + index + priors for other RAG stacks")):
+    for name, func, help_ in (
+        ("index", cmd_index, "rebuild the FAISS index (encoder and/or priors changed)"),
+        ("export", cmd_export, "export encoder + index + priors for other RAG stacks"),
+    ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--out", required=True)
         p.add_argument("--ckpt_path")

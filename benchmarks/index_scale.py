@@ -1,0 +1,283 @@
+"""FAISS setting index at scale: build time, queries/s, recall@10 vs exact search, and memory, per index kind.
+
+For each size n (default 10^4, 10^5, 10^6 settings) this builds :class:`replugchar.index.SettingIndex` with the
+generality prior dimension (random unit embeddings of dimension ``--dim``, random z-scored priors, 10 settings per
+character) as ``flat`` (exact), ``ivf`` and ``hnsw``, and searches a batch of random unit queries unrestricted
+with ``SettingIndex.search(q, 10, prior_weight=0.1)``. Recall@10 is measured against the flat index (exact).
+``nprobe`` (IVF) and ``efSearch`` (HNSW) are swept; the table reports the package defaults (nprobe=16,
+efSearch=64) and the fastest setting that reaches recall@10 >= 0.95, with its speed-up over flat.
+
+Random vectors are a worst case for IVF and HNSW: they have no cluster structure and distances concentrate, so
+real sentence embeddings reach the same recall with a smaller nprobe/efSearch.
+
+    python benchmarks/index_scale.py --sizes 10000 --queries 200        # smoke run
+    python benchmarks/index_scale.py --threads 16 --json index.json      # 10^4..10^6 (10^6: roughly 6-8 GiB RAM, estimated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from replugchar.index import SettingIndex, SettingRecord
+
+K = 10
+RECALL_TARGET = 0.95
+SETTINGS_PER_CHARACTER = 10
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+EF_SEARCHES = (10, 16, 32, 64, 128, 256, 512, 1024)
+DEFAULTS = {"ivf": {"nprobe": 16}, "hnsw": {"ef_search": 64}, "flat": {}}  # SettingIndex.search's defaults
+
+
+class PeakRSS:
+    """Process RSS at entry, at exit and its peak in between (sampled every 2 ms by a thread), in MiB;
+    ``None`` figures when psutil is not installed."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            self._proc = None
+        else:
+            self._proc = psutil.Process()
+        self.delta_mib = self.peak_delta_mib = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        if self._proc is None:
+            return self
+        self.start = self._peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self.end = self._proc.memory_info().rss
+        self.peak = max(self._peak, self.end)
+        self.delta_mib = (self.end - self.start) / 2**20  # what the built index keeps
+        self.peak_delta_mib = (self.peak - self.start) / 2**20  # what building it needs
+
+
+def unit_vectors(rng: np.random.Generator, n: int, dim: int, chunk: int = 100_000) -> np.ndarray:
+    out = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - lo), dim), dtype=np.float32)
+        out[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def recall_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |top-k ∩ exact top-k| / k."""
+    return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(ids, truth)]))
+
+
+def timed_search(index: SettingIndex, queries: np.ndarray, args, **params) -> tuple[float, np.ndarray]:
+    """Queries per second (best of ``args.repeats`` batched searches) and the result ids."""
+    best, ids = float("inf"), None
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        _, ids = index.search(queries, K, prior_weight=args.prior_weight / args.prior_scale, **params)
+        best = min(best, time.perf_counter() - t)
+    return len(queries) / best, ids
+
+
+def bench_size(n: int, args, rng: np.random.Generator) -> dict:
+    emb = unit_vectors(rng, n, args.dim)  # (n, dim)
+    priors = rng.standard_normal(n).astype(np.float32)  # z-scored, as replugchar.priors writes them
+    priors *= args.prior_scale  # stored c·g, queried with λ/c: the same scores (see --prior_scale)
+    records = [
+        SettingRecord(i, f"c{i // SETTINGS_PER_CHARACTER:07d}", i % SETTINGS_PER_CHARACTER, "")
+        for i in range(n)
+    ]
+    queries = unit_vectors(rng, args.queries, args.dim)  # (queries, dim)
+    out: dict = {"n": n, "kinds": {}}
+    truth = flat_qps = None
+    for kind in ("flat", *(k for k in args.kinds if k != "flat")):  # flat first: it is the ground truth
+        gc.collect()
+        build_kwargs = {"nlist": args.nlist or None} if kind == "ivf" else {}
+        if kind == "hnsw":
+            build_kwargs["hnsw_m"] = args.hnsw_m
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            index = SettingIndex.build(emb, records, priors, kind=kind, **build_kwargs)
+            build_s = time.perf_counter() - t
+        row = {
+            "build_s": build_s,
+            "index_mib": len(faiss.serialize_index(index.index)) / 2**20,
+            "rss_delta_mib": mem.delta_mib,
+            "rss_build_peak_delta_mib": mem.peak_delta_mib,
+            "params": {},
+        }
+        if kind == "ivf":
+            row["params"] = {"nlist": index.index.nlist}
+            # 1 = equal lists; k = searches scan k times the vectors a balanced partition would
+            row["ivf_imbalance_factor"] = index.index.invlists.imbalance_factor()
+        elif kind == "hnsw":
+            row["params"] = {"M": args.hnsw_m, "efConstruction": index.index.hnsw.efConstruction}
+        index.search(queries[:10], K, prior_weight=args.prior_weight / args.prior_scale)  # warm-up
+        if kind == "flat":
+            flat_qps, truth = timed_search(index, queries, args)
+            sweep = [{"qps": flat_qps, "recall": 1.0}]
+        else:
+            name, values = ("nprobe", NPROBES) if kind == "ivf" else ("ef_search", EF_SEARCHES)
+            if kind == "ivf":  # up to nprobe = nlist, which visits every list (exhaustive)
+                values = [*(v for v in values if v < index.index.nlist), index.index.nlist]
+            sweep = []
+            for v in values:
+                qps, ids = timed_search(index, queries, args, **{name: v})
+                sweep.append({name: v, "qps": qps, "recall": recall_at_k(ids, truth)})
+                if sweep[-1]["recall"] >= 0.999:  # larger values cannot gain recall, only lose speed
+                    break
+            if not any(s[name] == DEFAULTS[kind][name] for s in sweep):
+                qps, ids = timed_search(index, queries, args, **DEFAULTS[kind])
+                sweep.append({name: DEFAULTS[kind][name], "qps": qps, "recall": recall_at_k(ids, truth)})
+        default = next(s for s in sweep if all(s.get(k) == v for k, v in DEFAULTS[kind].items()))
+        ok = [s for s in sweep if s["recall"] >= RECALL_TARGET]
+        best = max(ok, key=lambda s: s["qps"]) if ok else None
+        row.update(
+            {
+                "sweep": sweep,
+                "default": {**default, "qps_over_flat": default["qps"] / flat_qps},
+                "best_at_target": None if best is None else {**best, "qps_over_flat": best["qps"] / flat_qps},
+            }
+        )
+        out["kinds"][kind] = row
+        del index
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of settings")
+    p.add_argument("--dim", type=int, default=384, help="embedding dimension (all-MiniLM-L6-v2: 384)")
+    p.add_argument("--queries", type=int, default=1000, help="queries per batched search")
+    p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads; 0 keeps FAISS's default")
+    p.add_argument(
+        "--kinds", default="flat,ivf,hnsw", help="index kinds (flat is always built: ground truth)"
+    )
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = the package default 4*sqrt(n)")
+    p.add_argument("--hnsw_m", type=int, default=32, help="HNSW graph degree M (the package default)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="time each search this many times, keep the fastest"
+    )
+    p.add_argument("--prior_weight", type=float, default=0.1, help="λ in score = cos + λ·g (query side)")
+    p.add_argument(
+        "--prior_scale",
+        type=float,
+        default=1.0,
+        help="store c·g and query with λ/c: identical scores, different index geometry (1 = package)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not sizes or min(sizes) < K or min(args.dim, args.queries, args.repeats) <= 0 or args.prior_scale <= 0:
+        raise ValueError(f"--sizes must be >= {K}; --dim, --queries, --repeats and --prior_scale positive")
+    if bad := set(args.kinds) - {"flat", "ivf", "hnsw"}:
+        raise ValueError(f"--kinds: unknown index kind(s) {sorted(bad)}; use flat, ivf, hnsw")
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+
+    rng = np.random.default_rng(args.seed)
+    results = {
+        "config": {
+            **vars(args),
+            "sizes": sizes,
+            "k": K,
+            "recall_target": RECALL_TARGET,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "faiss": faiss.__version__,
+        },
+        "sizes": [],
+    }
+    for n in sizes:
+        t = time.perf_counter()
+        results["sizes"].append(bench_size(n, args, rng))
+        print(f"n={n}: done in {time.perf_counter() - t:.1f} s", flush=True)
+    print_report(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+    return results
+
+
+def _fmt_mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _fmt_params(s: dict) -> str:
+    return (
+        ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("qps", "recall", "qps_over_flat")) or "exact"
+    )
+
+
+def print_report(r: dict) -> None:
+    c, m = r["config"], r["machine"]
+    print(
+        f"\n## SettingIndex at scale: dim {c['dim']} + 1 prior coordinate, {c['queries']} queries, k={c['k']}, "
+        f"prior weight {c['prior_weight']} (prior coordinate stored x{c['prior_scale']}); faiss {m['faiss']}, "
+        f"{m['faiss_threads']} threads, "
+        f"{m['cpu_count']} CPU cores"
+    )
+    print("Random unit vectors and random priors: a worst case for IVF/HNSW recall (no cluster structure).\n")
+    print(
+        "| n | kind | build s | index MiB | RSS Δ MiB | defaults: QPS (recall@10) | "
+        f"best with recall@10 >= {c['recall_target']} | QPS | vs flat |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---|---:|---:|")
+    for size in r["sizes"]:
+        for kind, x in size["kinds"].items():
+            d, b = x["default"], x["best_at_target"]
+            best = (
+                ("none in sweep", "-", "-")
+                if b is None
+                else (
+                    f"{_fmt_params(b)} (recall {b['recall']:.3f})",
+                    f"{b['qps']:.0f}",
+                    f"{b['qps_over_flat']:.1f}x",
+                )
+            )
+            print(
+                f"| {size['n']:,} | {kind}{' ' + _fmt_params(x['params']) if x['params'] else ''} | {x['build_s']:.2f} "
+                f"| {x['index_mib']:.0f} | {_fmt_mib(x['rss_delta_mib'])} | {d['qps']:.0f} ({d['recall']:.3f}) "
+                f"| {best[0]} | {best[1]} | {best[2]} |"
+            )
+    for size in r["sizes"]:
+        if "ivf" in size["kinds"]:
+            print(
+                f"IVF list imbalance factor at n={size['n']:,}: {size['kinds']['ivf']['ivf_imbalance_factor']:.2f} "
+                "(1 = balanced lists)"
+            )
+    print("\nSweeps (QPS / recall@10):")
+    for size in r["sizes"]:
+        for kind, x in size["kinds"].items():
+            if kind != "flat":
+                cells = ", ".join(f"{_fmt_params(s)}: {s['qps']:.0f}/{s['recall']:.3f}" for s in x["sweep"])
+                print(f"- n={size['n']:,} {kind}: {cells}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""Frozen-LM scoring speed: naive per-pair loop vs the package's batched scorer vs raw forward vs the cache.
+
+Four ways of obtaining log P(response | setting, dialogue) for the same (example, setting) pairs:
+
+(a) naive   -- one forward per pair, full-vocabulary log-softmax at every position, gather the response tokens;
+(b) batched -- :meth:`replugchar.lm_scoring.LMScorer.score`: length-sorted token-budget batches, left padding,
+               the LM head and log-softmax on the response positions only (``logits_to_keep``);
+(c) limit   -- the forward pass alone on exactly the padded batches (b) builds, ``logits_to_keep=1``, no
+               log-softmax, no tokenisation, no Python bookkeeping: what (b) would cost if scoring were free;
+(d) cached  -- :class:`replugchar.score_cache.CachedScorer` on a second epoch over the same pairs, after a
+               restart (scores read back from Parquet shards): zero LM calls, asserted.
+
+Prints one Markdown table (and writes every figure as JSON with ``--json``). Figures are measured in one run on
+one machine; compare ratios, not absolute numbers, across machines.
+
+    python benchmarks/lm_scoring.py --lm tiny:gpt2 --pairs 40 --naive_pairs 10       # smoke run
+    python benchmarks/lm_scoring.py                                                  # SmolLM2, CPU
+    python benchmarks/lm_scoring.py --lm random:SmolLM2-135M --device cuda           # GPU, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from replugchar.data import Corpus
+from replugchar.lm_scoring import LMScorer, ScoreRequest, Scores, fix_tokenizer
+from replugchar.models import byte_tokenizer, load_causal_lm
+from replugchar.score_cache import CachedScorer, request_key
+
+RANDOM_SMOLLM2 = "random:SmolLM2-135M"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "synthetic_persona_chat"
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def random_smollm2(dtype: torch.dtype):
+    """SmolLM2-135M's architecture with random weights and the byte tokenizer: speed only, scores meaningless."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer(8192)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    fix_tokenizer(tok, model)
+    return model.to(dtype=dtype).eval().requires_grad_(False), tok
+
+
+def load_requests(data: str, n_pairs: int) -> tuple[list[ScoreRequest], str]:
+    """(example, (setting,)) for every setting of each example's character, in data order, first ``n_pairs``."""
+    if data != "demo" and not Path(data).is_dir():
+        print(f"NOTICE: data folder {data} not found; using the bundled demo data instead")
+        data = "demo"
+    corpus = Corpus.load(data)
+    requests: list[ScoreRequest] = []
+    for ex in corpus.examples:
+        for setting in corpus.characters[ex.character_id].settings:
+            requests.append(ScoreRequest(ex, (setting,)))
+            if len(requests) == n_pairs:
+                return requests, corpus.source
+    if len(requests) < n_pairs:
+        print(f"NOTICE: {corpus.source} yields only {len(requests)} pairs (asked for {n_pairs})")
+    return requests, corpus.source
+
+
+def padded_batches(scorer: LMScorer, encoded: list[tuple[list[int], int]], device: torch.device):
+    """The exact (ids, mask, position_ids) batches :meth:`LMScorer.score` builds, already on ``device``."""
+    out = []
+    for batch in scorer.batches([len(ids) for ids, _ in encoded]):  # the package's own batching
+        ids, mask, _ = scorer.collate([encoded[i] for i in batch])  # (batch, width), left-padded
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out.append((ids.to(device), mask.to(device), position_ids.to(device)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+class Meter:
+    """Wall time (CUDA-synchronised) and peak memory above the level at entry: process RSS sampled every 2 ms
+    by a thread (psutil), plus ``torch.cuda.max_memory_allocated`` on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self.rss_peak_mib: float | None = None  # above the RSS at entry
+        self.rss_abs_mib: float | None = None  # the process's RSS peak during the measurement
+        self.cuda_peak_mib: float | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self._stop.wait(0.002)
+
+    def __enter__(self) -> Meter:
+        self._thread = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+            self._rss0 = self._peak = self._proc.memory_info().rss
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        except ImportError:
+            pass
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda0 = torch.cuda.memory_allocated()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._t0
+        if self.device.type == "cuda":
+            self.cuda_peak_mib = (torch.cuda.max_memory_allocated() - self._cuda0) / 2**20
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            self.rss_peak_mib = (self._peak - self._rss0) / 2**20
+            self.rss_abs_mib = self._peak / 2**20
+
+
+@torch.inference_mode()
+def naive_score(model, scorer: LMScorer, requests: list[ScoreRequest], device: torch.device) -> Scores:
+    """One forward per pair; log-softmax over the full vocabulary at every position; gather the response."""
+    logp_sum = np.zeros(len(requests))
+    n_tokens = np.zeros(len(requests), dtype=np.int64)
+    for j, request in enumerate(requests):
+        seq, n_resp = scorer.encode(request)
+        ids = torch.tensor([seq], device=device)  # (1, seq)
+        logp = model(ids, use_cache=False).logits.float().log_softmax(-1)  # (1, seq, vocab)
+        token_logp = logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # (seq-1,)
+        logp_sum[j] = float(token_logp[-n_resp:].sum())
+        n_tokens[j] = n_resp
+    return Scores(logp_sum, n_tokens)
+
+
+@torch.inference_mode()
+def raw_forward(model, batches) -> None:
+    for ids, mask, position_ids in batches:
+        model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1, use_cache=False
+        )
+
+
+class Replay:
+    """Stands in for the LM to fill the cache with the scores (b) already computed: no extra LM pass."""
+
+    def __init__(self, fingerprint: str, requests: list[ScoreRequest], scores: Scores) -> None:
+        self.fingerprint = fingerprint
+        self._by_key = {request_key(r): (s, n) for r, s, n in zip(requests, scores.logp_sum, scores.n_tokens)}
+
+    def score(self, requests) -> Scores:
+        values = [self._by_key[request_key(r)] for r in requests]
+        return Scores(np.array([v[0] for v in values]), np.array([v[1] for v in values], dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--lm",
+        default="embedded:SmolLM2-135M-Instruct",
+        help=f"LM spec as in replugchar.models (embedded:..., tiny:gpt2, a hub id/folder) or {RANDOM_SMOLLM2}",
+    )
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data folder, or 'demo' for the bundled subset")
+    p.add_argument("--pairs", type=int, default=2000, help="(example, setting) pairs for (b), (c), (d)")
+    p.add_argument("--naive_pairs", type=int, default=200, help="the first M of those pairs for (a)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto = float32 on CPU, bfloat16 on GPU",
+    )
+    p.add_argument("--max_batch_tokens", type=int, default=4096, help="LMScorer token budget per batch")
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=0,
+        help="LMScorer max_length; 0 = 384 (as in configs/*.yaml), 1024 for the byte-tokenizer LMs "
+        f"(tiny:gpt2, {RANDOM_SMOLLM2}) so that they see the same dialogue context",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="time (b) and (c) this many times, keep the fastest"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    args = p.parse_args(argv)
+    if min(args.pairs, args.naive_pairs, args.repeats, args.max_batch_tokens) <= 0:
+        raise ValueError("--pairs, --naive_pairs, --repeats and --max_batch_tokens must be positive")
+    byte_level = args.lm in ("tiny:gpt2", RANDOM_SMOLLM2)
+    max_length = args.max_length or (1024 if byte_level else 384)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+
+    t0 = time.perf_counter()
+    if args.lm == RANDOM_SMOLLM2:
+        model, tok = random_smollm2(getattr(torch, dtype_name))
+        model = model.to(device)
+    else:
+        model, tok = load_causal_lm(args.lm, dtype=dtype_name, device=str(device))
+    load_s = time.perf_counter() - t0
+    random_weights = args.lm == RANDOM_SMOLLM2
+    if random_weights:
+        print(
+            f"NOTE: {RANDOM_SMOLLM2} has RANDOM weights and a byte tokenizer (~4x the tokens of SmolLM2's BPE): "
+            "only speed is meaningful, the scores are not"
+        )
+
+    requests, data_source = load_requests(args.data, args.pairs)
+    naive_requests = requests[: args.naive_pairs]
+    scorer = LMScorer(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
+
+    # tokenisation alone (part of (a) and (b), absent from (c))
+    t = time.perf_counter()
+    encoded = [scorer.encode(r) for r in requests]
+    tokenize_s = time.perf_counter() - t
+    lengths = np.array([len(ids) for ids, _ in encoded])
+    tokens = int(lengths.sum())
+    naive_tokens = int(lengths[: len(naive_requests)].sum())
+    batches = padded_batches(scorer, encoded, device)
+    padded_tokens = sum(ids.numel() for ids, _, _ in batches)
+
+    # warm-up: one pair naive, one batch raw, a few pairs batched
+    naive_score(model, scorer, requests[:1], device)
+    raw_forward(model, batches[:1])
+    scorer.score(requests[: min(8, len(requests))])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+    with Meter(device) as m_naive:
+        naive = naive_score(model, scorer, naive_requests, device)
+    m_batched = m_limit = None
+    for _ in range(args.repeats):  # keep the fastest of each: the others measure the machine's noise
+        passes0 = scorer.forward_passes
+        with Meter(device) as m:
+            batched = scorer.score(requests)
+        n_forward = scorer.forward_passes - passes0
+        m_batched = m if m_batched is None or m.seconds < m_batched.seconds else m_batched
+        with Meter(device) as m:
+            raw_forward(model, batches)
+        m_limit = m if m_limit is None or m.seconds < m_limit.seconds else m_limit
+
+    # (d): fill a cache on disk from (b)'s scores, "restart", then one more epoch over the same pairs
+    with tempfile.TemporaryDirectory() as cache_dir:
+        filler = CachedScorer(Replay(scorer.fingerprint, requests, batched), cache_dir)
+        filler.score(requests)
+        filler.flush()
+        t = time.perf_counter()
+        cached = CachedScorer(scorer, cache_dir)
+        cache_load_s = time.perf_counter() - t
+        cache_bytes = sum(f.stat().st_size for f in Path(cache_dir).rglob("*.parquet"))
+        passes0 = scorer.forward_passes
+        with Meter(device) as m_cached:
+            again = cached.score(requests)
+        lm_calls = scorer.forward_passes - passes0
+    if lm_calls != 0 or cached.misses != 0:
+        raise RuntimeError(f"cached epoch made {lm_calls} LM calls ({cached.misses} misses); expected 0")
+    if not np.array_equal(again.logp_sum, batched.logp_sum):
+        raise RuntimeError("cached scores differ from the batched scores they were filled with")
+
+    # agreement of (a) and (b) on the naive subset (same tokens; differences are padding/dtype numerics)
+    diff = np.abs(naive.logp_sum - batched.logp_sum[: len(naive_requests)])
+    same_counts = bool(np.array_equal(naive.n_tokens, batched.n_tokens[: len(naive_requests)]))
+
+    def row(meter: Meter, pairs: int, toks: int) -> dict:
+        return {
+            "pairs": pairs,
+            "tokens": toks,
+            "seconds": meter.seconds,
+            "pairs_per_s": pairs / meter.seconds,
+            "tokens_per_s": toks / meter.seconds,
+            "rss_peak_delta_mib": meter.rss_peak_mib,
+            "rss_peak_mib": meter.rss_abs_mib,
+            "cuda_peak_delta_mib": meter.cuda_peak_mib,
+        }
+
+    rows = {
+        "naive": row(m_naive, len(naive_requests), naive_tokens),
+        "batched": row(m_batched, len(requests), tokens),
+        "limit": row(m_limit, len(requests), tokens),
+        "cached": row(m_cached, len(requests), tokens),
+    }
+    ratios = {
+        "batched_over_naive_pairs_per_s": rows["batched"]["pairs_per_s"] / rows["naive"]["pairs_per_s"],
+        "batched_over_naive_tokens_per_s": rows["batched"]["tokens_per_s"] / rows["naive"]["tokens_per_s"],
+        "batched_pct_of_limit": 100 * m_limit.seconds / m_batched.seconds,
+        "cached_over_naive_pairs_per_s": rows["cached"]["pairs_per_s"] / rows["naive"]["pairs_per_s"],
+        "tokenize_pct_of_batched": 100 * tokenize_s / m_batched.seconds,
+    }
+    results = {
+        "config": {
+            **vars(args),
+            "max_length": max_length,
+            "device": str(device),
+            "dtype": dtype_name,
+            "data_source": data_source,
+        },
+        "random_weights": random_weights,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "model_load_s": load_s,
+        "tokenize_s": tokenize_s,
+        "batches": len(batches),
+        "forward_passes_batched": n_forward,
+        "padding_efficiency": tokens / padded_tokens,
+        "mean_tokens_per_pair": tokens / len(requests),
+        "cache": {"load_s": cache_load_s, "parquet_bytes": cache_bytes, "lm_calls_second_epoch": lm_calls},
+        "naive_vs_batched": {
+            "max_abs_diff_logp_sum": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "same_token_counts": same_counts,
+        },
+        "rows": rows,
+        "ratios": ratios,
+    }
+    print_report(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+    return results
+
+
+def print_report(r: dict) -> None:
+    c, mach = r["config"], r["machine"]
+    where = mach["gpu"] or f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads"
+    print(f"\n## LM scoring: {c['lm']} ({c['dtype']}) on {c['device']} ({where}), torch {mach['torch']}")
+    if r["random_weights"]:
+        print("**Random weights, byte tokenizer: speed only; scores and token counts are not SmolLM2's.**")
+    print(
+        f"data: {c['data_source']}; {r['rows']['batched']['pairs']} pairs, {r['mean_tokens_per_pair']:.0f} "
+        f"tokens/pair; {r['batches']} batches of <= {c['max_batch_tokens']} tokens, padding efficiency "
+        f"{r['padding_efficiency']:.0%}; tokenisation {r['tokenize_s']:.2f} s\n"
+    )
+    mem = "CUDA peak MiB" if c["device"].startswith("cuda") else "RSS peak Δ MiB"
+    print(f"| method | pairs | s | pairs/s | tokens/s | vs naive (pairs/s) | {mem} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    labels = {
+        "naive": "(a) naive per-pair loop",
+        "batched": "(b) LMScorer.score",
+        "limit": "(c) raw forward, same batches",
+        "cached": "(d) CachedScorer 2nd epoch",
+    }
+    naive_ps = r["rows"]["naive"]["pairs_per_s"]
+    for key, label in labels.items():
+        x = r["rows"][key]
+        m = x["cuda_peak_delta_mib"] if c["device"].startswith("cuda") else x["rss_peak_delta_mib"]
+        m_txt = "n/a" if m is None else f"{m:.0f}"
+        print(
+            f"| {label} | {x['pairs']} | {x['seconds']:.3g} | {x['pairs_per_s']:.1f} | {x['tokens_per_s']:.0f} "
+            f"| {x['pairs_per_s'] / naive_ps:.1f}x | {m_txt} |"
+        )
+    q, nb = r["ratios"], r["naive_vs_batched"]
+    print(
+        f"\nbatched / naive: {q['batched_over_naive_pairs_per_s']:.1f}x per pair "
+        f"({q['batched_over_naive_tokens_per_s']:.1f}x per token); batched runs at "
+        f"{q['batched_pct_of_limit']:.0f}% of the raw-forward limit; cached epoch / naive: "
+        f"{q['cached_over_naive_pairs_per_s']:.0f}x with {r['cache']['lm_calls_second_epoch']} LM calls "
+        f"(cache load {r['cache']['load_s']:.3f} s, {r['cache']['parquet_bytes'] / 1024:.0f} KiB of Parquet)"
+    )
+    rest = r["rows"]["batched"]["seconds"] - r["rows"]["limit"]["seconds"] - r["tokenize_s"]
+    print(
+        f"(b) = tokenisation {r['tokenize_s']:.3g} s ({q['tokenize_pct_of_batched']:.0f}%) + raw forward "
+        f"{r['rows']['limit']['seconds']:.3g} s + the rest {rest:.3g} s (LM head and log-softmax on the response "
+        "positions, padding, copies)"
+    )
+    print(
+        f"naive vs batched log P on the naive subset: max |Δ| {nb['max_abs_diff_logp_sum']:.2e}, "
+        f"mean |Δ| {nb['mean_abs_diff']:.2e}, same response token counts: {nb['same_token_counts']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
