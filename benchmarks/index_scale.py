@@ -1,17 +1,21 @@
 """FAISS setting index at scale: build time, queries/s, recall@10 vs exact search, and memory, per index kind.
 
 For each size n (default 10^4, 10^5, 10^6 settings) this builds :class:`replugchar.index.SettingIndex` with the
-generality prior dimension (random unit embeddings of dimension ``--dim``, random z-scored priors, 10 settings per
-character) as ``flat`` (exact), ``ivf`` and ``hnsw``, and searches a batch of random unit queries unrestricted
+generality prior dimension (unit embeddings of dimension ``--dim``, random z-scored priors, 10 settings per
+character) as ``flat`` (exact), ``ivf`` and ``hnsw``, and searches a batch of unit queries unrestricted
 with ``SettingIndex.search(q, 10, prior_weight=0.1)``. Recall@10 is measured against the flat index (exact).
 ``nprobe`` (IVF) and ``efSearch`` (HNSW) are swept; the table reports the package defaults (nprobe=16,
 efSearch=64) and the fastest setting that reaches recall@10 >= 0.95, with its speed-up over flat.
 
-Random vectors are a worst case for IVF and HNSW: they have no cluster structure and distances concentrate, so
-real sentence embeddings reach the same recall with a smaller nprobe/efSearch.
+``--vectors clustered`` (default) draws settings and queries from a mixture of Gaussians on the unit sphere, one
+centre per ``--cluster_size`` (100) settings, with per-vector noise so that the mean cosine to the own centre is
+about ``--cluster_cos`` (0.65): a stand-in for sentence embeddings, which are clustered by topic.
+``--vectors random`` draws uniform random unit vectors: a worst case for IVF and HNSW (no cluster structure,
+distances concentrate).
 
     python benchmarks/index_scale.py --sizes 10000 --queries 200        # smoke run
-    python benchmarks/index_scale.py --threads 16 --json index.json      # 10^4..10^6 (10^6: roughly 6-8 GiB RAM, estimated)
+    python benchmarks/index_scale.py --sizes 10000,100000 --threads 16 --json index_small.json
+    python benchmarks/index_scale.py --sizes 1000000 --nlist 1024 --threads 16 --json index_1e6.json
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ SETTINGS_PER_CHARACTER = 10
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCHES = (10, 16, 32, 64, 128, 256, 512, 1024)
 DEFAULTS = {"ivf": {"nprobe": 16}, "hnsw": {"ef_search": 64}, "flat": {}}  # SettingIndex.search's defaults
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line with the wall-clock time and the seconds since the script started."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
 class PeakRSS:
@@ -83,6 +93,57 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int, chunk: int = 100_00
     return out
 
 
+def clustered_vectors(
+    rng: np.random.Generator,
+    centres: np.ndarray,
+    n: int,
+    cluster_cos: float,
+    chunk: int = 100_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) unit vectors ``normalise(c + s·z)`` around random ``centres`` (z ~ N(0, I/dim), so |z| ≈ 1) and
+    the cosine of each to its own centre. The noise scale s varies per vector (uniform in 0.7 … 1.3 times
+    √(1/cluster_cos² − 1)), so the cosine to the own centre spreads around ``cluster_cos`` (tight and loose
+    members, as topics in real embeddings)."""
+    dim = centres.shape[1]
+    base = np.sqrt(1.0 / cluster_cos**2 - 1.0)
+    out = np.empty((n, dim), dtype=np.float32)
+    cos = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        c = centres[rng.integers(0, len(centres), m)]
+        noise = rng.standard_normal((m, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        scale = (base * rng.uniform(0.7, 1.3, m)).astype(np.float32)
+        block = c + scale[:, None] * noise
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[lo : lo + m] = block
+        cos[lo : lo + m] = np.einsum("ij,ij->i", block, c)
+    return out, cos
+
+
+def make_vectors(rng: np.random.Generator, n: int, args) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Setting embeddings (n, dim), query embeddings (queries, dim) and a description of how they were drawn."""
+    if args.vectors == "random":
+        return (
+            unit_vectors(rng, n, args.dim),
+            unit_vectors(rng, args.queries, args.dim),
+            {"vectors": "random"},
+        )
+    centres = unit_vectors(rng, max(1, n // args.cluster_size), args.dim)
+    emb, cos = clustered_vectors(rng, centres, n, args.cluster_cos)
+    queries, qcos = clustered_vectors(rng, centres, args.queries, args.cluster_cos)  # the same centres
+    sample = emb[rng.choice(n, size=min(n, 2000), replace=False)]
+    pair = sample @ sample.T
+    info = {
+        "vectors": "clustered",
+        "centres": len(centres),
+        "cos_to_own_centre_mean": float(cos.mean()),
+        "cos_to_own_centre_p5_p95": [float(np.percentile(cos, 5)), float(np.percentile(cos, 95))],
+        "query_cos_to_own_centre_mean": float(qcos.mean()),
+        "cos_random_pairs_mean": float(pair[np.triu_indices(len(sample), 1)].mean()),
+    }
+    return emb, queries, info
+
+
 def recall_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
     """Mean over queries of |top-k ∩ exact top-k| / k."""
     return float(np.mean([len(np.intersect1d(a, b)) / truth.shape[1] for a, b in zip(ids, truth)]))
@@ -98,26 +159,35 @@ def timed_search(index: SettingIndex, queries: np.ndarray, args, **params) -> tu
     return len(queries) / best, ids
 
 
-def bench_size(n: int, args, rng: np.random.Generator) -> dict:
-    emb = unit_vectors(rng, n, args.dim)  # (n, dim)
+def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lambda: None) -> dict:
+    """Fill ``out`` (the row of size n) kind by kind, calling ``checkpoint()`` after each kind."""
+    log(f"n={n:,}: drawing {args.vectors} vectors")
+    emb, queries, vec_info = make_vectors(rng, n, args)  # (n, dim), (queries, dim)
+    if args.vectors == "clustered":
+        log(
+            f"n={n:,}: {vec_info['centres']:,} centres, cosine to own centre mean "
+            f"{vec_info['cos_to_own_centre_mean']:.3f} (p5-p95 {vec_info['cos_to_own_centre_p5_p95'][0]:.2f}-"
+            f"{vec_info['cos_to_own_centre_p5_p95'][1]:.2f}), random pairs {vec_info['cos_random_pairs_mean']:.3f}"
+        )
     priors = rng.standard_normal(n).astype(np.float32)  # z-scored, as replugchar.priors writes them
     priors *= args.prior_scale  # stored c·g, queried with λ/c: the same scores (see --prior_scale)
     records = [
         SettingRecord(i, f"c{i // SETTINGS_PER_CHARACTER:07d}", i % SETTINGS_PER_CHARACTER, "")
         for i in range(n)
     ]
-    queries = unit_vectors(rng, args.queries, args.dim)  # (queries, dim)
-    out: dict = {"n": n, "kinds": {}}
+    out.update({"n": n, **vec_info, "kinds": {}})
     truth = flat_qps = None
     for kind in ("flat", *(k for k in args.kinds if k != "flat")):  # flat first: it is the ground truth
         gc.collect()
         build_kwargs = {"nlist": args.nlist or None} if kind == "ivf" else {}
         if kind == "hnsw":
-            build_kwargs["hnsw_m"] = args.hnsw_m
+            build_kwargs.update(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction)
+        log(f"n={n:,}: building {kind}")
         with PeakRSS() as mem:
             t = time.perf_counter()
             index = SettingIndex.build(emb, records, priors, kind=kind, **build_kwargs)
             build_s = time.perf_counter() - t
+        log(f"n={n:,}: {kind} built in {build_s:.1f} s")
         row = {
             "build_s": build_s,
             "index_mib": len(faiss.serialize_index(index.index)) / 2**20,
@@ -134,6 +204,7 @@ def bench_size(n: int, args, rng: np.random.Generator) -> dict:
         index.search(queries[:10], K, prior_weight=args.prior_weight / args.prior_scale)  # warm-up
         if kind == "flat":
             flat_qps, truth = timed_search(index, queries, args)
+            log(f"n={n:,}: flat {flat_qps:.0f} QPS")
             sweep = [{"qps": flat_qps, "recall": 1.0}]
         else:
             name, values = ("nprobe", NPROBES) if kind == "ivf" else ("ef_search", EF_SEARCHES)
@@ -143,6 +214,7 @@ def bench_size(n: int, args, rng: np.random.Generator) -> dict:
             for v in values:
                 qps, ids = timed_search(index, queries, args, **{name: v})
                 sweep.append({name: v, "qps": qps, "recall": recall_at_k(ids, truth)})
+                log(f"n={n:,}: {kind} {name}={v}: {qps:.0f} QPS, recall@10 {sweep[-1]['recall']:.3f}")
                 if sweep[-1]["recall"] >= 0.999:  # larger values cannot gain recall, only lose speed
                     break
             if not any(s[name] == DEFAULTS[kind][name] for s in sweep):
@@ -159,6 +231,7 @@ def bench_size(n: int, args, rng: np.random.Generator) -> dict:
             }
         )
         out["kinds"][kind] = row
+        checkpoint()
         del index
     return out
 
@@ -174,6 +247,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--nlist", type=int, default=0, help="IVF lists; 0 = the package default 4*sqrt(n)")
     p.add_argument("--hnsw_m", type=int, default=32, help="HNSW graph degree M (the package default)")
+    p.add_argument(
+        "--ef_construction", type=int, default=200, help="HNSW efConstruction (the package default)"
+    )
+    p.add_argument(
+        "--vectors",
+        choices=("clustered", "random"),
+        default="clustered",
+        help="clustered: mixture of Gaussians on the sphere (like sentence embeddings); random: uniform (worst case)",
+    )
+    p.add_argument("--cluster_size", type=int, default=100, help="settings per centre (clustered)")
+    p.add_argument(
+        "--cluster_cos", type=float, default=0.65, help="target mean cosine to the own centre (clustered)"
+    )
     p.add_argument(
         "--repeats", type=int, default=3, help="time each search this many times, keep the fastest"
     )
@@ -191,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not sizes or min(sizes) < K or min(args.dim, args.queries, args.repeats) <= 0 or args.prior_scale <= 0:
         raise ValueError(f"--sizes must be >= {K}; --dim, --queries, --repeats and --prior_scale positive")
+    if args.cluster_size <= 0 or not 0 < args.cluster_cos < 1 or args.ef_construction <= 0:
+        raise ValueError("--cluster_size and --ef_construction must be positive, --cluster_cos in (0, 1)")
     if bad := set(args.kinds) - {"flat", "ivf", "hnsw"}:
         raise ValueError(f"--kinds: unknown index kind(s) {sorted(bad)}; use flat, ivf, hnsw")
     if args.threads:
@@ -212,14 +300,19 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "sizes": [],
     }
+
+    def checkpoint() -> None:  # after every index kind, so that a run cut short keeps what it finished
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     for n in sizes:
         t = time.perf_counter()
-        results["sizes"].append(bench_size(n, args, rng))
-        print(f"n={n}: done in {time.perf_counter() - t:.1f} s", flush=True)
+        results["sizes"].append({})
+        bench_size(n, args, rng, results["sizes"][-1], checkpoint)
+        log(f"n={n:,}: done in {time.perf_counter() - t:.1f} s")
     print_report(results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")
     return results
 
@@ -242,7 +335,23 @@ def print_report(r: dict) -> None:
         f"{m['faiss_threads']} threads, "
         f"{m['cpu_count']} CPU cores"
     )
-    print("Random unit vectors and random priors: a worst case for IVF/HNSW recall (no cluster structure).\n")
+    if c["vectors"] == "random":
+        print(
+            "Vectors: **random** unit vectors, random priors: a worst case for IVF/HNSW (no cluster structure).\n"
+        )
+    else:
+        print(
+            f"Vectors: **clustered** (mixture of Gaussians on the sphere, {c['cluster_size']} settings per centre, "
+            f"target cosine to own centre {c['cluster_cos']}; queries from the same centres), random priors."
+        )
+        for size in r["sizes"]:
+            lo, hi = size["cos_to_own_centre_p5_p95"]
+            print(
+                f"- n={size['n']:,}: {size['centres']:,} centres, cosine to own centre mean "
+                f"{size['cos_to_own_centre_mean']:.3f} (p5-p95 {lo:.2f}-{hi:.2f}), queries "
+                f"{size['query_cos_to_own_centre_mean']:.3f}, random pairs {size['cos_random_pairs_mean']:.3f}"
+            )
+        print()
     print(
         "| n | kind | build s | index MiB | RSS Δ MiB | defaults: QPS (recall@10) | "
         f"best with recall@10 >= {c['recall_target']} | QPS | vs flat |"

@@ -27,7 +27,7 @@ class LSRCLI(LightningCLI):
         }
 
     def before_fit(self) -> None:
-        if self.trainer.limit_val_batches == 0 or getattr(self.config_init, "ckpt_path", None):
+        if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):
             self._before = None
             return
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)

@@ -12,79 +12,21 @@ from the dialogue being scored.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .data import Character, Example
-from .lm_scoring import NO_SETTING, ScoreRequest
-from .priors import _znorm
-from .score_cache import CachedScorer
+from .priors import LMTable, lm_table, loo_priors  # noqa: F401  (re-exported: the evaluation API)
 
 METHODS = ("none", "random", "bm25", "base", "base+prior", "trained", "trained+prior", "oracle")
 QUERY_GROUPS = ("all", "greeting", "closing", "other")
 HEADLINE = ("nll_top1", "hit1_lm_best", "ndcg", "mrr")
 
 Embed = Callable[[list[str]], np.ndarray]
-
-
-@dataclass
-class LMTable:
-    """Per example: log-likelihood of the gold response (nats/token) with no setting and with each setting."""
-
-    none: np.ndarray  # (n,)
-    per_setting: list[np.ndarray]  # n arrays of (n_settings,)
-    sums: list[np.ndarray]  # summed log-likelihoods (n_settings,), for the ensemble
-    n_tokens: np.ndarray  # (n,)
-
-    @property
-    def gains(self) -> list[np.ndarray]:
-        return [s - z for s, z in zip(self.per_setting, self.none)]
-
-
-def lm_table(
-    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer, chunk: int = 64
-) -> LMTable:
-    requests = []
-    for e in examples:
-        requests.append(ScoreRequest(e, NO_SETTING))
-        requests += [ScoreRequest(e, (s,)) for s in characters[e.character_id].settings]
-    means, sums, ntok = [], [], []
-    for i in tqdm(range(0, len(requests), chunk), desc="LM scores", unit="chunk", leave=False):
-        sc = scorer.score(requests[i : i + chunk])
-        means.append(sc.logp_mean)
-        sums.append(sc.logp_sum)
-        ntok.append(sc.n_tokens)
-        scorer.flush()
-    means, sums, ntok = np.concatenate(means), np.concatenate(sums), np.concatenate(ntok)
-    none, per, per_sum, n_tok, pos = [], [], [], [], 0
-    for e in examples:
-        n = len(characters[e.character_id].settings)
-        none.append(means[pos])
-        n_tok.append(ntok[pos])
-        per.append(means[pos + 1 : pos + 1 + n])
-        per_sum.append(sums[pos + 1 : pos + 1 + n])
-        pos += 1 + n
-    return LMTable(np.array(none), per, per_sum, np.array(n_tok))
-
-
-def loo_priors(examples: Sequence[Example], gains: list[np.ndarray]) -> list[np.ndarray]:
-    """Per example, the LM-utility prior of its character's settings from the character's other dialogues."""
-    by_char: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(examples):
-        by_char[e.character_id].append(i)
-    out: list[np.ndarray] = [np.zeros_like(g) for g in gains]
-    for rows in by_char.values():
-        for i in rows:
-            others = [j for j in rows if examples[j].dialogue_id != examples[i].dialogue_id]
-            if others:
-                out[i] = np.asarray(_znorm(np.mean([gains[j] for j in others], axis=0)))
-    return out
 
 
 def bm25_rank(documents: Sequence[str], queries: Sequence[str], language: str = "en") -> list[np.ndarray]:
@@ -341,7 +283,3 @@ def save_result(result: EvalResult, out_dir: str | Path) -> Path:
     (out / "results.md").write_text(markdown_table(result) + "\n")
     plot(result, out / "results.png")
     return out
-
-
-def nan_safe(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 Direction = Literal["lm_to_retriever", "retriever_to_lm"]
+MIN_TEMPERATURE = 1e-4
+"""Below this, scores/temperature overflow float32 for ordinary scores and both softmaxes are one-hot anyway."""
 
 
 class LSRLoss(nn.Module):
@@ -47,8 +49,8 @@ class LSRLoss(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("gamma", gamma), ("beta", beta)):
-            if not (0 < value < float("inf")):
-                raise ValueError(f"{name} must be a positive finite number, got {value}")
+            if not (MIN_TEMPERATURE <= value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE}, got {value}")
         if direction not in ("lm_to_retriever", "retriever_to_lm"):
             raise ValueError(f"direction must be 'lm_to_retriever' or 'retriever_to_lm', got {direction!r}")
         self.gamma, self.beta, self.direction = gamma, beta, direction
@@ -57,15 +59,20 @@ class LSRLoss(nn.Module):
         self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(log P_R, log Q, valid rows): the two log-distributions over candidates, -inf outside the mask."""
-        if torch.isnan(lm_logp).any() or torch.isnan(sim).any():
-            raise FloatingPointError("LSRLoss got NaN scores")
+        if torch.isnan(lm_logp).any() or not torch.isfinite(sim).all():
+            raise FloatingPointError("LSRLoss got NaN/inf similarities or NaN LM scores")
+        if (lm_logp == float("inf")).any():
+            raise FloatingPointError("LSRLoss got a log-likelihood of +inf (a probability above 1)")
         mask = torch.ones_like(sim, dtype=torch.bool) if mask is None else mask.bool()
         target_ok = mask & torch.isfinite(lm_logp)  # (batch, k)
         if self.direction == "retriever_to_lm":  # KL(P_R||Q) is infinite where Q = 0: drop those candidates
             mask = target_ok
         neg_inf = torch.finfo(sim.dtype).min
-        log_pr = torch.log_softmax((sim / self.gamma).masked_fill(~mask, neg_inf), dim=-1)
-        log_q = torch.log_softmax((lm_logp.detach() / self.beta).masked_fill(~target_ok, neg_inf), dim=-1)
+        # centre each row on its largest real score before dividing: the softmax is unchanged, no overflow
+        sim_c = sim - _row_max(sim.detach(), mask)
+        lm_c = lm_logp.detach().masked_fill(~target_ok, 0.0) - _row_max(lm_logp.detach(), target_ok)
+        log_pr = torch.log_softmax((sim_c / self.gamma).masked_fill(~mask, neg_inf), dim=-1)
+        log_q = torch.log_softmax((lm_c / self.beta).masked_fill(~target_ok, neg_inf), dim=-1)
         log_pr = log_pr.masked_fill(~mask, float("-inf"))
         log_q = log_q.masked_fill(~target_ok, float("-inf"))
         valid = target_ok.any(-1)  # (batch,)
@@ -84,6 +91,13 @@ class LSRLoss(nn.Module):
         if not valid.any():
             return sim.sum() * 0.0
         return per_query[valid].sum() / valid.sum()
+
+
+def _row_max(x: Tensor, mask: Tensor) -> Tensor:
+    """(batch, 1) max of each row over its masked-in entries; 0 for a row with none."""
+    neg_inf = torch.finfo(x.dtype).min
+    top = x.masked_fill(~mask, neg_inf).amax(-1, keepdim=True)
+    return torch.where(mask.any(-1, keepdim=True), top, torch.zeros_like(top))
 
 
 def entropy(log_p: Tensor) -> Tensor:

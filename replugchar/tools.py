@@ -100,13 +100,20 @@ def cmd_priors(args, rest) -> None:
 
 
 def validation_matrices(module, dm, table):
-    """(sims, priors, gains), each (n_val, max_settings): the inputs of λ / τ calibration."""
-    from .priors import setting_gains
+    """(sims, priors, gains), each (n_val, max_settings): the inputs of λ / τ calibration.
+
+    A validation character the prior table does not cover (LM-utility priors come from training dialogues, and
+    the split is by character) gets its leave-one-dialogue-out LM-utility prior from its other validation
+    dialogues, so no example's own reply informs its prior.
+    """
+    from .priors import lm_table, loo_priors
 
     examples = dm.val_examples
     chars = dm.characters
     width = max(len(chars[e.character_id].settings) for e in examples)
     lookup = {(p.character_id, p.setting_index): p.prior for p in table}
+    lm = lm_table(examples, chars, module.scorer)
+    loo = loo_priors(examples, lm.gains)
     q = module.encode_all(module.query_strings(examples), queries=True)
     sims = np.full((len(examples), width), np.nan)
     prior_m = np.full((len(examples), width), np.nan)
@@ -114,10 +121,11 @@ def validation_matrices(module, dm, table):
         settings = chars[e.character_id].settings
         s = module.encode_all(list(settings))
         sims[row, : len(settings)] = s @ q[row]
-        prior_m[row, : len(settings)] = [lookup.get((e.character_id, i), 0.0) for i in range(len(settings))]
-    gains = setting_gains(examples, chars, module.scorer)
-    module.scorer.flush()
-    return sims, prior_m, gains
+        covered = all((e.character_id, i) in lookup for i in range(len(settings)))
+        prior_m[row, : len(settings)] = (
+            [lookup[(e.character_id, i)] for i in range(len(settings))] if covered else loo[row]
+        )
+    return sims, prior_m, lm.gain_matrix()
 
 
 def _priors_and_fit(args, dm):

@@ -34,7 +34,9 @@ def main(src: str) -> None:
         greet = [r for r in recs if r["query_type"] != "other"]
         other = [r for r in recs if r["query_type"] == "other"]
         rng.shuffle(other)
-        examples += sorted(greet + other[: max(0, MAX_EXAMPLES_PER_CHARACTER - len(greet))], key=lambda r: r["example_id"])
+        examples += sorted(
+            greet + other[: max(0, MAX_EXAMPLES_PER_CHARACTER - len(greet))], key=lambda r: r["example_id"]
+        )
     with (out / "characters.jsonl").open("w", encoding="utf-8") as f:
         for c in chars:
             if c["character_id"] in keep:

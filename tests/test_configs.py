@@ -1,0 +1,147 @@
+"""Every YAML in configs/ parses with the parser of the command it is written for (``replugchar fit`` and the
+tools share the LightningCLI parser; ``replugchar evaluate`` has its own), without instantiating anything, so
+configs naming hub or embedded models need neither network nor weights. Unknown keys and wrong types fail."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from replugchar import harness
+from replugchar.cli import LSRCLI
+from replugchar.data import LSRDataModule
+from replugchar.module import LSRModule
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+class ParseOnlyCLI(LSRCLI):
+    """The real CLI parser (same classes, same arguments), but no model, data or trainer is built."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(path: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["replugchar"])  # pytest's own arguments are not ours
+        return ParseOnlyCLI(LSRModule, LSRDataModule, run=False, args=["--config", str(path)]).config
+
+
+def parse_evaluate(path: Path) -> dict:
+    """Run ``replugchar evaluate --config path`` up to the call of ``evaluate`` and return its arguments."""
+    calls = []
+
+    @functools.wraps(harness.evaluate)  # same signature, so the parser is built exactly as for the real one
+    def record(**kwargs):
+        calls.append(kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "evaluate", record)
+        harness.main(["--config", str(path)])
+    assert len(calls) == 1
+    return calls[0]
+
+
+def command_of(path: Path) -> str:
+    """The command a config is written for, from its usage line ``# replugchar <command> --config ...``."""
+    found = re.search(rf"replugchar (\w+) --config configs/{re.escape(path.name)}", path.read_text())
+    assert found, f"{path.name}: add a usage comment '# replugchar <command> --config configs/{path.name}'"
+    return found.group(1)
+
+
+def test_the_shipped_configs_are_found():
+    names = {p.name for p in CONFIGS}
+    assert {"debug.yaml", "demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses_and_keeps_every_value(path):
+    raw = yaml.safe_load(path.read_text())
+    command = command_of(path)
+    if command == "evaluate":
+        kwargs = parse_evaluate(path)
+        for key, value in raw.items():
+            parsed = kwargs[key]
+            if isinstance(value, dict):
+                parsed = vars(parsed) if not isinstance(parsed, dict) else parsed
+                assert all(parsed[sub] == v for sub, v in value.items()), f"{path.name}: {key}"
+            else:
+                assert parsed == value, f"{path.name}: {key}"
+        return
+    assert command in ("fit", "validate", "score", "priors", "index", "export"), command
+    cfg = parse(path)
+    for section in ("model", "data"):
+        for key, value in (raw.get(section) or {}).items():
+            parsed = cfg[section][key]
+            if isinstance(value, dict):  # e.g. model.template: a dataclass parsed field by field
+                for sub, sub_value in value.items():
+                    assert parsed[sub] == sub_value, f"{path.name}: {section}.{key}.{sub}"
+            else:
+                assert parsed == value, f"{path.name}: {section}.{key}"
+    for key, value in (raw.get("trainer") or {}).items():
+        if not isinstance(value, dict | list):
+            assert cfg.trainer[key] == value, f"{path.name}: trainer.{key}"
+    if "seed_everything" in raw:
+        assert cfg.seed_everything == raw["seed_everything"]
+    callbacks = raw.get("trainer", {}).get("callbacks") or []
+    assert [c.class_path for c in cfg.trainer.callbacks or []] == [c["class_path"] for c in callbacks]
+
+
+@pytest.fixture
+def debug_raw() -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "configs" / "debug.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("model", "kk", 3),  # unknown key
+        ("model", "k", "five"),  # wrong type
+        ("model", "kl_direction", "sideways"),  # not one of the Literal values
+        ("data", "batch_size", "big"),
+        ("data", "data_dirr", "demo"),
+        ("trainer", "max_stepz", 3),
+    ],
+)
+def test_unknown_key_or_wrong_type_fails(tmp_path, debug_raw, capsys, section, key, value):
+    debug_raw[section][key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(debug_raw))
+    with pytest.raises(SystemExit) as err:
+        parse(path)
+    assert err.value.code != 0
+    assert key in capsys.readouterr().err
+
+
+def test_the_untouched_copy_parses(tmp_path, debug_raw):
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(debug_raw))
+    cfg = parse(path)
+    assert cfg.model.encoder == "tiny:bert" and cfg.model.lm == "tiny:gpt2"
+    assert cfg.model.score_cache_dir is None  # the debug run must not write a persistent cache
+
+
+def test_eval_demo_uses_the_split_of_the_demo_run():
+    configs = Path(__file__).parents[1] / "configs"
+    if not (configs / "eval_demo.yaml").exists():
+        pytest.skip("configs/eval_demo.yaml not shipped")
+    evaluation = parse_evaluate(configs / "eval_demo.yaml")
+    fit = parse(configs / "demo.yaml")
+    assert evaluation["data_dir"] == fit.data.data_dir
+    assert evaluation["val_fraction"] == fit.data.val_fraction
+    assert evaluation["seed"] == fit.data.seed
+    assert evaluation["trained"] == f"{fit.trainer.default_root_dir}/retriever"
+
+
+def test_evaluate_config_with_unknown_key_fails(tmp_path, capsys):
+    path = tmp_path / "eval.yaml"
+    path.write_text("data_dir: demo\nk: 5\nkk: 3\n")
+    with pytest.raises(SystemExit):
+        parse_evaluate(path)
+    assert "kk" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Data: the bundled demo corpus, the character-disjoint split, and errors that name file:line and field.
+
+(The exhaustive malformed-input suite is tests/test_bad_input.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from replugchar.data import Corpus, DataError, LSRDataModule, collate_examples, split_characters
+
+
+def test_demo_corpus_loads():
+    corpus = Corpus.load("demo")
+    assert len(corpus.characters) == 16
+    assert len(corpus.examples) > 16
+    assert all(e.character_id in corpus.characters for e in corpus.examples)
+    assert all(c.settings and all(s.strip() for s in c.settings) for c in corpus.characters.values())
+    assert len({e.example_id for e in corpus.examples}) == len(corpus.examples)
+    assert {e.query_type for e in corpus.examples} <= {"greeting", "closing", "other"}
+
+
+def test_in_code_corpus_roundtrips_through_files(write_data, characters, examples):
+    folder = write_data(characters.values(), examples)
+    corpus = Corpus.load(folder)
+    assert corpus.characters == characters
+    assert corpus.examples == examples
+    assert corpus.source == str(folder)
+
+
+def test_datamodule_split_is_character_disjoint():
+    dm = LSRDataModule(data_dir="demo", val_fraction=0.25, batch_size=4, seed=3)
+    dm.setup("fit")
+    train_chars = {e.character_id for e in dm.train_examples}
+    val_chars = {e.character_id for e in dm.val_examples}
+    assert train_chars and val_chars
+    assert not train_chars & val_chars
+    assert len(val_chars) == 4  # round(16 * 0.25) characters held out, all their dialogues with them
+    assert len(dm.train_examples) + len(dm.val_examples) == len(dm.corpus.examples)
+    assert set(dm.characters) == train_chars | val_chars
+
+    batch = next(iter(dm.val_dataloader()))
+    assert isinstance(batch, list) and len(batch) == 4 and batch == dm.val_examples[:4]
+    assert collate_examples(dm.val_examples[:2]) == dm.val_examples[:2]
+
+    again = LSRDataModule(data_dir="demo", val_fraction=0.25, seed=3)
+    again.setup("fit")
+    assert [e.example_id for e in again.val_examples] == [e.example_id for e in dm.val_examples]
+
+
+def test_split_characters_and_caps():
+    ids = [f"c{i}" for i in range(10)]
+    train, val = split_characters(ids, 0.3, seed=0)
+    assert len(val) == 3 and train | val == set(ids) and not train & val
+    assert split_characters(list(reversed(ids)), 0.3, seed=0) == (train, val)  # order of input is irrelevant
+    assert split_characters(ids, 0.0, seed=0) == (set(ids), set())
+
+    dm = LSRDataModule(data_dir="demo", max_train_examples=7, max_val_examples=3, query_types=["greeting"])
+    dm.setup()
+    assert len(dm.train_examples) == 7 and len(dm.val_examples) == 3
+    assert all(e.query_type == "greeting" for e in dm.train_examples + dm.val_examples)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"),
+     ({"max_train_examples": 0}, "max_train_examples"), ({"query_types": ["hello"]}, "query_types")],
+)  # fmt: skip
+def test_datamodule_options_are_validated(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        LSRDataModule(**kwargs)
+
+
+def test_malformed_json_names_file_and_line(write_data, characters, examples):
+    chars = list(characters.values())
+    folder = write_data([chars[0], '{"character_id": "bob", "settings": ["x"]', chars[2]], examples[:1])
+    with pytest.raises(DataError, match=r"characters\.jsonl:2: malformed JSON"):
+        Corpus.load(folder)
+
+
+def test_missing_field_names_file_line_and_field(write_data, characters, examples):
+    bad = {"example_id": "x", "character_id": "alice", "query": "Hi"}  # no response
+    folder = write_data(characters.values(), [examples[0], examples[1], bad])
+    with pytest.raises(DataError, match=r"dialogues\.jsonl:3: missing field 'response'"):
+        Corpus.load(folder)
+
+
+def test_unknown_character_names_the_field(write_data, characters, examples):
+    bad = {"example_id": "x", "character_id": "zed", "query": "Hi", "response": "Yo"}
+    folder = write_data(characters.values(), [bad])
+    with pytest.raises(DataError, match=r"dialogues\.jsonl:1: field 'character_id'.*'zed'"):
+        Corpus.load(folder)
+
+
+def test_wrong_settings_type_names_the_field(write_data, examples):
+    folder = write_data([{"character_id": "alice", "settings": "I bake."}], examples[:1])
+    with pytest.raises(DataError, match=r"characters\.jsonl:1: field 'settings'"):
+        Corpus.load(folder)
+    with pytest.raises(DataError, match="data_dir"):
+        Corpus.load(folder / "nope")
