@@ -15,7 +15,7 @@ from .data import LSRDataModule
 from .module import LSRModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
-REPORTED = ("val/top1_agreement", "val/loss", "val/retriever_entropy", "val/lm_entropy")
+REPORTED = ("val/top1_agreement", "val/top1_lm_gain", "val/loss", "val/retriever_entropy", "val/lm_entropy")
 
 
 class LSRCLI(LightningCLI):
@@ -38,6 +38,8 @@ class LSRCLI(LightningCLI):
         if self.trainer.limit_val_batches != 0:
             results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             after = {k: float(v) for k, v in results[0].items()} if results else {}
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask, before rank > 0 leaves
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
         if self.trainer.global_rank != 0:
             return
         before = getattr(self, "_before", None) or {}
@@ -46,7 +48,12 @@ class LSRCLI(LightningCLI):
             if key in after:
                 b = f"{before[key]:.4f}" if key in before else "   n/a"
                 lines.append(f"  {key:<26} {b} -> {after[key]:.4f}")
-        lines.append("  (val/loss = KL(LM target || retriever) per query; lower is better)")
+        lines.append(
+            "  (val/loss = KL(LM target || retriever) per query, lower is better; val/top1_lm_gain = LM"
+        )
+        lines.append(
+            "   log-likelihood/token of the gold reply with the top-1 setting minus the candidates' mean)"
+        )
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
             lines.append(f"  checkpoint: {ckpt.best_model_path}")
@@ -55,8 +62,8 @@ class LSRCLI(LightningCLI):
                 lines.append(
                     f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
                 )
-        if self.trainer.logger is not None and self.trainer.log_dir:
-            lines.append(f"  logs: {self.trainer.log_dir}")
+        if log_dir:
+            lines.append(f"  logs: {log_dir}")
         print("\n".join(lines), flush=True)
 
 

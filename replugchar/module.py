@@ -104,6 +104,11 @@ class LSRModule(L.LightningModule):
         self.save_hyperparameters(ignore=["template"])
         self.hparams["template"] = dataclasses.asdict(self.template)
         self.encoder = load_encoder(encoder, trust_remote_code=trust_remote_code)
+        # sentence-transformers pools token embeddings itself: the HF model's own pooler (BERT, MPNet, ...) gets
+        # no gradient, and DDP fails on parameters that take no part in the loss; freeze it (no effect otherwise)
+        for mod in self.encoder.modules():
+            if isinstance(getattr(mod, "pooler", None), torch.nn.Module):
+                mod.pooler.requires_grad_(False)
         self.query_encoder = None if share_encoders else copy.deepcopy(self.encoder)
         self.loss_fn = LSRLoss(gamma=gamma, beta=beta, direction=kl_direction)
         self.characters: dict[str, Character] = {}
@@ -240,14 +245,20 @@ class LSRModule(L.LightningModule):
         with torch.no_grad():
             log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
             neg = torch.finfo(sim.dtype).min
-            agree = sim.masked_fill(~mask, neg).argmax(-1) == lm.masked_fill(~torch.isfinite(lm), neg).argmax(
+            top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
+            agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
+            # LM log-likelihood of the gold reply with the retriever's top-1 setting, relative to the mean over
+            # candidates (what a random candidate gets): > 0 means retrieval helps the LM
+            lm_mean = torch.where(target_ok := torch.isfinite(lm) & mask, lm, 0).sum(-1) / target_ok.sum(
                 -1
-            )
+            ).clamp(min=1)
+            top1_gain = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
             metrics = {
                 "loss": loss,
                 "retriever_entropy": entropy(log_pr)[valid].mean(),
                 "lm_entropy": entropy(log_q)[valid].mean(),
                 "top1_agreement": agree[valid].float().mean(),
+                "top1_lm_gain": top1_gain[valid & torch.isfinite(top1_gain)].mean(),
             }
         bs = len(examples)
         self.log_dict(
@@ -256,6 +267,7 @@ class LSRModule(L.LightningModule):
             prog_bar=False,
             on_step=prefix == "train",
             on_epoch=True,
+            sync_dist=True,  # DDP: epoch values are the mean over ranks, not rank 0's shard of the data
         )
         self.log(
             f"{prefix}_top1",
@@ -265,6 +277,7 @@ class LSRModule(L.LightningModule):
             on_epoch=True,
             on_step=False,
             logger=False,
+            sync_dist=True,
         )
         return loss
 
