@@ -146,7 +146,7 @@ class SettingIndex:
         character_ids: Sequence[str] | None = None,
         prior_weight: float = 0.0,
         nprobe: int = 16,
-        ef_search: int = 64,
+        ef_search: int = 256,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, setting ids) per query, -1 where fewer exist; restricted to each query's character."""
         if k <= 0:
