@@ -11,6 +11,7 @@ from the dialogue being scored.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,13 +31,18 @@ Embed = Callable[[list[str]], np.ndarray]
 
 
 def bm25_rank(documents: Sequence[str], queries: Sequence[str], language: str = "en") -> list[np.ndarray]:
-    """BM25 (bm25s) scores of ``documents`` for each query; all zeros for a query made only of stopwords."""
+    """BM25 (bm25s) scores of ``documents`` for each query; all zeros for a query made only of stopwords.
+
+    Japanese and Chinese have no spaces between words, so their texts are indexed as character bigrams.
+    """
     import logging
 
     import bm25s
 
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     stop = "en" if language == "en" else None
+    if language in ("ja", "zh"):
+        documents, queries = [_bigrams(d) for d in documents], [_bigrams(q) for q in queries]
     r = bm25s.BM25()
     r.index(bm25s.tokenize(list(documents), stopwords=stop, show_progress=False), show_progress=False)
     out = []
@@ -44,6 +50,11 @@ def bm25_rank(documents: Sequence[str], queries: Sequence[str], language: str = 
         tokens = bm25s.tokenize([q], stopwords=stop, return_ids=False, show_progress=False)[0]
         out.append(np.asarray(r.get_scores(tokens), dtype=np.float64) if tokens else np.zeros(len(documents)))
     return out
+
+
+def _bigrams(text: str) -> str:
+    chars = [c for c in text if c.isalnum()]
+    return " ".join(a + b for a, b in itertools.pairwise(chars))
 
 
 def bm25_scores(examples: Sequence[Example], characters: dict[str, Character]) -> list[np.ndarray]:
@@ -278,8 +289,9 @@ def save_result(result: EvalResult, out_dir: str | Path) -> Path:
         json.dumps(
             {"table": result.table, "paired": result.paired, "pool": result.pool, "meta": result.meta},
             indent=2,
-        )
+        ),
+        encoding="utf-8",
     )
-    (out / "results.md").write_text(markdown_table(result) + "\n")
+    (out / "results.md").write_text(markdown_table(result) + "\n", encoding="utf-8")
     plot(result, out / "results.png")
     return out

@@ -127,7 +127,9 @@ def export_retriever(
             "train_characters": train_characters or [],
             "versions": _versions(),
         }
-        (tmp / "retriever.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (tmp / "retriever.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

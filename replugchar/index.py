@@ -191,7 +191,7 @@ class SettingIndex:
                     )
                     + "\n"
                 )
-        (folder / "index.json").write_text(json.dumps(self.meta, indent=2))
+        (folder / "index.json").write_text(json.dumps(self.meta, indent=2), encoding="utf-8")
 
     def save(self, folder: str | Path) -> None:
         """Write the index files; the folder appears whole or not at all (temp folder + rename)."""

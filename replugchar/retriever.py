@@ -44,7 +44,7 @@ class Retriever:
         cfg_path = folder / "retriever.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{folder}: no retriever.json (not a replugchar export folder)")
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
         encoder = SentenceTransformer(str(folder / "encoder"), device=device)
         query_encoder = (
             SentenceTransformer(str(folder / "query_encoder"), device=device)

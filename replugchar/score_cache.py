@@ -81,7 +81,7 @@ class CachedScorer:
 
     def _load(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "FINGERPRINT").write_text(self.fingerprint + "\n")
+        (self.folder / "FINGERPRINT").write_text(self.fingerprint + "\n", encoding="utf-8")
         for shard in sorted(self.folder.glob("shard-*.parquet")):
             try:
                 table = pq.read_table(shard, columns=["key", "logp_sum", "n_tokens"])

@@ -74,7 +74,7 @@ def cmd_priors(args, rest) -> None:
         sims, prior_m, gains = validation_matrices(module, dm, table)
         cal = calibration.fit(sims, prior_m, gains)
         out = Path(args.out)
-        out.write_text(json.dumps(asdict(cal), indent=2))
+        out.write_text(json.dumps(asdict(cal), indent=2), encoding="utf-8")
         print(json.dumps(asdict(cal), indent=2))
         print(f"fitted prior weight and threshold written to {out}")
         return
@@ -86,7 +86,7 @@ def cmd_priors(args, rest) -> None:
 
         spec = args.judge_lm or module.hparams.lm
         model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
-        template = Path(args.template).read_text() if args.template else priors.JUDGE_TEMPLATE
+        template = Path(args.template).read_text(encoding="utf-8") if args.template else priors.JUDGE_TEMPLATE
         table = priors.llm_judge_priors(dm.characters, model, tok, template, lm_id=spec)
     elif args.method == "import":
         if not args.file:
@@ -132,7 +132,9 @@ def _priors_and_fit(args, dm):
     from .priors import load_priors, prior_vector
 
     table = load_priors(args.priors, dm.characters) if args.priors else None
-    fitted = json.loads(Path(args.fitted).read_text()) if getattr(args, "fitted", None) else {}
+    fitted = (
+        json.loads(Path(args.fitted).read_text(encoding="utf-8")) if getattr(args, "fitted", None) else {}
+    )
     return table, fitted, prior_vector
 
 
