@@ -33,9 +33,11 @@ class LSRLoss(nn.Module):
     Q is a constant: it is computed from detached LM scores, the LM never receives a gradient.
 
     Args:
-        gamma: retriever temperature γ > 0 (cosine similarities live in [-1, 1]: small γ such as 0.05 is usual).
+        gamma: retriever temperature γ (cosine similarities live in [-1, 1]). Default 0.1: with 0.05 the
+            retriever starts far sharper than Q and LSR mostly learns to flatten it (entropy -> ln k, top-1
+            agreement down on Synthetic-Persona-Chat; see docs/results.md).
         beta: LM temperature β > 0 applied to log-likelihoods; with mean per-token log-likelihoods the spread
-            between settings is ~0.1-0.5 nats, so β well below 1 keeps Q from being flat.
+            between settings is ~0.05-0.3 nats, so β well below 1 keeps Q from being flat (default 0.05).
         direction: which KL, see above.
 
     Shapes: ``sim`` (batch, k), ``lm_logp`` (batch, k), optional ``mask`` (batch, k) bool with True for real
@@ -45,7 +47,7 @@ class LSRLoss(nn.Module):
     """
 
     def __init__(
-        self, gamma: float = 0.05, beta: float = 0.1, direction: Direction = "lm_to_retriever"
+        self, gamma: float = 0.1, beta: float = 0.05, direction: Direction = "lm_to_retriever"
     ) -> None:
         super().__init__()
         for name, value in (("gamma", gamma), ("beta", beta)):
