@@ -143,11 +143,15 @@ def evaluate(
     for method, sc in scores.items():
         rows = []
         for i, e in enumerate(examples):
-            rows.append(
-                ev.example_metrics(
-                    None if sc is None else sc[i], table, i, k, e.shown_setting_indices, ensemble_temperature
-                )
+            row = ev.example_metrics(
+                None if sc is None else sc[i], table, i, k, e.shown_setting_indices, ensemble_temperature
             )
+            if (
+                sc is not None
+            ):  # where the method ranks the character's most broadly useful setting (LOO prior)
+                order = np.argsort(-sc[i], kind="stable")
+                row["rank_top_prior"] = float(np.where(order == int(np.argmax(priors[i])))[0][0] + 1)
+            rows.append(row)
         per_method[method] = rows
     if concat_k > 0:
         _add_concat(per_method, scores, examples, chars, scorer, concat_k)
