@@ -243,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     naive_requests = requests[: args.naive_pairs]
     scorer = LMScorer(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
 
-    # tokenisation alone (part of (a) and (b), absent from (c))
+    # tokenisation alone, as (b) does it (part of (a) and (b), absent from (c))
     t = time.perf_counter()
-    encoded = [scorer.encode(r) for r in requests]
+    encoded = scorer.encode_many(requests)
     tokenize_s = time.perf_counter() - t
     lengths = np.array([len(ids) for ids, _ in encoded])
     tokens = int(lengths.sum())

@@ -56,7 +56,9 @@ def fit(
     g, s = top1_gain(sims, priors, gains, best_w)
     tau, gain_tau = None, float(g.mean())
     if fit_threshold:
-        for cand in np.unique(np.quantile(s, np.linspace(0, 1, 41))):
+        # quantiles of the top-1 scores, plus one above them all: "never retrieve" is a legitimate answer
+        cands = np.append(np.quantile(s, np.linspace(0, 1, 41)), np.nextafter(s.max(), np.inf))
+        for cand in np.unique(cands):
             value = float(np.where(s >= cand, g, 0.0).mean())  # below τ: no setting, gain 0
             if value > gain_tau + 1e-9:
                 tau, gain_tau = float(cand), value

@@ -168,6 +168,28 @@ class LMScorer:
                 )
             context.pop(0)
 
+    def encode_many(self, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
+        """:meth:`encode` for many requests, with one batched tokenizer call for prompts and one for responses
+        (per-pair calls cost a third of the scoring time on a GPU); over-long pairs take the truncating path."""
+        if not requests:
+            return []
+        tok = self.tokenizer
+        responses = tok(
+            [self.template.response.format(text=r.example.response) for r in requests],
+            add_special_tokens=False,
+        ).input_ids
+        prompts = tok(
+            [self.template.render(r.settings, r.example.context, r.example.query) for r in requests]
+        ).input_ids
+        out = []
+        for request, prompt, response in zip(requests, prompts, responses):
+            response = [*response, tok.eos_token_id]
+            if len(prompt) + len(response) <= self.max_length:
+                out.append((prompt + response, len(response)))
+            else:
+                out.append(self.encode(request))
+        return out
+
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Index groups, longest first, each within ``max_batch_tokens`` padded tokens."""
         order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
@@ -200,7 +222,7 @@ class LMScorer:
 
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> Scores:
-        encoded = [self.encode(r) for r in requests]
+        encoded = self.encode_many(requests)
         logp_sum = np.zeros(len(requests), dtype=np.float64)
         n_tokens = np.array([n for _, n in encoded], dtype=np.int64)
         device = next(self.model.parameters()).device
