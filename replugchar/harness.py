@@ -83,7 +83,7 @@ def evaluate(
         examples = [e for e in examples if e.character_id not in seen]
         log.info("excluded %d examples of characters the retriever was trained on", before - len(examples))
         if prior_weight is None:
-            prior_weight = retriever.config.get("prior_weight") or None
+            prior_weight = retriever.config.get("prior_weight")
     prior_weight = 0.1 if prior_weight is None else prior_weight
     if max_examples is not None and len(examples) > max_examples:
         picked = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
