@@ -185,7 +185,13 @@ def cmd_retrieve(args, rest) -> None:
     from .retriever import Retriever
 
     retriever = Retriever.load(args.dir)
-    hits = retriever.search(args.character, args.query, args.k, prior_weight=args.prior_weight)
+    threshold = float("-inf") if args.no_threshold else None
+    try:
+        hits = retriever.search(
+            args.character, args.query, args.k, prior_weight=args.prior_weight, threshold=threshold
+        )
+    except (KeyError, ValueError) as err:
+        raise SystemExit(f"replugchar retrieve: {err}") from None
     print(f"{args.character} | {args.query!r}")
     print(f"{'rank':>4} {'score':>7} {'sim':>7} {'prior':>7}  setting")
     for rank, h in enumerate(hits, 1):
@@ -232,7 +238,10 @@ def run_tool(argv: list[str]) -> None:
     p.add_argument("--character", required=True)
     p.add_argument("--query", required=True)
     p.add_argument("--k", type=int, default=None)
-    p.add_argument("--prior_weight", type=float, default=None)
+    p.add_argument("--prior_weight", type=float, default=None, help="λ (default: retriever.json)")
+    p.add_argument(
+        "--no_threshold", action="store_true", help="list the top k even under the relevance threshold"
+    )
     p.set_defaults(func=cmd_retrieve)
     args, rest = parser.parse_known_args(argv)
     if args.tool == "retrieve" and rest:
