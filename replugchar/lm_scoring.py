@@ -244,7 +244,9 @@ class LMScorer:
                 .float()
             )  # (batch, r_max, vocab): predictions of the last r_max tokens
             targets = ids[:, width - r_max :]  # (batch, r_max)
-            token_logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
+            target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            token_logp = target_logit - torch.logsumexp(logits, -1)
             token_logp = token_logp.masked_fill(~resp_mask[:, width - r_max :].to(device), 0.0)
             logp_sum[batch] = token_logp.sum(-1).double().cpu().numpy()
             self.forward_passes += 1
