@@ -10,6 +10,7 @@ import numpy as np
 
 from . import evaluation as ev
 from .data import LSRDataModule
+from .evaluation import Embed
 from .lm_scoring import PromptTemplate, ScoreRequest
 from .models import EMBEDDED_ENCODER, EMBEDDED_LM
 
@@ -117,24 +118,20 @@ def evaluate(
         scores["random"] = [rng.random(len(chars[e.character_id].settings)) for e in examples]
     if "bm25" in wanted:
         scores["bm25"] = ev.bm25_scores(examples, chars)
-    base_embed = module.encode_all
-    if "base" in wanted or "base+prior" in wanted:
-        base = ev.cosine_scores(
-            examples, chars, lambda t: module.encode_all(t, queries=True), base_embed, queries
-        )
-        scores["base"] = base
-        scores["base+prior"] = [s + prior_weight * p for s, p in zip(base, priors)]
+    # (query embedder, setting embedder) per encoder: one definition serves the table and the distractor pool
+    embedders: dict[str, tuple[Embed, Embed]] = {
+        "base": (lambda t: module.encode_all(t, queries=True), module.encode_all)
+    }
     if retriever is not None:
-
-        def t_query(texts):
-            return retriever.query_encoder.encode(texts, normalize_embeddings=True)
-
-        def t_setting(texts):
-            return retriever.encoder.encode(texts, normalize_embeddings=True)
-
-        trained_s = ev.cosine_scores(examples, chars, t_query, t_setting, queries)
-        scores["trained"] = trained_s
-        scores["trained+prior"] = [s + prior_weight * p for s, p in zip(trained_s, priors)]
+        embedders["trained"] = (
+            lambda t: retriever.query_encoder.encode(t, normalize_embeddings=True),
+            lambda t: retriever.encoder.encode(t, normalize_embeddings=True),
+        )
+    for name, (embed_query, embed_setting) in embedders.items():
+        if name in wanted or f"{name}+prior" in wanted:
+            cos = ev.cosine_scores(examples, chars, embed_query, embed_setting, queries)
+            scores[name] = cos
+            scores[f"{name}+prior"] = [c + prior_weight * p for c, p in zip(cos, priors)]
     if "oracle" in wanted:
         scores["oracle"] = gains
     scores = {m: v for m, v in scores.items() if m in wanted}
@@ -160,18 +157,7 @@ def evaluate(
     result.table, result.paired = ev.aggregate(per_method, examples, n_boot, seed, pairs)
     if distractors > 0:
         result.pool = _pool_metrics(
-            scores,
-            examples,
-            chars,
-            gains,
-            priors,
-            prior_weight,
-            distractors,
-            seed,
-            base_embed,
-            module,
-            retriever,
-            queries,
+            list(scores), examples, chars, gains, priors, prior_weight, distractors, seed, embedders, queries
         )
     result.meta = {
         "data_dir": str(data_dir),
@@ -209,35 +195,24 @@ def _add_concat(per_method, scores, examples, chars, scorer, concat_k: int) -> N
 
 
 def _pool_metrics(
-    scores,
+    methods: Sequence[str],
     examples,
     chars,
     gains,
     priors,
-    prior_weight,
-    n_distract,
-    seed,
-    base_embed,
-    module,
-    retriever,
+    prior_weight: float,
+    n_distract: int,
+    seed: int,
+    embedders: dict[str, tuple[Embed, Embed]],
     queries: Sequence[str],
 ) -> dict:
     """Rank own settings + distractors; hit@1 / MRR of the own LM-best setting (distractors count as wrong)."""
     rng = random.Random(seed)
     pool_settings = [(cid, s) for cid, c in chars.items() for s in c.settings]
-    own_prior = {}
-    for e, p in zip(examples, priors):
-        own_prior.setdefault(e.character_id, p)
-    embedders = {"base": (lambda t: module.encode_all(t, queries=True), base_embed)}
-    if retriever is not None:
-        embedders["trained"] = (
-            lambda t: retriever.query_encoder.encode(t, normalize_embeddings=True),
-            lambda t: retriever.encoder.encode(t, normalize_embeddings=True),
-        )
     qemb = {name: f[0](list(queries)) for name, f in embedders.items()}
     emb_cache: dict[tuple[str, str], np.ndarray] = {}
     out: dict[str, dict[str, list[float]]] = {
-        m: {"hit1_lm_best": [], "mrr": []} for m in scores if m not in ("none",)
+        m: {"hit1_lm_best": [], "mrr": []} for m in methods if m != "none"
     }
     for i, e in enumerate(examples):
         own = list(chars[e.character_id].settings)
