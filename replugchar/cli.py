@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 
+import numpy as np
 from lightning.pytorch.cli import LightningCLI
 
 from .data import LSRDataModule
+from .evaluation import bootstrap_ci
 from .module import LSRModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
@@ -32,6 +34,7 @@ class LSRCLI(LightningCLI):
             return
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._before = {k: float(v) for k, v in results[0].items()} if results else None
+        self._before_rows = self.model.val_per_example
 
     def after_fit(self) -> None:
         after = {}
@@ -48,6 +51,7 @@ class LSRCLI(LightningCLI):
             if key in after:
                 b = f"{before[key]:.4f}" if key in before else "   n/a"
                 lines.append(f"  {key:<26} {b} -> {after[key]:.4f}")
+        lines += paired_change_lines(getattr(self, "_before_rows", None), self.model.val_per_example)
         lines.append(
             "  (val/loss = KL(LM target || retriever) per query, lower is better; val/top1_lm_gain = LM"
         )
@@ -65,6 +69,28 @@ class LSRCLI(LightningCLI):
         if log_dir:
             lines.append(f"  logs: {log_dir}")
         print("\n".join(lines), flush=True)
+
+
+def paired_change_lines(before: np.ndarray | None, after: np.ndarray | None, n_boot: int = 2000) -> list[str]:
+    """Before -> after change of top-1 agreement and LM gain with a 95% interval, so noise is not read as progress.
+
+    Both validations see the same examples in the same order; the interval resamples whole dialogues (turns of one
+    dialogue are not independent). Rows are (dialogue hash, agreement, gain) from ``LSRModule.val_per_example``.
+    """
+    if before is None or after is None or len(before) == 0 or before.shape != after.shape:
+        return []
+    if not np.array_equal(before[:, 0], after[:, 0]):
+        return []
+    groups = after[:, 0]
+    lines = []
+    for col, name in ((1, "top1_agreement"), (2, "top1_lm_gain")):
+        diff = after[:, col] - before[:, col]
+        lo, hi = bootstrap_ci(diff, groups, n_boot=n_boot, seed=0)
+        lines.append(
+            f"  change in {name:<16} {diff.mean():+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]"
+            f"  ({len(diff)} examples, {len(np.unique(groups))} dialogues; an interval spanning 0 is noise)"
+        )
+    return lines
 
 
 def run_lightning(args: list[str] | None = None) -> LSRCLI:

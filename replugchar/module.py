@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -116,6 +117,10 @@ class LSRModule(L.LightningModule):
         self.index: SettingIndex | None = None
         self._index_step = -1
         self._emb_stats: dict[str, float] = {}
+        self._val_rows: list[Tensor] = []
+        self.val_per_example: np.ndarray | None = None
+        """After a validation epoch: (n, 3) rows of (dialogue hash, top-1 agreement 0/1, top-1 LM gain), in
+        dataloader order, so two validations of the same split can be compared example by example."""
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -253,6 +258,17 @@ class LSRModule(L.LightningModule):
                 -1
             ).clamp(min=1)
             top1_gain = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
+            if prefix == "val":
+                groups = [zlib.crc32(e.dialogue_id.encode()) for e in examples]
+                rows = torch.stack(
+                    [
+                        torch.as_tensor(groups, dtype=torch.float64, device=agree.device),
+                        agree.double(),
+                        top1_gain.double(),
+                    ],
+                    dim=1,
+                )  # (batch, 3)
+                self._val_rows.append(rows[valid & torch.isfinite(top1_gain)])
             metrics = {
                 "loss": loss,
                 "retriever_entropy": entropy(log_pr)[valid].mean(),
@@ -319,8 +335,21 @@ class LSRModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.flush_scores()
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
     def on_validation_epoch_end(self) -> None:
         self.flush_scores()
+        rows = torch.cat(self._val_rows) if self._val_rows else torch.zeros((0, 3), dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            # every rank holds as many rows as the others only if no row was dropped; pad to be safe
+            n = self.all_gather(torch.tensor([len(rows)], device=self.device)).max()
+            padded = torch.full((int(n), 3), float("nan"), dtype=torch.float64, device=self.device)
+            padded[: len(rows)] = rows.to(self.device)
+            rows = self.all_gather(padded).reshape(-1, 3)
+            rows = rows[~torch.isnan(rows[:, 0])]
+        self.val_per_example = rows.cpu().numpy()
+        self._val_rows = []
         if self.trainer.state.fn == "fit":
             self.index = None  # force a refresh at the next training step (val rebuilt it)
 

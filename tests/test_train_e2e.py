@@ -217,6 +217,11 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     assert "validation before -> after training" in out
     for key in ("val/top1_agreement", "val/loss", "val/retriever_entropy", "val/lm_entropy"):
         assert re.search(rf"{re.escape(key)}\s+-?\d+\.\d{{4}} -> -?\d+\.\d{{4}}", out), out
+    # ... with the paired change and its interval, so a move within noise reads as such
+    for key in ("top1_agreement", "top1_lm_gain"):
+        assert re.search(
+            rf"change in {key}\s+[+-]\d\.\d{{4}}  95% CI \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\]", out
+        ), out
     export = run_dir / "retriever"
     assert f"exported retriever: {export}" in out
 
@@ -248,3 +253,19 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
 
     metrics = next(run_dir.rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"train/loss_step", "val/loss", "val/top1_agreement", "train/lm_entropy_step"} <= set(metrics)
+
+
+def test_validation_keeps_per_example_rows_that_match_the_logged_means(toy):
+    characters, examples, _ = toy
+    module = toy_module(characters)
+    trainer = toy_trainer(max_steps=1)
+    loader = DataLoader(examples, batch_size=8, collate_fn=collate_examples)
+    logged = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    rows = module.val_per_example
+    assert rows.shape == (len(examples), 3)
+    assert rows[:, 1].mean() == pytest.approx(logged["val/top1_agreement"], abs=1e-6)
+    assert rows[:, 2].mean() == pytest.approx(logged["val/top1_lm_gain"], abs=1e-5)
+    assert len(np.unique(rows[:, 0])) == len({e.dialogue_id for e in examples})
+    first = rows.copy()
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    np.testing.assert_array_equal(module.val_per_example, first)  # reset per epoch, same order every time
