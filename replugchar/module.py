@@ -259,16 +259,14 @@ class LSRModule(L.LightningModule):
             ).clamp(min=1)
             top1_gain = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
             if prefix == "val":
-                groups = [zlib.crc32(e.dialogue_id.encode()) for e in examples]
+                # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
+                groups = torch.tensor(
+                    [zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64
+                )
                 rows = torch.stack(
-                    [
-                        torch.as_tensor(groups, dtype=torch.float64, device=agree.device),
-                        agree.double(),
-                        top1_gain.double(),
-                    ],
-                    dim=1,
+                    [groups, agree.cpu().double(), top1_gain.cpu().double()], dim=1
                 )  # (batch, 3)
-                self._val_rows.append(rows[valid & torch.isfinite(top1_gain)])
+                self._val_rows.append(rows[(valid & torch.isfinite(top1_gain)).cpu()])
             metrics = {
                 "loss": loss,
                 "retriever_entropy": entropy(log_pr)[valid].mean(),

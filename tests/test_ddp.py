@@ -103,7 +103,8 @@ def test_ddp_two_cpu_processes_score_the_same_cache_and_report_the_same_val_loss
         assert before_2[key] == pytest.approx(before_1[key], abs=1e-4), key
     assert printed_val_loss(ddp.stdout)[0] == pytest.approx(printed_val_loss(single.stdout)[0], abs=1e-4)
 
-    # rank 0 alone reports and exports
+    # rank 0 alone reports and exports; its paired change covers both ranks' validation examples
     assert ddp.stdout.count("validation before -> after training") == 1
+    assert ddp.stdout.count("(8 examples,") == 2 and single.stdout.count("(8 examples,") == 2
     assert f"exported retriever: {two / 'retriever'}" in ddp.stdout
     assert (two / "retriever" / "index.faiss").is_file()
