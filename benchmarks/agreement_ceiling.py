@@ -31,7 +31,7 @@ import random
 import numpy as np
 import torch
 
-from replugchar.evaluation import bootstrap_ci
+from replugchar.metrics import bootstrap_ci
 from replugchar.lm_scoring import ScoreRequest
 from replugchar.losses import LSRLoss
 from replugchar.tools import _load

@@ -1,6 +1,7 @@
-"""Fit the prior weight λ and the relevance threshold τ on validation data against the frozen LM.
+"""Fit the final mixing of the scoring rule on validation characters against the frozen LM: the scale α of the
+learned dialogue-evidence term, the prior weight λ and the relevance threshold τ.
 
-Both are chosen to maximise the LM likelihood of the gold responses, using the same cached scores as training:
+All are chosen to maximise the LM likelihood of the gold responses, using the same cached scores as training:
 for every validation example we know the gain (nats/token over no setting) of each of its character's settings,
 so trying a λ or τ costs a NumPy argmax, not an LM call.
 """
@@ -13,14 +14,17 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+DIALOGUE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""α = 0 is in the grid: the exported rule is never worse than the encoder's plain similarity on validation."""
 
 
 @dataclass(frozen=True)
 class Calibration:
+    dialogue_scale: float  # α: the exported dialogue weights are α · (learned weights)
     prior_weight: float
     threshold: float | None
-    gain_at_zero: float  # mean top-1 gain (nats/token over no setting) with λ = 0, no threshold
-    gain_fitted_weight: float  # ... with the fitted λ
+    gain_at_zero: float  # mean top-1 gain (nats/token over no setting) with α = λ = 0, no threshold
+    gain_fitted_weight: float  # ... with the fitted α and λ
     gain_fitted: float  # ... with the fitted λ and τ
     n_examples: int
     grid: tuple[float, ...]
@@ -46,14 +50,25 @@ def fit(
     gains: np.ndarray,
     grid: Sequence[float] = DEFAULT_GRID,
     fit_threshold: bool = True,
+    dialogue: np.ndarray | None = None,
+    scales: Sequence[float] = DIALOGUE_SCALES,
 ) -> Calibration:
+    """``dialogue`` (n, max_settings) is the learned dialogue-evidence term Σ w_f φ_f of each setting; the
+    fitted rule scores sims + α·dialogue + λ·prior. Ties keep the smallest α and λ (closest to similarity)."""
     if len(sims) == 0:
         raise ValueError("no validation examples to calibrate on")
     if np.isinf(gains).any() or np.isnan(gains[~np.isnan(sims)]).any():
         raise FloatingPointError("LM gains contain NaN/inf: check the LM scores")
-    per_weight = [float(top1_gain(sims, priors, gains, w)[0].mean()) for w in grid]
-    best_w = float(grid[int(np.argmax(per_weight))])
-    g, s = top1_gain(sims, priors, gains, best_w)
+    dialogue = np.zeros_like(sims) if dialogue is None else np.nan_to_num(dialogue)
+    scales = (0.0,) if not dialogue.any() else tuple(scales)
+    table = {
+        (a, w): float(top1_gain(sims + a * dialogue, priors, gains, w)[0].mean())
+        for a in scales
+        for w in grid
+    }
+    best_a, best_w = max(table, key=lambda key: (table[key] - 1e-12 * (key[0] + key[1]), -key[0], -key[1]))
+    per_weight = [table[(best_a, w)] for w in grid]
+    g, s = top1_gain(sims + best_a * dialogue, priors, gains, best_w)
     tau, gain_tau = None, float(g.mean())
     if fit_threshold:
         # quantiles of the top-1 scores, plus one above them all: "never retrieve" is a legitimate answer
@@ -63,10 +78,11 @@ def fit(
             if value > gain_tau + 1e-9:
                 tau, gain_tau = float(cand), value
     return Calibration(
+        float(best_a),
         best_w,
         tau,
-        per_weight[0] if grid[0] == 0 else float(top1_gain(sims, priors, gains, 0)[0].mean()),
-        float(max(per_weight)),
+        float(top1_gain(sims, priors, gains, 0)[0].mean()),
+        table[(best_a, best_w)],
         gain_tau,
         len(sims),
         tuple(grid),

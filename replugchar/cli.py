@@ -1,117 +1,149 @@
-"""Command line: ``replugchar fit|validate`` (LightningCLI) and the tool subcommands.
+"""The one entry point, ``replugchar COMMAND``: LightningCLI ``fit`` / ``validate`` and the tool commands.
 
-``fit`` validates once before training and once after, prints both (top-1 agreement with the LM's best
-setting, KL between LM target and retriever), and exports the trained retriever (encoder + index).
+Imports are lazy so ``replugchar --help`` answers at once. A user error (bad data, a bad option value, a missing
+file, an unknown character) prints one line, ``replugchar: error: <file>:<line>: <message>``, and exits with 2;
+``--traceback`` or ``REPLUGCHAR_DEBUG=1`` shows the traceback.
+
+``fit`` validates once before training and once after, prints both (top-1 agreement with the LM's best setting,
+lift, KL between LM target and retriever) with the paired change and its interval, and exports the retriever.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
-import numpy as np
-from lightning.pytorch.cli import LightningCLI
-
-from .data import LSRDataModule
-from .evaluation import bootstrap_ci
-from .module import LSRModule
-
+COMMANDS = {
+    "fit": "LSR training from a YAML config (LightningCLI; every option in --help and the YAML)",
+    "validate": "validation metrics of a checkpoint (--config ... --ckpt_path ...)",
+    "score": "precompute frozen-LM scores of a data set into the persistent cache",
+    "priors": "generality priors (lm-utility | judge | import) and fit-weight (dialogue scale, λ, threshold)",
+    "index": "rebuild the FAISS index (encoder and/or priors changed); flat, ivf or hnsw",
+    "export": "export encoder + index + scoring rule as one folder for other RAG stacks",
+    "retrieve": "print a character's top settings for a query (and optional history)",
+    "evaluate": "compare retrievers on held-out characters by the frozen LM's likelihood of gold replies",
+    "chat": "talk to a character: retrieved settings (score, similarity, prior) and the LM's reply",
+    "finetune-lm": "fine-tune the character LM (pad/eos-safe SFT, full or LoRA) to use as the frozen teacher",
+    "teacher-report": "how well an LM separates settings: margins, oracle gap, agreement with similarity",
+}
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
-REPORTED = ("val/top1_agreement", "val/top1_lm_gain", "val/loss", "val/retriever_entropy", "val/lm_entropy")
 
 
-class LSRCLI(LightningCLI):
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {
-            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-            "validate": {"model", "dataloaders", "datamodule"},
-        }
-
-    def before_fit(self) -> None:
-        if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):
-            self._before = None
-            return
-        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self._before = {k: float(v) for k, v in results[0].items()} if results else None
-        self._before_rows = self.model.val_per_example
-
-    def after_fit(self) -> None:
-        after = {}
-        if self.trainer.limit_val_batches != 0:
-            results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-            after = {k: float(v) for k, v in results[0].items()} if results else {}
-        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask, before rank > 0 leaves
-        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
-        if self.trainer.global_rank != 0:
-            return
-        before = getattr(self, "_before", None) or {}
-        lines = ["", "replugchar fit: validation before -> after training (character-disjoint split)"]
-        for key in REPORTED:
-            if key in after:
-                b = f"{before[key]:.4f}" if key in before else "   n/a"
-                lines.append(f"  {key:<26} {b} -> {after[key]:.4f}")
-        lines += paired_change_lines(getattr(self, "_before_rows", None), self.model.val_per_example)
-        lines.append(
-            "  (val/loss = KL(LM target || retriever) per query, lower is better; val/top1_lm_gain = LM"
-        )
-        lines.append(
-            "   log-likelihood/token of the gold reply with the top-1 setting minus the candidates' mean)"
-        )
-        ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_path:
-            lines.append(f"  checkpoint: {ckpt.best_model_path}")
-        for cb in self.trainer.callbacks:
-            if getattr(cb, "written", None):
-                lines.append(
-                    f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
-                )
-        if log_dir:
-            lines.append(f"  logs: {log_dir}")
-        print("\n".join(lines), flush=True)
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: replugchar COMMAND [options]   (replugchar COMMAND --help for its options)",
+        "",
+        "Train and use a dense retriever of role-play character settings supervised by a frozen LM (REPLUG LSR).",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "options: --traceback (or REPLUGCHAR_DEBUG=1) shows the full traceback of an error",
+    ]
+    return "\n".join(lines)
 
 
-def paired_change_lines(before: np.ndarray | None, after: np.ndarray | None, n_boot: int = 2000) -> list[str]:
-    """Before -> after change of top-1 agreement and LM gain with a 95% interval, so noise is not read as progress.
+class _DropTips(logging.Filter):
+    """Lightning advertises cloud services on every run ("💡 Tip: ..."): not what a user asked for."""
 
-    Both validations see the same examples in the same order; the interval resamples whole dialogues (turns of one
-    dialogue are not independent). Rows are (dialogue hash, agreement, gain) from ``LSRModule.val_per_example``.
-    """
-    if before is None or after is None or len(before) == 0 or before.shape != after.shape:
-        return []
-    if not np.array_equal(before[:, 0], after[:, 0]):
-        return []
-    groups = after[:, 0]
-    lines = []
-    for col, name in ((1, "top1_agreement"), (2, "top1_lm_gain")):
-        diff = after[:, col] - before[:, col]
-        lo, hi = bootstrap_ci(diff, groups, n_boot=n_boot, seed=0)
-        lines.append(
-            f"  change in {name:<16} {diff.mean():+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]"
-            f"  ({len(diff)} examples, {len(np.unique(groups))} dialogues; an interval spanning 0 is noise)"
-        )
-    return lines
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡" not in record.getMessage()
 
 
-def run_lightning(args: list[str] | None = None) -> LSRCLI:
-    return LSRCLI(
-        LSRModule,
-        LSRDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
+def _configure_logging(command: str) -> None:
+    """INFO from replugchar only; Lightning's banners only for ``fit`` (the one command that trains)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("replugchar")
+    if not pkg.handlers:
+        pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        lg.addFilter(_DropTips())
+        for h in lg.handlers:
+            h.addFilter(_DropTips())
+        if command != "fit":
+            lg.setLevel(logging.WARNING)
+    for name in ("sentence_transformers", "transformers", "datasets", "httpx", "faiss", "bm25s"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are a user's to fix: one line, no traceback."""
+    from .data import DataError
+
+    return (
+        DataError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        KeyError,
+        ModuleNotFoundError,
+        FloatingPointError,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if (argv and argv[0] in LIGHTNING_SUBCOMMANDS) or not argv or argv[0] in ("-h", "--help"):
-        run_lightning(argv)
-        return
-    from .tools import run_tool
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
-    run_tool(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    explicit = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("REPLUGCHAR_DEBUG", "") not in ("", "0") or "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(
+            f"replugchar: error: unknown command '{command}' (choose from {', '.join(COMMANDS)})",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    _configure_logging(command)
+    try:
+        _dispatch(command, rest, explicit)
+    except user_errors() as err:
+        if debug:
+            raise
+        print(f"replugchar: error: {_message(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(command: str, rest: list[str], explicit: bool) -> None:
+    if command in LIGHTNING_SUBCOMMANDS:
+        from .lightning_cli import run_lightning
+
+        # LightningCLI reads sys.argv itself when args is None (and warns when it gets both)
+        run_lightning([command, *rest] if explicit else None)
+    elif command == "evaluate":
+        from .evaluate import main as run
+
+        run(rest)
+    elif command == "chat":
+        from .chat import main as run
+
+        run(rest)
+    elif command == "finetune-lm":
+        from .finetune import main as run
+
+        run(rest)
+    elif command == "teacher-report":
+        from .teacher_report import main as run
+
+        run(rest)
+    else:
+        from .tools import run_tool
+
+        run_tool(command, rest)
 
 
 if __name__ == "__main__":

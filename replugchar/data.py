@@ -6,9 +6,10 @@ is validated line by line so a user sees ``file:line: field: problem`` instead o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,12 @@ class Turn:
 
 @dataclass(frozen=True)
 class Example:
-    """One (dialogue so far, query) -> gold response of ``character_id``."""
+    """One (dialogue so far, query) -> gold response of ``character_id``.
+
+    ``context`` is what the LM prompt shows (the data file's last turns); ``history`` is the whole session
+    before the query (from ``sessions.jsonl`` when the folder has it, else ``context``), which the
+    dialogue-aware retriever turns into features (see :mod:`replugchar.scoring`).
+    """
 
     example_id: str
     character_id: str
@@ -52,9 +58,35 @@ class Example:
     context: tuple[Turn, ...] = ()
     query_type: str = "other"
     shown_setting_indices: tuple[int, ...] | None = None
+    history: tuple[Turn, ...] | None = None
+
+    @property
+    def dialogue(self) -> tuple[Turn, ...]:
+        """The session before the query, oldest first: ``history`` when known, else ``context``."""
+        return self.context if self.history is None else self.history
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+QueryText = str
+QUERY_TEXTS = ("query", "context_and_query")
+
+
+def query_text(example: Example, mode: QueryText = "query") -> str:
+    """The text the encoder embeds for a query: the one rule shared by training, ``Retriever`` and evaluation.
+
+    ``context_and_query`` prepends the last context turn; it is kept for old runs only: pasting dialogue into the
+    query raises the similarity of settings the character already voiced, the wrong direction (use the
+    dialogue features of :mod:`replugchar.scoring` instead).
+    """
+    if mode == "query":
+        return example.query
+    if mode == "context_and_query":
+        return (example.context[-1].text + "\n" if example.context else "") + example.query
+    raise ValueError(f"query_text must be one of {QUERY_TEXTS}, got {mode!r}")
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line; a bad line raises :class:`DataError` naming file:line."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -103,7 +135,7 @@ def _check_text(value: str, field: str, where: str) -> None:
 def load_characters(path: str | Path) -> dict[str, Character]:
     path = Path(path)
     characters: dict[str, Character] = {}
-    for lineno, rec in _iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         cid = _text(rec, "character_id", where)
         if cid in characters:
@@ -133,11 +165,57 @@ def load_characters(path: str | Path) -> dict[str, Character]:
     return characters
 
 
-def load_examples(path: str | Path, characters: dict[str, Character]) -> list[Example]:
+def load_sessions(path: str | Path) -> dict[str, list[tuple[str, str]]]:
+    """``dialogue_id -> [(speaker_id, text), ...]`` from a ``sessions.jsonl``: the whole dialogues, whose
+    history the dialogue-aware retriever reads (``dialogues.jsonl`` keeps only the last 4 turns)."""
+    path = Path(path)
+    sessions: dict[str, list[tuple[str, str]]] = {}
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        did = _text(rec, "dialogue_id", where)
+        turns = rec.get("turns")
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: field 'turns' must be a list")
+        out = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise DataError(f"{where}: field 'turns[{i}]' must be an object")
+            out.append(
+                (
+                    _text(turn, "speaker_id", f"{where}: turns[{i}]"),
+                    _text(turn, "text", f"{where}: turns[{i}]"),
+                )
+            )
+        sessions[did] = out
+    return sessions
+
+
+def _history(
+    rec: dict, cid: str, query: str, sessions: dict[str, list[tuple[str, str]]], where: str
+) -> tuple[Turn, ...] | None:
+    """The session's turns before the query, roles relative to ``cid``; None when the session is unknown."""
+    did, t = rec.get("dialogue_id"), rec.get("turn_index")
+    if did not in sessions or t is None:
+        return None
+    turns = sessions[did]
+    if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= len(turns):
+        raise DataError(
+            f"{where}: field 'turn_index' must be in [1, {len(turns)}] for session '{did}', got {t!r}"
+        )
+    if " ".join(turns[t - 1][1].split()) != " ".join(query.split()):
+        raise DataError(f"{where}: field 'query' is not turn {t - 1} of session '{did}' in sessions.jsonl")
+    return tuple(Turn("character" if spk == cid else "user", text) for spk, text in turns[: t - 1])
+
+
+def load_examples(
+    path: str | Path,
+    characters: dict[str, Character],
+    sessions: dict[str, list[tuple[str, str]]] | None = None,
+) -> list[Example]:
     path = Path(path)
     examples: list[Example] = []
     seen: set[str] = set()
-    for lineno, rec in _iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         eid = _text(rec, "example_id", where)
         if eid in seen:
@@ -165,16 +243,18 @@ def load_examples(path: str | Path, characters: dict[str, Character]) -> list[Ex
             ):
                 raise DataError(f"{where}: field 'shown_setting_indices' must be indices in [0, {n})")
             shown = tuple(shown)
+        query = _text(rec, "query", where)
         examples.append(
             Example(
                 example_id=eid,
                 character_id=cid,
                 dialogue_id=_text(rec, "dialogue_id", where, required=False) or eid,
-                query=_text(rec, "query", where),
+                query=query,
                 response=_text(rec, "response", where),
                 context=tuple(turns),
                 query_type=query_type,
                 shown_setting_indices=shown,
+                history=_history(rec, cid, query, sessions or {}, where),
             )
         )
     if not examples:
@@ -194,7 +274,10 @@ class Corpus:
     def load(cls, data_dir: str | Path) -> Corpus:
         data_dir = resolve_data_dir(data_dir)
         characters = load_characters(data_dir / "characters.jsonl")
-        return cls(characters, load_examples(data_dir / "dialogues.jsonl", characters), str(data_dir))
+        sessions_path = data_dir / "sessions.jsonl"
+        sessions = load_sessions(sessions_path) if sessions_path.exists() else None
+        examples = load_examples(data_dir / "dialogues.jsonl", characters, sessions)
+        return cls(characters, examples, str(data_dir))
 
     def to_dataset(self):
         """The examples as a :class:`datasets.Dataset` (for map/filter/Arrow caching in user code)."""
@@ -226,12 +309,36 @@ def resolve_data_dir(data_dir: str | Path) -> Path:
     return path
 
 
-def split_characters(character_ids: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
-    """Character-disjoint split: a character's dialogues are either all train or all validation."""
-    ids = sorted(character_ids)
-    random.Random(seed).shuffle(ids)
-    n_val = max(1, round(len(ids) * val_fraction)) if val_fraction > 0 else 0
-    return set(ids[n_val:]), set(ids[:n_val])
+SPLITS = ("train", "val", "test")
+
+
+def split_of(character_id: str, val_fraction: float, test_fraction: float = 0.0, seed: int = 0) -> str:
+    """ "train", "val" or "test" for one character, from a hash of (seed, id) alone.
+
+    Why a hash: a character lands in the same split in every data set that has it (the ``pc-valid-*`` personas
+    are in both ConvAI2 and Synthetic-Persona-Chat), and adding characters never moves the others, so a retriever
+    trained on one set is evaluated on another only on characters it never saw.
+    """
+    u = int(hashlib.sha1(f"{seed}:{character_id}".encode()).hexdigest()[:12], 16) / 16**12
+    if u < val_fraction:
+        return "val"
+    return "test" if u < val_fraction + test_fraction else "train"
+
+
+def split_characters(
+    character_ids: Sequence[str], val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> dict[str, set[str]]:
+    """Character-disjoint split: every character's dialogues are all in one of train / val / test."""
+    out: dict[str, set[str]] = {name: set() for name in SPLITS}
+    for cid in character_ids:
+        out[split_of(cid, val_fraction, test_fraction, seed)].add(cid)
+    # a handful of characters can leave a requested split empty: move the train character nearest to it
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and not out[name] and len(out["train"]) > 1:
+            cid = min(out["train"], key=lambda c: hashlib.sha1(f"{seed}:{name}:{c}".encode()).hexdigest())
+            out["train"].remove(cid)
+            out[name].add(cid)
+    return out
 
 
 def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -256,21 +363,29 @@ class LSRDataModule(L.LightningDataModule):
         query_types: list[str] | None = None,
         seed: int = 0,
         num_workers: int = 0,
+        test_fraction: float = 0.0,
     ) -> None:
         """
         Args:
             data_dir: folder with characters.jsonl and dialogues.jsonl, or "demo" for the bundled subset.
-            val_fraction: share of *characters* held out for validation (no character is in both splits).
+            val_fraction: share of *characters* held out for validation (no character is in two splits); the
+                split hashes each character id (see :func:`split_of`), so it agrees across data sets.
             batch_size: queries per optimisation step.
             max_train_examples: cap on training examples (random, seeded); None keeps all. Sizes the LM budget.
             max_val_examples: cap on validation examples.
             query_types: keep only these query types (greeting/closing/other); None keeps all.
             seed: seed of the character split and of the caps.
             num_workers: DataLoader workers.
+            test_fraction: share of characters kept out of training *and* validation, for ``evaluate``
+                (``split: test``) after ``priors fit-weight`` has tuned the mixing on validation.
         """
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"data.test_fraction must be in [0, 1 - val_fraction), got {test_fraction} (val_fraction={val_fraction})"
+            )
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         for name, value in (
@@ -286,21 +401,23 @@ class LSRDataModule(L.LightningDataModule):
         self.corpus: Corpus | None = None
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
+        self.test_examples: list[Example] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.corpus is not None:
             return
         hp = self.hparams
         self.corpus = Corpus.load(hp.data_dir)
-        train_ids, val_ids = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed)
+        split = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed, hp.test_fraction)
         keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
         examples = [e for e in self.corpus.examples if e.query_type in keep]
         self.train_examples = _cap(
-            [e for e in examples if e.character_id in train_ids], hp.max_train_examples, hp.seed
+            [e for e in examples if e.character_id in split["train"]], hp.max_train_examples, hp.seed
         )
         self.val_examples = _cap(
-            [e for e in examples if e.character_id in val_ids], hp.max_val_examples, hp.seed
+            [e for e in examples if e.character_id in split["val"]], hp.max_val_examples, hp.seed
         )
+        self.test_examples = [e for e in examples if e.character_id in split["test"]]
 
     @property
     def characters(self) -> dict[str, Character]:

@@ -6,7 +6,8 @@ Layout (all standard formats, no pickle)::
     index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.index)
     settings.jsonl    setting_id <-> character_id, index_in_character, text, prior
     index.json        index metadata (kind, dim, encoder fingerprint)
-    retriever.json    k, prior_weight, threshold, prompt template, models, versions, training metrics
+    retriever.json    k, the scoring rule (dialogue-evidence weights, λ, τ, history window), the scorer's LM and
+                      template, models, versions, training characters, metrics
 
 The folder is assembled under a temp name and renamed into place: it is visible whole or not at all.
 """
@@ -14,26 +15,18 @@ The folder is assembled under a temp name and renamed into place: it is visible 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 
-from .index import SettingIndex, setting_records
-from .models import atomic_dir, publish_dir
+from .atomic import atomic_folder
+from .index import SettingIndex, encoder_fingerprint, setting_records
+from .scoring import FEATURES, ScoringRule
 
 log = logging.getLogger(__name__)
-PROBE = "replugchar encoder fingerprint: Hello! How are you today?"
-
-
-def encoder_fingerprint(embed) -> str:
-    """Hash of one probe embedding (rounded): tells whether an index and an encoder belong together."""
-    v = np.asarray(embed([PROBE]), dtype=np.float32).reshape(-1)
-    return hashlib.sha1(np.round(v, 3).tobytes()).hexdigest()[:16]
 
 
 def _versions() -> dict[str, str]:
@@ -48,8 +41,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _model_card(hp: dict, metrics: dict[str, float]) -> str:
+def _model_card(hp: dict, metrics: dict[str, float], rule: ScoringRule) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    weights = "\n".join(f"| {f} | {w:+.4f} |" for f, w in zip(FEATURES, rule.weights))
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -65,6 +59,18 @@ rank a role-play character's settings by how much they help a frozen LM produce 
 - Loss: LSRLoss, {hp.get("kl_direction")}, γ={hp.get("gamma")}, β={hp.get("beta")}, k={hp.get("k")}, LM target = {hp.get("lm_score")} log-likelihood
 - Query text: {hp.get("query_text")}
 - Training data: {hp.get("data_dir", "see retriever.json")}
+
+## Scoring rule (retriever.json, "scoring")
+score(s) = cos(query, s) + Σ_f w_f·φ_f(s | last {rule.history_window} turns) + λ·prior(s), λ = {rule.prior_weight},
+threshold τ = {rule.threshold}. φ: closest / latest similarity of the setting to the character's own earlier turns
+(own_*) and to the partner's (partner_*). All w = 0 and λ = 0 is plain cosine similarity of this encoder.
+
+| feature | w |
+|---|---|
+{weights}
+
+This encoder alone (e.g. in LangChain's `HuggingFaceEmbeddings`) gives the cosine term only; the replugchar
+`Retriever` and `ReplugcharRetriever` (LangChain) apply the whole rule.
 
 ## Validation metrics at export
 | metric | value |
@@ -86,15 +92,18 @@ def export_retriever(
     out_dir: str | Path,
     *,
     priors: np.ndarray | None = None,
-    prior_weight: float = 0.0,
-    threshold: float | None = None,
+    rule: ScoringRule | None = None,
     kind: str = "flat",
     metrics: dict[str, float] | None = None,
     data_dir: str | None = None,
     train_characters: list[str] | None = None,
 ) -> Path:
-    """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters."""
+    """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters.
+
+    ``rule`` defaults to the module's learned weights with λ = 0 and no threshold (``priors fit-weight`` fits
+    those on validation characters)."""
     out = Path(out_dir)
+    rule = rule or module.rule
     records = setting_records(module.characters)
     fingerprint = encoder_fingerprint(lambda t: module.encode_all(t))
     index = SettingIndex.build(
@@ -105,21 +114,19 @@ def export_retriever(
         encoder_fingerprint=fingerprint,
     )
     hp = {**dict(module.hparams), "data_dir": data_dir}
-    tmp = atomic_dir(out)
-    try:
+    with atomic_folder(out) as tmp:
         module.encoder.save(str(tmp / "encoder"), create_model_card=False)
-        (tmp / "encoder" / "README.md").write_text(_model_card(hp, metrics or {}), encoding="utf-8")
+        (tmp / "encoder" / "README.md").write_text(_model_card(hp, metrics or {}, rule), encoding="utf-8")
         if module.query_encoder is not None:
             module.query_encoder.save(str(tmp / "query_encoder"), create_model_card=False)
         index.write_files(tmp)
-        template = module.template
         config = {
             "k": module.hparams.k,
-            "prior_weight": prior_weight,
-            "threshold": threshold,
+            "scoring": rule.to_dict(),
             "query_text": module.hparams.query_text,
             "separate_query_encoder": module.query_encoder is not None,
-            "template": dataclasses.asdict(template),
+            "template": dataclasses.asdict(module.template),
+            "scorer": module.scorer_config(),
             "encoder_base": module.hparams.encoder,
             "lm": module.hparams.lm,
             "encoder_fingerprint": fingerprint,
@@ -130,10 +137,6 @@ def export_retriever(
         (tmp / "retriever.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("retriever exported to %s", out)
     return out
 

@@ -11,8 +11,8 @@ search restricted to one character scores its few stored vectors exactly (read b
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,18 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from .atomic import atomic_folder
 from .data import Character
-from .models import atomic_dir, publish_dir
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 FORMAT_VERSION = 1
+PROBE = "replugchar encoder fingerprint: Hello! How are you today?"
+
+
+def encoder_fingerprint(embed) -> str:
+    """Hash of one probe embedding (rounded): tells whether an index and an encoder belong together."""
+    v = np.asarray(embed([PROBE]), dtype=np.float32).reshape(-1)
+    return hashlib.sha1(np.round(v, 3).tobytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -195,14 +202,8 @@ class SettingIndex:
 
     def save(self, folder: str | Path) -> None:
         """Write the index files; the folder appears whole or not at all (temp folder + rename)."""
-        folder = Path(folder)
-        tmp = atomic_dir(folder)
-        try:
+        with atomic_folder(folder) as tmp:
             self.write_files(tmp)
-            publish_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, folder: str | Path, *, expected_dim: int | None = None) -> SettingIndex:

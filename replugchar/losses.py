@@ -32,6 +32,11 @@ class LSRLoss(nn.Module):
 
     Q is a constant: it is computed from detached LM scores, the LM never receives a gradient.
 
+    Two options against a weak teacher (LLM-Embedder, Zhang et al. 2023), both off by default:
+    ``min_margin`` δ leaves out of the mean every query whose best and second-best LM scores differ by less than
+    δ (the teacher cannot tell its candidates apart there), and ``top1_weight`` w adds w · CE(P_R, argmax Q), a
+    hard push towards the LM's best candidate.
+
     Args:
         gamma: retriever temperature γ (cosine similarities live in [-1, 1]). Default 0.1: with 0.05 the
             retriever starts far sharper than Q and LSR mostly learns to flatten it (entropy -> ln k, top-1
@@ -39,6 +44,8 @@ class LSRLoss(nn.Module):
         beta: LM temperature β > 0 applied to log-likelihoods; with mean per-token log-likelihoods the spread
             between settings is ~0.05-0.3 nats, so β well below 1 keeps Q from being flat (default 0.05).
         direction: which KL, see above.
+        min_margin: δ >= 0 in the units of ``lm_logp``; 0 keeps every query.
+        top1_weight: w >= 0 of the hard top-1 cross-entropy term.
 
     Shapes: ``sim`` (batch, k), ``lm_logp`` (batch, k), optional ``mask`` (batch, k) bool with True for real
     candidates (characters with fewer than k settings). ``lm_logp`` may hold -inf (a response the LM cannot
@@ -47,7 +54,12 @@ class LSRLoss(nn.Module):
     """
 
     def __init__(
-        self, gamma: float = 0.1, beta: float = 0.05, direction: Direction = "lm_to_retriever"
+        self,
+        gamma: float = 0.1,
+        beta: float = 0.05,
+        direction: Direction = "lm_to_retriever",
+        min_margin: float = 0.0,
+        top1_weight: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (("gamma", gamma), ("beta", beta)):
@@ -55,7 +67,11 @@ class LSRLoss(nn.Module):
                 raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE}, got {value}")
         if direction not in ("lm_to_retriever", "retriever_to_lm"):
             raise ValueError(f"direction must be 'lm_to_retriever' or 'retriever_to_lm', got {direction!r}")
+        for name, value in (("min_margin", min_margin), ("top1_weight", top1_weight)):
+            if not (0 <= value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.gamma, self.beta, self.direction = gamma, beta, direction
+        self.min_margin, self.top1_weight = min_margin, top1_weight
 
     def distributions(
         self, sim: Tensor, lm_logp: Tensor, mask: Tensor | None = None
@@ -90,9 +106,26 @@ class LSRLoss(nn.Module):
         zero = p == 0
         terms = p * (log_p.masked_fill(zero, 0.0) - log_other.masked_fill(zero, 0.0))
         per_query = terms.sum(-1)  # (batch,)
+        if self.top1_weight:
+            best = log_q.argmax(-1, keepdim=True)  # (batch, 1)
+            per_query = per_query - self.top1_weight * log_pr.gather(1, best).squeeze(1).clamp(min=-1e4)
+        if self.min_margin:
+            valid = valid & (lm_margin(lm_logp.detach(), mask) >= self.min_margin)
         if not valid.any():
             return sim.sum() * 0.0
         return per_query[valid].sum() / valid.sum()
+
+
+def lm_margin(lm_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(batch,) best minus second-best finite LM score per query; 0 for a query with fewer than two."""
+    ok = torch.isfinite(lm_logp) & (
+        torch.ones_like(lm_logp, dtype=torch.bool) if mask is None else mask.bool()
+    )
+    top2 = lm_logp.masked_fill(~ok, float("-inf")).topk(min(2, lm_logp.shape[-1]), dim=-1).values
+    if top2.shape[-1] < 2:
+        return torch.zeros(lm_logp.shape[0], device=lm_logp.device)
+    gap = top2[:, 0] - top2[:, 1]
+    return torch.where(torch.isfinite(gap), gap, torch.zeros_like(gap))
 
 
 def _row_max(x: Tensor, mask: Tensor) -> Tensor:

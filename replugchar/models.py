@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_folder
 
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:SmolLM2-135M-Instruct"
@@ -27,23 +27,6 @@ _SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     return Path(os.environ.get("REPLUGCHAR_CACHE", Path.home() / ".cache" / "replugchar")).expanduser()
-
-
-def atomic_dir(final: Path):
-    """A temp folder beside ``final``; call ``publish(tmp)`` to rename it into place in one step."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` so that readers never see a half-written folder under ``final``."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
@@ -102,13 +85,9 @@ def _tiny_bert_encoder(device: str | None):
             max_position_embeddings=128,
             pad_token_id=tok.pad_token_id,
         )
-        tmp = atomic_dir(folder)
-        BertModel(cfg).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            publish_dir(tmp, folder)
-        except OSError:  # another process published it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(folder, replace=False) as tmp:  # another process may publish it first
+            BertModel(cfg).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     transformer = Transformer(str(folder), max_seq_length=128)
     pooling = Pooling(transformer.get_embedding_dimension(), "mean")
     return SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
@@ -183,11 +162,7 @@ def _embedded_smollm2() -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = atomic_dir(folder)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    try:
-        publish_dir(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(folder, replace=False) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return str(folder)

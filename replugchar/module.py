@@ -1,4 +1,5 @@
-"""LightningModule: LM-supervised fine-tuning of a sentence-transformers bi-encoder over character settings."""
+"""LightningModule: LM-supervised training of a sentence-transformers bi-encoder and the dialogue-aware scoring
+head of :mod:`replugchar.scoring` over character settings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import copy
 import dataclasses
 import logging
 import zlib
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -14,22 +14,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Character, Example
+from .data import Character, Example, query_text
 from .index import SettingIndex, setting_records
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest
+from .lm_scoring import PromptTemplate, ScoreRequest
 from .losses import Direction, LSRLoss, entropy
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM, cache_dir, load_causal_lm, load_encoder
-from .score_cache import CachedScorer
+from .models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
+from .score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
+from .scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
 
 log = logging.getLogger(__name__)
 QueryText = Literal["query", "context_and_query"]
 
 
-def resolve_cache_dir(option: str | None) -> Path | None:
-    """``"auto"`` -> ``$REPLUGCHAR_CACHE/scores``; a path -> that path; None -> no persistent cache."""
-    if option is None:
-        return None
-    return cache_dir() / "scores" if option == "auto" else Path(option).expanduser()
+class DialogueHead(torch.nn.Module):
+    """The learned weights w of the scoring rule (one per :data:`~replugchar.scoring.FEATURES`), zero at start
+    so training begins from plain similarity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = torch.nn.Parameter(torch.zeros(len(FEATURES)))
+
+    def forward(self, sim: Tensor, features: Tensor) -> Tensor:
+        return score_settings(sim, features, self.weights)  # (batch, k)
 
 
 class LSRModule(L.LightningModule):
@@ -55,6 +61,12 @@ class LSRModule(L.LightningModule):
         lm_batch_tokens: int = 4096,
         score_cache_dir: str | None = "auto",
         trust_remote_code: bool = False,
+        dialogue_features: bool = True,
+        history_window: int = 16,
+        freeze_encoder: bool = False,
+        head_learning_rate: float = 0.05,
+        min_margin: float = 0.0,
+        top1_weight: float = 0.0,
     ) -> None:
         """
         Args:
@@ -68,7 +80,8 @@ class LSRModule(L.LightningModule):
             kl_direction: ``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`~replugchar.losses.LSRLoss`)
                 or ``retriever_to_lm`` = KL(P_R‖Q) as written in REPLUG.
             lm_score: LM target per candidate: mean per-token log-likelihood of the response, or the sum.
-            query_text: what the encoder embeds for a query: the query alone, or the last context turn + query.
+            query_text: what the encoder embeds for a query: the query alone (default), or the last context
+                turn + query (kept for old runs: it raises already-voiced settings; prefer dialogue features).
             share_encoders: one encoder for queries and settings (default); False trains a separate query
                 encoder initialised from the same weights.
             learning_rate: AdamW learning rate.
@@ -83,6 +96,15 @@ class LSRModule(L.LightningModule):
             score_cache_dir: persistent LM-score cache folder; "auto" = $REPLUGCHAR_CACHE/scores (default
                 ~/.cache/replugchar/scores); null keeps scores in memory for this run only.
             trust_remote_code: allow model repositories to run their own code (off unless you trust them).
+            dialogue_features: learn the dialogue-evidence weights of :mod:`replugchar.scoring` (similarity of
+                each setting to the character's own and the partner's earlier turns) beside the encoder.
+            history_window: turns of the session before the query that the dialogue features read.
+            freeze_encoder: train only the scoring head (the encoder stays the base model): seconds per epoch,
+                and the encoder cannot drift on a few hundred turns.
+            head_learning_rate: AdamW learning rate of the scoring head (its few weights need a large one).
+            min_margin: LSR trains only on turns whose LM best-vs-second margin (log-likelihood per token for
+                ``lm_score: mean``) is at least this (LLM-Embedder's filter against a weak teacher); 0 keeps all.
+            top1_weight: weight of a hard cross-entropy term on the LM's best candidate beside the KL.
         """
         super().__init__()
         checks = {
@@ -94,10 +116,18 @@ class LSRModule(L.LightningModule):
             "max_length": max_length > 0,
             "lm_batch_tokens": lm_batch_tokens > 0,
             "warmup_steps": warmup_steps >= 0,
+            "history_window": history_window >= 0,
+            "head_learning_rate": head_learning_rate > 0,
+            "min_margin": min_margin >= 0,
+            "top1_weight": top1_weight >= 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"model.{name} is out of range: {locals()[name]!r}")
+        if freeze_encoder and not dialogue_features:
+            raise ValueError(
+                "model.freeze_encoder: true leaves nothing to train unless model.dialogue_features: true"
+            )
         self.template = (
             PromptTemplate(**template) if isinstance(template, dict) else (template or PromptTemplate())
         )
@@ -111,7 +141,15 @@ class LSRModule(L.LightningModule):
             if isinstance(getattr(mod, "pooler", None), torch.nn.Module):
                 mod.pooler.requires_grad_(False)
         self.query_encoder = None if share_encoders else copy.deepcopy(self.encoder)
-        self.loss_fn = LSRLoss(gamma=gamma, beta=beta, direction=kl_direction)
+        if freeze_encoder:
+            for enc in (self.encoder, self.query_encoder):
+                if enc is not None:
+                    enc.requires_grad_(False)
+        self.head = DialogueHead() if dialogue_features else None
+        self._turn_cache: dict[str, Tensor] = {}
+        self.loss_fn = LSRLoss(
+            gamma=gamma, beta=beta, direction=kl_direction, min_margin=min_margin, top1_weight=top1_weight
+        )
         self.characters: dict[str, Character] = {}
         self._scorer: CachedScorer | None = None  # not an nn.Module: the LM stays out of state_dict
         self.index: SettingIndex | None = None
@@ -133,39 +171,45 @@ class LSRModule(L.LightningModule):
     def scorer(self) -> CachedScorer:
         """The frozen LM behind its score cache, loaded on first use onto this module's device."""
         if self._scorer is None:
-            hp = self.hparams
-            dtype = hp.lm_dtype
-            if dtype == "auto":
-                dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-            model, tok = load_causal_lm(
-                hp.lm,
-                dtype=dtype,
-                revision=hp.lm_revision,
-                trust_remote_code=hp.trust_remote_code,
+            self._scorer = build_scorer(
+                **self.scorer_config(),
+                score_cache_dir=self.hparams.score_cache_dir,
                 device=str(self.device),
+                rank=self.global_rank,
             )
-            lm_key = f"{hp.lm}@{hp.lm_revision or 'main'}"
-            scorer = LMScorer(
-                model,
-                tok,
-                self.template,
-                max_length=hp.max_length,
-                max_batch_tokens=hp.lm_batch_tokens,
-                lm_key=lm_key,
-            )
-            cache = resolve_cache_dir(hp.score_cache_dir)
-            self._scorer = CachedScorer(scorer, cache, rank=self.global_rank)
         return self._scorer
+
+    def scorer_config(self) -> dict:
+        """The scorer options (:data:`~replugchar.score_cache.SCORER_OPTIONS`): export writes them to
+        retriever.json so ``evaluate`` scores with the LM and template that training used."""
+        return {
+            k: (dataclasses.asdict(self.template) if k == "template" else self.hparams[k])
+            for k in SCORER_OPTIONS
+        }
+
+    @property
+    def rule(self) -> ScoringRule:
+        """The scoring rule as trained so far (λ and τ are fitted later, on validation data)."""
+        weights = tuple(self.head.weights.detach().cpu().tolist()) if self.head is not None else None
+        return ScoringRule(
+            weights=weights or ScoringRule().weights, history_window=self.hparams.history_window
+        )
 
     def set_scorer(self, scorer: CachedScorer) -> None:
         """Share one loaded LM between modules (evaluation, notebooks, tests)."""
         self._scorer = scorer
 
     # ------------------------------------------------------------------------------------------- encoding
+    def as_retriever(self, rule: ScoringRule | None = None):
+        """A :class:`~replugchar.retriever.Retriever` over this module's encoder(s) and ``rule`` (default: as
+        trained), without an index: calibration scores validation turns through the same path as inference."""
+        from .retriever import Retriever
+
+        config = {"scoring": (rule or self.rule).to_dict(), "query_text": self.hparams.query_text}
+        return Retriever(self.encoder, None, config, self.query_encoder)
+
     def query_strings(self, examples: list[Example]) -> list[str]:
-        if self.hparams.query_text == "query":
-            return [e.query for e in examples]
-        return [(e.context[-1].text + "\n" if e.context else "") + e.query for e in examples]
+        return [query_text(e, self.hparams.query_text) for e in examples]
 
     def encode(self, texts: list[str], *, queries: bool = False) -> Tensor:
         """(n, d) L2-normalised embeddings, with gradient when called in training mode."""
@@ -227,8 +271,48 @@ class LSRModule(L.LightningModule):
             pos += len(ids)
         return out.to(self.device)
 
+    @torch.no_grad()
+    def embed_turns(self, texts: list[str]) -> Tensor:
+        """(n, d) history-turn embeddings, as :class:`~replugchar.retriever.Retriever` makes them (query encoder,
+        normalised). No gradient: the features are inputs of the head; cached by text while the encoder is
+        frozen (a session's turns come back at every later turn)."""
+        frozen = self.hparams.freeze_encoder
+        todo = [t for t in dict.fromkeys(texts) if not (frozen and t in self._turn_cache)]
+        if todo:
+            was_training = self.training
+            self.eval()
+            try:
+                emb = self.encode(todo, queries=True)
+            finally:
+                self.train(was_training)
+            fresh = dict(zip(todo, emb))
+            if frozen:
+                self._turn_cache.update(fresh)
+        else:
+            fresh = {}
+        return torch.stack([fresh[t] if t in fresh else self._turn_cache[t] for t in texts])
+
+    def features(
+        self, examples: list[Example], cands: list[list[int]], setting_emb: Tensor, pos: dict
+    ) -> Tensor:
+        """(batch, k, F) dialogue features of each candidate, from the session before each query."""
+        k, hw = self.hparams.k, self.hparams.history_window
+        out = torch.zeros((len(examples), k, len(FEATURES)), device=self.device)
+        turns = [window(e.dialogue, hw) for e in examples]
+        texts = [t.text for ts in turns for t in ts]
+        emb = self.embed_turns(texts) if texts else None
+        start = 0
+        for row, (ts, ids) in enumerate(zip(turns, cands)):
+            h = emb[start : start + len(ts)] if ts else setting_emb.new_zeros((0, setting_emb.shape[1]))
+            start += len(ts)
+            own = torch.tensor([t.role == "character" for t in ts], dtype=torch.bool, device=self.device)
+            s = setting_emb[[pos[i] for i in ids]].detach()  # (n_cand, d)
+            out[row, : len(ids)] = dialogue_features(s, h, own)
+        return out
+
     def similarities(self, examples: list[Example], cands: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """(batch, k) cosine similarities with gradient, and the (batch, k) mask of real candidates."""
+        """(batch, k) scores of the rule (cosine + learned dialogue evidence) with gradient, and the (batch, k)
+        mask of real candidates."""
         k = self.hparams.k
         uniq = sorted({i for row in cands for i in row})
         pos = {sid: j for j, sid in enumerate(uniq)}
@@ -240,6 +324,8 @@ class LSRModule(L.LightningModule):
             gather[row, : len(ids)] = torch.as_tensor([pos[i] for i in ids])
             mask[row, : len(ids)] = True
         sim = torch.einsum("bd,bkd->bk", q, s[gather])  # (batch, k)
+        if self.head is not None:
+            sim = self.head(sim, self.features(examples, cands, s, pos))
         return sim, mask
 
     def _step(self, examples: list[Example], prefix: str) -> Tensor:
@@ -252,27 +338,28 @@ class LSRModule(L.LightningModule):
             neg = torch.finfo(sim.dtype).min
             top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
             agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
-            # LM log-likelihood of the gold reply with the retriever's top-1 setting, relative to the mean over
-            # candidates (what a random candidate gets): > 0 means retrieval helps the LM
+            # lift: LM log-likelihood of the gold reply with the retriever's top-1 setting over the mean of the
+            # candidates (what a random candidate gets): > 0 means retrieval helps the LM. (A "gain" elsewhere in
+            # the package is over *no setting*.)
             lm_mean = torch.where(target_ok := torch.isfinite(lm) & mask, lm, 0).sum(-1) / target_ok.sum(
                 -1
             ).clamp(min=1)
-            top1_gain = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
+            top1_lift = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
             if prefix == "val":
                 # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
                 groups = torch.tensor(
                     [zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64
                 )
                 rows = torch.stack(
-                    [groups, agree.cpu().double(), top1_gain.cpu().double()], dim=1
+                    [groups, agree.cpu().double(), top1_lift.cpu().double()], dim=1
                 )  # (batch, 3)
-                self._val_rows.append(rows[(valid & torch.isfinite(top1_gain)).cpu()])
+                self._val_rows.append(rows[(valid & torch.isfinite(top1_lift)).cpu()])
             metrics = {
                 "loss": loss,
                 "retriever_entropy": entropy(log_pr)[valid].mean(),
                 "lm_entropy": entropy(log_q)[valid].mean(),
                 "top1_agreement": agree[valid].float().mean(),
-                "top1_lm_gain": top1_gain[valid & torch.isfinite(top1_gain)].mean(),
+                "top1_lift": top1_lift[valid & torch.isfinite(top1_lift)].mean(),
             }
         bs = len(examples)
         self.log_dict(
@@ -309,6 +396,8 @@ class LSRModule(L.LightningModule):
             self.refresh_index()
             self.log_dict({f"train/{k}": v for k, v in self._emb_stats.items()})
         self.log("train/index_age", float(self.global_step - self._index_step))
+        if self.head is not None:  # the learned evidence weights are a finding in themselves: watch them move
+            self.log_dict({f"train/w_{f}": w for f, w in zip(FEATURES, self.head.weights.detach())})
         return self._step(batch, "train")
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
@@ -317,8 +406,13 @@ class LSRModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        head = list(self.head.parameters()) if self.head is not None else []
+        ids = {id(p) for p in head}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest}] if rest else []
+        if head:  # no weight decay: zero weights mean "plain similarity", not a prior to shrink towards
+            groups.append({"params": head, "lr": self.hparams.head_learning_rate, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         warm = self.hparams.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0

@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import Character, DataError, Example
+from .atomic import atomic_file
+from .data import Character, DataError, Example, iter_jsonl
 from .lm_scoring import NO_SETTING, ScoreRequest
 from .score_cache import CachedScorer
 
@@ -257,31 +257,23 @@ def _read_rows(path: Path):
             for lineno, row in enumerate(csv.DictReader(f), start=2):
                 yield f"{path}:{lineno}", row
         return
-    from .data import _iter_jsonl
-
-    for lineno, rec in _iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         yield f"{path}:{lineno}", rec
 
 
 # ----------------------------------------------------------------------------------------------- files
 def save_priors(priors: Sequence[Prior], path: str | Path) -> None:
     """JSONL, one setting per line with its provenance; written to a temp file and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for p in priors:
             row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(p).items()}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_priors(path: str | Path, characters: dict[str, Character] | None = None) -> list[Prior]:
-    from .data import _iter_jsonl
-
     path = Path(path)
     out = []
-    for lineno, rec in _iter_jsonl(path):
+    for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         try:
             p = Prior(**{k: rec[k] for k in Prior.__dataclass_fields__ if k in rec})

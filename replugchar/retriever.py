@@ -1,7 +1,12 @@
-"""Inference: load an exported retriever folder and search a character's settings; REPLUG ensembling."""
+"""Inference: an exported retriever folder that ranks any character's settings for a dialogue turn.
+
+:meth:`Retriever.rank` is the one entry to the scoring rule of :mod:`replugchar.scoring`; ``search``, ``chat``,
+the LangChain retriever and ``evaluate`` all call it, so what was trained is what is served.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .export import encoder_fingerprint
-from .index import SettingIndex
+from .data import Example, query_text
+from .index import SettingIndex, encoder_fingerprint
 from .lm_scoring import PromptTemplate
+from .scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
+
+History = Sequence  # of {"role": "user" | "character", "text": ...} dicts or data.Turn, oldest first
 
 
 @dataclass(frozen=True)
@@ -20,19 +28,22 @@ class Hit:
     setting: str
     setting_id: int
     index_in_character: int
-    similarity: float
-    prior: float
-    score: float  # similarity + prior_weight * prior
+    similarity: float  # cos(query, setting)
+    prior: float  # generality prior g(s)
+    score: float  # the full rule: similarity + dialogue evidence + λ·prior
+    dialogue: float = 0.0  # the dialogue-evidence part of the score, Σ w_f φ_f(s)
 
 
 class Retriever:
-    """An export folder (see :mod:`replugchar.export`) ready to answer ``search(character_id, query)``."""
+    """An export folder (see :mod:`replugchar.export`): encoder(s), index of known characters, scoring rule."""
 
-    def __init__(self, encoder, index: SettingIndex, config: dict, query_encoder=None) -> None:
+    def __init__(self, encoder, index: SettingIndex | None, config: dict, query_encoder=None) -> None:
         self.encoder = encoder
         self.query_encoder = query_encoder or encoder
         self.index = index
         self.config = config
+        self.rule = ScoringRule.from_dict(config.get("scoring", config))
+        self._cache: dict[tuple[bool, str], np.ndarray] = {}
 
     @classmethod
     def load(
@@ -42,9 +53,12 @@ class Retriever:
 
         folder = Path(folder)
         cfg_path = folder / "retriever.json"
-        if not cfg_path.exists():
+        if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder}: no retriever.json (not a replugchar export folder)")
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
         encoder = SentenceTransformer(str(folder / "encoder"), device=device)
         query_encoder = (
             SentenceTransformer(str(folder / "query_encoder"), device=device)
@@ -63,8 +77,75 @@ class Retriever:
     def template(self) -> PromptTemplate:
         return PromptTemplate(**self.config.get("template", {}))
 
-    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        return self.query_encoder.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True)
+    @property
+    def query_mode(self) -> str:
+        return self.config.get("query_text", "query")
+
+    # ------------------------------------------------------------------------------------------- embeddings
+    def _embed(self, texts: Sequence[str], *, queries: bool) -> np.ndarray:
+        """(n, d) unit-norm embeddings, cached by text: a session's turns come back at every later turn, and a
+        character's settings at every turn."""
+        encoder = self.query_encoder if queries else self.encoder
+        texts = list(texts)
+        todo = [t for t in dict.fromkeys(texts) if (queries, t) not in self._cache]
+        if todo:
+            emb = encoder.encode(todo, normalize_embeddings=True, convert_to_numpy=True)
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache.update(((queries, t), v) for t, v in zip(todo, emb))
+        if not texts:
+            return np.zeros((0, encoder.get_embedding_dimension()), np.float32)
+        return np.stack([self._cache[(queries, t)] for t in texts])
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) embeddings of utterances: queries and history turns (the query encoder)."""
+        return self._embed(texts, queries=True)
+
+    def embed_settings(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) embeddings of settings (the setting encoder)."""
+        return self._embed(texts, queries=False)
+
+    # ------------------------------------------------------------------------------------------- scoring
+    def _scores(
+        self, query: str, settings_emb: np.ndarray, history: History, priors, rule: ScoringRule
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, similarities) of embedded settings under ``rule``: the one path every caller takes."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("query is empty")
+        turns = window(history, rule.history_window) if rule.uses_history else []
+        own = [turn_role(t) == "character" for t in turns]
+        emb = self.embed_queries([query, *(turn_text(t) for t in turns)])
+        sims = settings_emb @ emb[0]
+        return rank_numpy(emb[0], settings_emb, emb[1:], own, rule, priors), sims.astype(np.float64)
+
+    def rank(
+        self,
+        settings: Sequence[str],
+        query: str,
+        history: History = (),
+        priors: Sequence[float] | None = None,
+        *,
+        rule: ScoringRule | None = None,
+    ) -> np.ndarray:
+        """One score per setting, in input order, for any character (also one not in the index).
+
+        ``history`` is the session before ``query``: ``{"role": "user"|"character", "text": ...}`` turns, oldest
+        first (the data schema). ``priors`` are generality priors (z-normalised within the character); without
+        them λ has no effect. The threshold is not applied here: scores are comparable to it.
+        """
+        if not settings:
+            raise ValueError("a character with no settings cannot be ranked")
+        rule = rule or self.rule
+        p = None if priors is None else np.asarray(priors, dtype=np.float64)
+        if p is not None and (p.shape != (len(settings),) or not np.isfinite(p).all()):
+            raise ValueError(f"priors must be {len(settings)} finite numbers, one per setting")
+        return self._scores(query, self.embed_settings(settings), history, p, rule)[0]
+
+    def rank_example(
+        self, example: Example, settings: Sequence[str], priors=None, *, rule=None
+    ) -> np.ndarray:
+        """:meth:`rank` of a data-set example: its query text and its whole session history."""
+        return self.rank(settings, query_text(example, self.query_mode), example.dialogue, priors, rule=rule)
 
     def search(
         self,
@@ -72,36 +153,44 @@ class Retriever:
         query: str,
         k: int | None = None,
         *,
+        history: History = (),
         prior_weight: float | None = None,
         threshold: float | None = None,
-        context: str = "",
     ) -> list[Hit]:
-        """Top-k settings of one character for ``query``, best first, those under the threshold dropped.
-
-        ``prior_weight`` and ``threshold`` default to the values fitted at export (retriever.json).
-        ``context`` is prepended when the retriever was trained with ``query_text: context_and_query``.
-        """
-        if not query or not query.strip():
-            raise ValueError("query is empty")
+        """Top-k settings of an indexed character for ``query`` after ``history``, best first, those under the
+        threshold dropped. ``prior_weight`` and ``threshold`` default to the fitted values (retriever.json);
+        ``threshold=float("-inf")`` keeps all. With an empty history this is exactly the FAISS search."""
+        if self.index is None:
+            raise ValueError("this retriever has no index: use rank(settings, query, history)")
         k = k or self.config.get("k", 5)
-        lam = self.config.get("prior_weight", 0.0) if prior_weight is None else prior_weight
-        tau = self.config.get("threshold") if threshold is None else threshold
-        text = (
-            (context + "\n" + query)
-            if context and self.config.get("query_text") == "context_and_query"
-            else query
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        rule = dataclasses.replace(
+            self.rule,
+            prior_weight=self.rule.prior_weight if prior_weight is None else prior_weight,
+            threshold=self.rule.threshold if threshold is None else threshold,
         )
-        scores, ids = self.index.search(
-            self.embed_queries([text]), k, character_ids=[character_id], prior_weight=lam
-        )
+        vecs = self.index.character_vectors(character_id)[:, :-1]  # (n, d): [embedding, prior] without prior
+        lo, hi = self.index.ranges[character_id]
+        priors = self.index.priors[lo:hi].astype(np.float64)
+        scores, sims = self._scores(query, vecs, history, priors, rule)
         hits = []
-        for score, sid in zip(scores[0].tolist(), ids[0].tolist()):
-            if sid < 0:
+        for j in np.argsort(-scores, kind="stable")[:k]:
+            if rule.threshold is not None and scores[j] < rule.threshold:
                 continue
-            rec, prior = self.index.records[sid], float(self.index.priors[sid])
-            if tau is not None and score < tau:
-                continue
-            hits.append(Hit(rec.text, sid, rec.index_in_character, score - lam * prior, prior, score))
+            rec = self.index.records[lo + j]
+            blend = rule.prior_weight * float(priors[j])
+            hits.append(
+                Hit(
+                    rec.text,
+                    rec.setting_id,
+                    rec.index_in_character,
+                    float(sims[j]),
+                    float(priors[j]),
+                    float(scores[j]),
+                    float(scores[j] - sims[j] - blend),
+                )
+            )
         return hits
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .lm_scoring import LMScorer, ScoreRequest, Scores
+from .atomic import atomic_file
+from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,61 @@ class CachedScorer:
                 "n_tokens": [v[1] for v in self._pending.values()],
             }
         )
-        name = f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        try:
+        with atomic_file(self.folder / f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet") as tmp:
             pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
         self._pending.clear()
+
+
+def resolve_cache_dir(option: str | None) -> Path | None:
+    """``"auto"`` -> ``$REPLUGCHAR_CACHE/scores``; a path -> that path; None -> no persistent cache."""
+    from .models import cache_dir
+
+    if option is None:
+        return None
+    return cache_dir() / "scores" if option == "auto" else Path(option).expanduser()
+
+
+SCORER_OPTIONS = (
+    "lm",
+    "lm_revision",
+    "lm_dtype",
+    "template",
+    "max_length",
+    "lm_batch_tokens",
+    "trust_remote_code",
+)
+"""What a score depends on, besides the pair: ``fit`` stores these in retriever.json, ``evaluate`` reads them."""
+
+
+def build_scorer(
+    lm: str,
+    *,
+    template: PromptTemplate | dict | None = None,
+    lm_revision: str | None = None,
+    lm_dtype: str = "auto",
+    max_length: int = 512,
+    lm_batch_tokens: int = 4096,
+    trust_remote_code: bool = False,
+    score_cache_dir: str | None = "auto",
+    device: str = "cpu",
+    rank: int = 0,
+) -> CachedScorer:
+    """The frozen LM behind its score cache: the one constructor used by ``fit``, ``evaluate`` and the tools,
+    so a pair scored by one is a cache hit for the others."""
+    from .models import load_causal_lm
+
+    if isinstance(template, dict):
+        template = PromptTemplate(**template)
+    dtype = ("bfloat16" if str(device).startswith("cuda") else "float32") if lm_dtype == "auto" else lm_dtype
+    model, tok = load_causal_lm(
+        lm, dtype=dtype, revision=lm_revision, trust_remote_code=trust_remote_code, device=str(device)
+    )
+    scorer = LMScorer(
+        model,
+        tok,
+        template,
+        max_length=max_length,
+        max_batch_tokens=lm_batch_tokens,
+        lm_key=f"{lm}@{lm_revision or 'main'}",
+    )
+    return CachedScorer(scorer, resolve_cache_dir(score_cache_dir), rank=rank)

@@ -1,44 +1,23 @@
-"""Tool subcommands: score, priors, index, export, retrieve.
+"""Tool commands: score, priors, index, export, retrieve.
 
-Each reads the same YAML as ``fit`` (``--config``), so the LM, template and score cache are the ones training
-used; options after the tool's own flags override the YAML (e.g. ``--model.lm ...``).
+Each reads the same YAML as ``fit`` (``--config``), so the LM, template, score cache and character split are the
+ones training used; options after the tool's own flags override the YAML (e.g. ``--model.lm ...``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from .atomic import write_text
+from .run import load_run
 
-
-def _load(config_args: list[str], ckpt_path: str | None = None):
-    """(module, datamodule) from a fit config, optionally with trained weights from a checkpoint."""
-    import torch
-
-    from .cli import LSRCLI
-    from .data import LSRDataModule
-    from .module import LSRModule
-
-    cli = LSRCLI(LSRModule, LSRDataModule, run=False, args=config_args)
-    module, dm = cli.model, cli.datamodule
-    dm.setup("fit")
-    module.characters = dm.characters
-    if ckpt_path:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{ckpt_path}: checkpoint does not match model.encoder "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-    return module, dm
+CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it"
 
 
 def _examples(dm, split: str):
@@ -47,11 +26,15 @@ def _examples(dm, split: str):
     ]
 
 
+def _config_args(args, rest: list[str]) -> list[str]:
+    return (["--config", args.config] if args.config else []) + rest
+
+
 def cmd_score(args, rest) -> None:
     """Fill the score cache for every (example, setting) pair and the no-setting prompt."""
     from .lm_scoring import NO_SETTING, ScoreRequest
 
-    module, dm = _load(rest)
+    module, dm = load_run(_config_args(args, rest))
     scorer = module.scorer
     requests = []
     for e in _examples(dm, args.split):
@@ -68,17 +51,23 @@ def cmd_score(args, rest) -> None:
 def cmd_priors(args, rest) -> None:
     from . import calibration, priors
 
+    needs = {"import": ("file",), "fit-weight": ("priors",)}.get(args.method, ())
+    for name in needs:  # before any model loads
+        if not getattr(args, name):
+            raise ValueError(f"priors {args.method} needs --{name}")
+        if not Path(getattr(args, name)).is_file():
+            raise FileNotFoundError(f"{getattr(args, name)}: file not found (--{name})")
     if args.method == "fit-weight":
-        module, dm = _load(rest, args.ckpt_path)
+        module, dm = load_run(_config_args(args, rest), args.ckpt_path)
         table = priors.load_priors(args.priors, dm.characters)
-        sims, prior_m, gains = validation_matrices(module, dm, table)
-        cal = calibration.fit(sims, prior_m, gains)
-        out = Path(args.out)
-        out.write_text(json.dumps(asdict(cal), indent=2), encoding="utf-8")
-        print(json.dumps(asdict(cal), indent=2))
-        print(f"fitted prior weight and threshold written to {out}")
+        sims, prior_m, gains, dialogue = validation_matrices(module, dm, table)
+        cal = calibration.fit(sims, prior_m, gains, dialogue=dialogue)
+        fitted = {**asdict(cal), "dialogue_weights": list(module.rule.weights)}
+        write_text(args.out, json.dumps(fitted, indent=2))
+        print(json.dumps(fitted, indent=2))
+        print(f"fitted dialogue scale, prior weight and threshold written to {args.out}")
         return
-    module, dm = _load(rest)
+    module, dm = load_run(_config_args(args, rest))
     if args.method == "lm-utility":
         table = priors.lm_utility_priors(dm.train_examples, dm.characters, module.scorer)
     elif args.method == "judge":
@@ -88,25 +77,24 @@ def cmd_priors(args, rest) -> None:
         model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
         template = Path(args.template).read_text(encoding="utf-8") if args.template else priors.JUDGE_TEMPLATE
         table = priors.llm_judge_priors(dm.characters, model, tok, template, lm_id=spec)
-    elif args.method == "import":
-        if not args.file:
-            raise SystemExit("priors import needs --file scores.jsonl|csv")
-        table = priors.import_priors(args.file, dm.characters)
     else:
-        raise SystemExit(f"unknown priors method {args.method}")
-    module.scorer.flush() if module._scorer is not None else None
+        table = priors.import_priors(args.file, dm.characters)
+    module.flush_scores()
     priors.save_priors(table, args.out)
     print(f"{len(table)} priors ({args.method}) written to {args.out}")
 
 
 def validation_matrices(module, dm, table):
-    """(sims, priors, gains), each (n_val, max_settings): the inputs of λ / τ calibration.
+    """(sims, priors, gains, dialogue), each (n_val, max_settings): the inputs of α / λ / τ calibration.
 
-    A validation character the prior table does not cover (LM-utility priors come from training dialogues, and
-    the split is by character) gets its leave-one-dialogue-out LM-utility prior from its other validation
-    dialogues, so no example's own reply informs its prior.
+    ``dialogue`` is the learned dialogue-evidence term of each setting, scored through
+    :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path). A validation character the prior
+    table does not cover (LM-utility priors come from training dialogues, and the split is by character) gets
+    its leave-one-dialogue-out LM-utility prior from its other validation dialogues, so no example's own reply
+    informs its prior.
     """
     from .priors import lm_table, loo_priors
+    from .scoring import ScoringRule
 
     examples = dm.val_examples
     chars = dm.characters
@@ -114,38 +102,60 @@ def validation_matrices(module, dm, table):
     lookup = {(p.character_id, p.setting_index): p.prior for p in table}
     lm = lm_table(examples, chars, module.scorer)
     loo = loo_priors(examples, lm.gains)
-    q = module.encode_all(module.query_strings(examples), queries=True)
-    sims = np.full((len(examples), width), np.nan)
-    prior_m = np.full((len(examples), width), np.nan)
+    learned = module.rule
+    retriever = module.as_retriever(learned)
+    plain = ScoringRule(history_window=learned.history_window)
+    sims, prior_m, dialogue = (np.full((len(examples), width), np.nan) for _ in range(3))
     for row, e in enumerate(examples):
         settings = chars[e.character_id].settings
-        s = module.encode_all(list(settings))
-        sims[row, : len(settings)] = s @ q[row]
-        covered = all((e.character_id, i) in lookup for i in range(len(settings)))
-        prior_m[row, : len(settings)] = (
-            [lookup[(e.character_id, i)] for i in range(len(settings))] if covered else loo[row]
+        n = len(settings)
+        sims[row, :n] = retriever.rank_example(e, settings, rule=plain)
+        dialogue[row, :n] = retriever.rank_example(e, settings) - sims[row, :n]
+        covered = all((e.character_id, i) in lookup for i in range(n))
+        prior_m[row, :n] = [lookup[(e.character_id, i)] for i in range(n)] if covered else loo[row]
+    return sims, prior_m, lm.gain_matrix(), dialogue
+
+
+def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
+    """The exported rule: learned weights scaled by the fitted α, the fitted λ and τ (``--prior_weight`` wins)."""
+    import dataclasses
+
+    from .scoring import ScoringRule
+
+    rule = module.rule
+    if fitted_path:
+        try:
+            fitted = json.loads(Path(fitted_path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{fitted_path}: file not found (--fitted)") from None
+        weights = fitted.get("dialogue_weights", rule.weights)
+        alpha = float(fitted.get("dialogue_scale", 1.0))
+        rule = ScoringRule(
+            weights=tuple(alpha * float(w) for w in weights),
+            prior_weight=float(fitted.get("prior_weight", 0.0)),
+            threshold=fitted.get("threshold"),
+            history_window=rule.history_window,
         )
-    return sims, prior_m, lm.gain_matrix()
+    if prior_weight is not None:
+        rule = dataclasses.replace(rule, prior_weight=prior_weight)
+    return rule
 
 
-def _priors_and_fit(args, dm):
+def _prior_vector(args, dm, records):
     from .priors import load_priors, prior_vector
 
-    table = load_priors(args.priors, dm.characters) if args.priors else None
-    fitted = (
-        json.loads(Path(args.fitted).read_text(encoding="utf-8")) if getattr(args, "fitted", None) else {}
-    )
-    return table, fitted, prior_vector
+    if not args.priors:
+        return None, None
+    table = load_priors(args.priors, dm.characters)
+    return table, prior_vector(table, records)
 
 
 def cmd_index(args, rest) -> None:
-    from .export import encoder_fingerprint
-    from .index import SettingIndex, setting_records
+    from .index import SettingIndex, encoder_fingerprint, setting_records
 
-    module, dm = _load(rest, args.ckpt_path)
-    table, _, prior_vector = _priors_and_fit(args, dm)
+    module, dm = load_run(_config_args(args, rest), args.ckpt_path)
     records = setting_records(dm.characters)
-    priors = prior_vector(table, records) if table else None
+    table, priors = _prior_vector(args, dm, records)
     fp = encoder_fingerprint(lambda t: module.encode_all(t))
     index = SettingIndex.build(
         module.encode_all([r.text for r in records]), records, priors, kind=args.kind, encoder_fingerprint=fp
@@ -159,26 +169,23 @@ def cmd_index(args, rest) -> None:
 def cmd_export(args, rest) -> None:
     from .export import export_retriever
     from .index import setting_records
+    from .priors import save_priors
 
-    module, dm = _load(rest, args.ckpt_path)
-    table, fitted, prior_vector = _priors_and_fit(args, dm)
-    priors = prior_vector(table, setting_records(dm.characters)) if table else None
-    weight = args.prior_weight if args.prior_weight is not None else fitted.get("prior_weight", 0.0)
+    module, dm = load_run(_config_args(args, rest), args.ckpt_path)
+    table, priors = _prior_vector(args, dm, setting_records(dm.characters))
+    rule = _fitted_rule(module, args.fitted, args.prior_weight)
     out = export_retriever(
         module,
         args.out,
         priors=priors,
-        prior_weight=weight,
-        threshold=fitted.get("threshold"),
+        rule=rule,
         kind=args.kind,
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
     )
     if table:
-        from .priors import save_priors
-
         save_priors(table, out / "priors.jsonl")
-    print(f"retriever exported to {out} (prior_weight={weight}, threshold={fitted.get('threshold')})")
+    print(f"retriever exported to {out} (scoring rule: {json.dumps(rule.to_dict())})")
 
 
 def cmd_retrieve(args, rest) -> None:
@@ -186,64 +193,103 @@ def cmd_retrieve(args, rest) -> None:
 
     retriever = Retriever.load(args.dir)
     threshold = float("-inf") if args.no_threshold else None
-    try:
-        hits = retriever.search(
-            args.character, args.query, args.k, prior_weight=args.prior_weight, threshold=threshold
-        )
-    except (KeyError, ValueError) as err:
-        raise SystemExit(f"replugchar retrieve: {err}") from None
+    history = _read_history(args.history) if args.history else ()
+    hits = retriever.search(
+        args.character,
+        args.query,
+        args.k,
+        history=history,
+        prior_weight=args.prior_weight,
+        threshold=threshold,
+    )
     print(f"{args.character} | {args.query!r}")
-    print(f"{'rank':>4} {'score':>7} {'sim':>7} {'prior':>7}  setting")
+    print(f"{'rank':>4} {'score':>7} {'sim':>7} {'dialog':>7} {'prior':>7}  setting")
     for rank, h in enumerate(hits, 1):
-        print(f"{rank:>4} {h.score:7.3f} {h.similarity:7.3f} {h.prior:7.3f}  {h.setting}")
+        print(f"{rank:>4} {h.score:7.3f} {h.similarity:7.3f} {h.dialogue:7.3f} {h.prior:7.3f}  {h.setting}")
     if not hits:
         print("  (no setting above the relevance threshold: answer without settings)")
 
 
-def run_tool(argv: list[str]) -> None:
-    if argv[0] == "evaluate":
-        from .harness import main
+def _read_history(path: str) -> list[dict]:
+    """A JSON list of {"role", "text"} turns, oldest first (the data schema's ``context``)."""
+    from .data import DataError
 
-        main(argv[1:])
-        return
-    parser = argparse.ArgumentParser(prog="replugchar", description=__doc__)
-    sub = parser.add_subparsers(dest="tool", required=True)
-    p = sub.add_parser("score", help="precompute frozen-LM scores into the persistent cache")
-    p.add_argument("--split", choices=("train", "val", "all"), default="all")
-    p.add_argument("--chunk", type=int, default=64, help="pairs per cache flush")
-    p.set_defaults(func=cmd_score)
-    p = sub.add_parser("priors", help="generality priors: lm-utility | judge | import | fit-weight")
-    p.add_argument("method", choices=("lm-utility", "judge", "import", "fit-weight"))
-    p.add_argument("--out", required=True)
-    p.add_argument("--file", help="import: JSONL/CSV with character_id, setting_id (index or text), score")
-    p.add_argument("--judge_lm", help="judge: LM spec (default: model.lm)")
-    p.add_argument("--template", help="judge: file with a prompt template containing {setting}")
-    p.add_argument("--priors", help="fit-weight: priors.jsonl")
-    p.add_argument("--ckpt_path", help="fit-weight: trained checkpoint (default: the config's encoder)")
-    p.set_defaults(func=cmd_priors)
-    for name, func, help_ in (
-        ("index", cmd_index, "rebuild the FAISS index (encoder and/or priors changed)"),
-        ("export", cmd_export, "export encoder + index + priors for other RAG stacks"),
+    try:
+        turns = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found (--history)") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    if not isinstance(turns, list) or not all(
+        isinstance(t, dict) and t.get("role") in ("user", "character") and isinstance(t.get("text"), str)
+        for t in turns
     ):
-        p = sub.add_parser(name, help=help_)
+        raise DataError(
+            f"{path}: --history must be a JSON list of {{'role': 'user'|'character', 'text': ...}}"
+        )
+    return turns
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one tool command (``replugchar NAME --help``)."""
+    p = argparse.ArgumentParser(prog=f"replugchar {name}", description=TOOL_HELP[name])
+    if name != "retrieve":
+        p.add_argument("--config", help=CONFIG_HELP)
+    if name == "score":
+        p.add_argument("--split", choices=("train", "val", "all"), default="all")
+        p.add_argument("--chunk", type=int, default=64, help="pairs per cache flush")
+        p.set_defaults(func=cmd_score)
+    elif name == "priors":
+        p.add_argument("method", choices=("lm-utility", "judge", "import", "fit-weight"))
         p.add_argument("--out", required=True)
-        p.add_argument("--ckpt_path")
-        p.add_argument("--priors")
-        p.add_argument("--fitted", help="JSON from `priors fit-weight` (prior_weight, threshold)")
-        p.add_argument("--prior_weight", type=float)
+        p.add_argument(
+            "--file", help="import: JSONL/CSV with character_id, setting_id (index or text), score"
+        )
+        p.add_argument("--judge_lm", help="judge: LM spec (default: model.lm)")
+        p.add_argument("--template", help="judge: file with a prompt template containing {setting}")
+        p.add_argument("--priors", help="fit-weight: priors.jsonl")
+        p.add_argument("--ckpt_path", help="fit-weight: trained checkpoint (default: the config's encoder)")
+        p.set_defaults(func=cmd_priors)
+    elif name in ("index", "export"):
+        p.add_argument("--out", required=True)
+        p.add_argument("--ckpt_path", help="trained checkpoint (default: the config's untrained encoder)")
+        p.add_argument("--priors", help="priors.jsonl from `replugchar priors`")
         p.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat")
-        p.set_defaults(func=func)
-    p = sub.add_parser("retrieve", help="print a character's top settings for a query")
-    p.add_argument("--dir", required=True, help="export folder")
-    p.add_argument("--character", required=True)
-    p.add_argument("--query", required=True)
-    p.add_argument("--k", type=int, default=None)
-    p.add_argument("--prior_weight", type=float, default=None, help="λ (default: retriever.json)")
-    p.add_argument(
-        "--no_threshold", action="store_true", help="list the top k even under the relevance threshold"
-    )
-    p.set_defaults(func=cmd_retrieve)
+        if name == "export":
+            p.add_argument("--fitted", help="JSON from `priors fit-weight` (dialogue scale, λ, threshold)")
+            p.add_argument("--prior_weight", type=float, help="λ (overrides --fitted)")
+        p.set_defaults(func=cmd_index if name == "index" else cmd_export)
+    elif name == "retrieve":
+        p.add_argument("--dir", required=True, help="export folder")
+        p.add_argument("--character", required=True)
+        p.add_argument("--query", required=True)
+        p.add_argument(
+            "--history", help="JSON file: list of {role, text} turns before the query, oldest first"
+        )
+        p.add_argument("--k", type=int, default=None)
+        p.add_argument("--prior_weight", type=float, default=None, help="λ (default: retriever.json)")
+        p.add_argument(
+            "--no_threshold", action="store_true", help="list the top k even under the relevance threshold"
+        )
+        p.set_defaults(func=cmd_retrieve)
+    return p
+
+
+TOOL_HELP = {
+    "score": "precompute frozen-LM scores of a data set into the persistent cache",
+    "priors": "generality priors (lm-utility | judge | import) and fit-weight (dialogue scale, λ, threshold)",
+    "index": "rebuild the FAISS index (encoder and/or priors changed); flat, ivf or hnsw",
+    "export": "export encoder + index + scoring rule as one folder for other RAG stacks",
+    "retrieve": "print a character's top settings for a query (and optional history)",
+}
+
+
+def run_tool(name: str, argv: list[str]) -> None:
+    parser = build_parser(name)
     args, rest = parser.parse_known_args(argv)
-    if args.tool == "retrieve" and rest:
+    if rest and (
+        name == "retrieve"
+        or not all(a.startswith(("--model.", "--data.")) or not a.startswith("--") for a in rest)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.func(args, rest)

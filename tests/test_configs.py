@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from replugchar import harness
+from replugchar import evaluate as harness
 from replugchar.cli import LSRCLI
 from replugchar.data import LSRDataModule
 from replugchar.module import LSRModule

@@ -3,7 +3,7 @@
 An in-code Japanese corpus in the shared schema (4 characters x 10 settings x 6 examples) goes through every
 stage: loading, LM scoring with the Japanese template of configs/ja_example.yaml, a short LSR fit whose
 candidates come from the FAISS index (k=5 < 10 settings), export, ``Retriever.search`` with a Japanese query and
-``replugchar.harness.evaluate`` (all eight methods, BM25 included). A slow test repeats fit + export + retrieval
+``replugchar.evaluate.evaluate`` (all eight methods, BM25 included). A slow test repeats fit + export + retrieval
 on a small subset of ../shared/data/real_persona_chat when that folder exists.
 """
 
@@ -25,7 +25,7 @@ import yaml
 from replugchar import evaluation as ev
 from replugchar.data import Corpus, LSRDataModule, split_characters
 from replugchar.export import export_retriever
-from replugchar.harness import evaluate
+from replugchar.evaluate import evaluate
 from replugchar.index import SettingIndex
 from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 from replugchar.module import LSRModule

@@ -137,7 +137,7 @@ def test_scoring_killed_mid_run_keeps_whole_shards_and_resumes(killed_victim, tm
 
     [folder] = [p for p in cache_dir.iterdir() if p.is_dir()]
     shards = sorted(folder.glob("shard-*.parquet"))
-    [half_written] = folder.glob(".shard-*.parquet.tmp")  # the third write, cut by the kill ...
+    [half_written] = folder.glob(".shard-*.parquet.tmp-*")  # the third write, cut by the kill ...
     assert len(shards) == 2  # ... never visible under a final shard name
     assert {p.name for p in folder.iterdir()} == {"FINGERPRINT", half_written.name, *(p.name for p in shards)}
     for shard in shards:  # every visible shard is whole: readable, exactly one flush worth of rows

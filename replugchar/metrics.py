@@ -23,7 +23,21 @@ import numpy as np
 from .data import Character, Example
 from .priors import LMTable, lm_table, loo_priors  # noqa: F401  (re-exported: the evaluation API)
 
-METHODS = ("none", "random", "bm25", "base", "base+prior", "trained", "trained+prior", "oracle")
+METHODS = (
+    "none",
+    "random",
+    "bm25",
+    "base",
+    "base+prior",
+    "trained",
+    "trained+prior",
+    "dialogue",
+    "dialogue+prior",
+    "oracle",
+)
+"""Rows of ``replugchar evaluate``: no setting, random, BM25, the untrained encoder (base), the exported encoder
+alone (trained), the exported scoring rule with its dialogue evidence (dialogue), each +prior, and the LM's own
+best setting (oracle)."""
 QUERY_GROUPS = ("all", "greeting", "closing", "other")
 HEADLINE = ("nll_top1", "hit1_lm_best", "ndcg", "mrr")
 

@@ -1,0 +1,63 @@
+"""Atomic writes: every cache, index, export and model folder appears whole or not at all.
+
+Why: a run killed mid-write (Ctrl-C, OOM, preemption) must leave either the old file or the new one, never a
+half-written one that the next run trusts. Write into a temp name beside the target, then rename: a rename
+within one folder is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it is renamed to ``final``, on error removed.
+
+    ``replace=False`` keeps an existing ``final`` (another process published the same content first).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success it is flushed to disk and renamed over ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """UTF-8 text written atomically (JSON configs, priors, model cards)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,303 @@
+"""``replugchar evaluate``: pick the held-out examples, score every method, save the table.
+
+Every retriever row ranks through :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path):
+``base`` is the untrained encoder, ``trained`` the exported encoder alone, ``dialogue`` the exported scoring rule
+(dialogue evidence), each ``+prior`` with λ times the character's leave-one-dialogue-out LM-utility prior. The
+metrics live in :mod:`replugchar.metrics`; this module never imports the training module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import metrics as ev
+from .data import LSRDataModule
+from .lm_scoring import PromptTemplate, ScoreRequest
+from .models import EMBEDDED_ENCODER, EMBEDDED_LM
+from .score_cache import build_scorer
+from .scoring import ScoringRule
+
+log = logging.getLogger(__name__)
+PAIRS = (
+    ("dialogue+prior", "base"),
+    ("dialogue", "base"),
+    ("trained", "base"),
+    ("trained+prior", "base"),
+    ("base+prior", "base"),
+)
+
+
+def evaluate(
+    data_dir: str = "demo",
+    out_dir: str = "runs/eval",
+    trained: str | None = None,
+    base_encoder: str = EMBEDDED_ENCODER,
+    lm: str | None = None,
+    template: PromptTemplate | None = None,
+    query_text: str = "query",
+    split: str = "val",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    max_examples: int | None = 200,
+    k: int = 5,
+    prior_weight: float | None = None,
+    concat_k: int = 0,
+    distractors: int = 20,
+    ensemble_temperature: float = 0.05,
+    n_boot: int = 1000,
+    lm_dtype: str | None = None,
+    max_length: int | None = None,
+    lm_batch_tokens: int = 4096,
+    score_cache_dir: str | None = "auto",
+    methods: list[str] | None = None,
+) -> ev.EvalResult:
+    """Compare retrievers on held-out characters by the frozen LM's likelihood of the gold replies.
+
+    Args:
+        data_dir: data folder (shared schema) or "demo".
+        out_dir: where results.json, results.md and results.png go.
+        trained: export folder of the LSR-trained retriever (``replugchar export`` / end of ``fit``);
+            None skips the trained and dialogue methods. Its training characters are excluded from evaluation.
+        base_encoder: the untrained encoder (the "base" methods).
+        lm: frozen LM; None = the one the trained retriever was trained with (retriever.json), else SmolLM2.
+        template: LM prompt template; None = the trained retriever's, else the default.
+        query_text: "query" or "context_and_query" for the base encoder (the trained retriever uses its own).
+        split: "val" / "test" = that character split of (val_fraction, test_fraction, seed), as in the fit
+            config; "all" = every example.
+        val_fraction: as in the training data config.
+        test_fraction: as in the training data config.
+        seed: split seed, also of sampling, random baseline and bootstrap.
+        max_examples: cap on evaluated examples (LM cost: 1 + settings pairs per example).
+        k: ranking depth for nDCG@k, the ensemble and recall of shown settings.
+        prior_weight: λ for the "+prior" methods; None = the trained export's fitted value, else 0.1.
+        concat_k: if > 0, also score the top-``concat_k`` settings concatenated in the prompt (extra LM calls).
+        distractors: settings of other characters added to each pool for the harder ranking metrics (0 = off).
+        ensemble_temperature: temperature of softmax(score) weights of the REPLUG ensemble.
+        n_boot: bootstrap resamples (over dialogues) for the intervals.
+        lm_dtype: None = the trained retriever's, else "auto" (bfloat16 on GPU, float32 on CPU).
+        max_length: token limit of prompt + response; None = the trained retriever's, else 512.
+        lm_batch_tokens: token budget per LM forward pass.
+        score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
+        methods: subset of :data:`~replugchar.metrics.METHODS` (default all that are available).
+    """
+    from .models import load_encoder
+    from .retriever import Retriever
+
+    if split not in ("val", "test", "all"):
+        raise ValueError(f"split must be val, test or all, got {split!r}")
+    retriever = Retriever.load(trained) if trained else None
+    config = retriever.config if retriever else {}
+    examples, chars = select_examples(
+        data_dir, split, val_fraction, test_fraction, seed, max_examples, config.get("train_characters")
+    )
+    if prior_weight is None:
+        prior_weight = retriever.rule.prior_weight if retriever else 0.1
+    stored = config.get("scorer", {})
+    scorer = build_scorer(
+        lm or stored.get("lm", EMBEDDED_LM),
+        template=template or stored.get("template") or config.get("template"),
+        lm_revision=stored.get("lm_revision"),
+        lm_dtype=lm_dtype or stored.get("lm_dtype", "auto"),
+        max_length=max_length or stored.get("max_length", 512),
+        lm_batch_tokens=lm_batch_tokens,
+        trust_remote_code=stored.get("trust_remote_code", False),
+        score_cache_dir=score_cache_dir,
+    )
+    table = ev.lm_table(examples, chars, scorer)
+    priors = ev.loo_priors(examples, table.gains)
+    wanted = list(methods or ev.METHODS)
+    base = Retriever(load_encoder(base_encoder), None, {"query_text": query_text})
+    scores = method_scores(wanted, examples, chars, table, priors, prior_weight, base, retriever, seed)
+    per_method = {
+        method: _rows(sc, examples, table, priors, k, ensemble_temperature) for method, sc in scores.items()
+    }
+    if concat_k > 0:
+        _add_concat(per_method, scores, examples, chars, scorer, concat_k)
+    result = ev.EvalResult()
+    result.table, result.paired = ev.aggregate(per_method, examples, n_boot, seed, PAIRS)
+    if distractors > 0:
+        result.pool = _pool_metrics(
+            list(scores),
+            examples,
+            chars,
+            table.gains,
+            priors,
+            distractors,
+            seed,
+            base,
+            retriever,
+            prior_weight,
+        )
+    result.meta = {
+        "data_dir": str(data_dir),
+        "split": split,
+        "n_examples": len(examples),
+        "n_characters": len({e.character_id for e in examples}),
+        "lm": scorer.scorer.lm_key if scorer.scorer else None,
+        "base_encoder": base_encoder,
+        "trained": trained,
+        "prior_weight": prior_weight,
+        "scoring": retriever.rule.to_dict() if retriever else None,
+        "k": k,
+        "distractors": distractors,
+        "score_cache": str(scorer.folder),
+        "lm_pairs_scored_now": scorer.misses,
+    }
+    out = ev.save_result(result, out_dir)
+    print(ev.markdown_table(result))
+    print(f"\nevaluation written to {out}/results.json, results.md, results.png")
+    return result
+
+
+def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude=None):
+    """(examples, characters): the split's examples, minus characters the retriever trained on, capped."""
+    everything = split == "all"
+    dm = LSRDataModule(
+        data_dir=data_dir,
+        val_fraction=0.0 if everything else val_fraction,
+        test_fraction=0.0 if everything else test_fraction,
+        seed=seed,
+    )
+    dm.setup("validate")
+    examples = {"val": dm.val_examples, "test": dm.test_examples, "all": dm.train_examples}[split]
+    seen = set(exclude or [])
+    before = len(examples)
+    examples = [e for e in examples if e.character_id not in seen]
+    if before > len(examples):
+        log.info("excluded %d examples of characters the retriever was trained on", before - len(examples))
+    if max_examples is not None and len(examples) > max_examples:
+        picked = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
+        examples = [examples[i] for i in picked]
+    if not examples:
+        raise ValueError(f"no examples to evaluate in {data_dir} (split={split})")
+    return examples, dm.characters
+
+
+def _retrievers(base, trained, prior_weight: float) -> dict:
+    """method -> (retriever, rule, uses priors): every retriever row of the table."""
+    zero = ScoringRule()
+    out = {
+        "base": (base, zero, False),
+        "base+prior": (base, dataclasses.replace(zero, prior_weight=prior_weight), True),
+    }
+    if trained is not None:
+        rule = trained.rule
+        out["trained"] = (trained, zero, False)
+        out["trained+prior"] = (trained, dataclasses.replace(zero, prior_weight=prior_weight), True)
+        out["dialogue"] = (trained, dataclasses.replace(rule, prior_weight=0.0), False)
+        out["dialogue+prior"] = (trained, dataclasses.replace(rule, prior_weight=prior_weight), True)
+    return out
+
+
+def method_scores(wanted, examples, chars, table, priors, prior_weight, base, trained, seed) -> dict:
+    """method -> per-example score arrays over the character's settings (None for "none")."""
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[np.ndarray] | None] = {}
+    if "none" in wanted:
+        scores["none"] = None
+    if "random" in wanted:
+        scores["random"] = [rng.random(len(chars[e.character_id].settings)) for e in examples]
+    if "bm25" in wanted:
+        scores["bm25"] = ev.bm25_scores(examples, chars)
+    for method, (retriever, rule, with_prior) in _retrievers(base, trained, prior_weight).items():
+        if method in wanted:
+            scores[method] = [
+                retriever.rank_example(
+                    e, chars[e.character_id].settings, priors[i] if with_prior else None, rule=rule
+                )
+                for i, e in enumerate(examples)
+            ]
+    if "oracle" in wanted:
+        scores["oracle"] = table.gains
+    return {m: scores[m] for m in wanted if m in scores}
+
+
+def _rows(sc, examples, table, priors, k: int, temperature: float) -> list[dict]:
+    rows = []
+    for i, e in enumerate(examples):
+        row = ev.example_metrics(
+            None if sc is None else sc[i], table, i, k, e.shown_setting_indices, temperature
+        )
+        if sc is not None:  # where the method ranks the character's most broadly useful setting (LOO prior)
+            order = np.argsort(-sc[i], kind="stable")
+            row["rank_top_prior"] = float(np.where(order == int(np.argmax(priors[i])))[0][0] + 1)
+        rows.append(row)
+    return rows
+
+
+def _add_concat(per_method, scores, examples, chars, scorer, concat_k: int) -> None:
+    requests, where = [], []
+    for method, sc in scores.items():
+        if sc is None:
+            continue
+        for i, e in enumerate(examples):
+            top = np.argsort(-sc[i], kind="stable")[:concat_k]
+            requests.append(ScoreRequest(e, tuple(chars[e.character_id].settings[j] for j in top)))
+            where.append((method, i))
+    res = scorer.score(requests)
+    scorer.flush()
+    for (method, i), v in zip(where, res.logp_mean.tolist()):
+        per_method[method][i][f"nll_top{concat_k}_concat"] = -v
+
+
+def _pool_metrics(
+    methods: Sequence[str],
+    examples,
+    chars,
+    gains,
+    priors,
+    n_distract: int,
+    seed: int,
+    base,
+    trained,
+    prior_weight,
+) -> dict:
+    """Rank own settings + distractors; hit@1 / MRR of the own LM-best setting (distractors count as wrong)."""
+    rng = random.Random(seed)
+    pool_settings = [(cid, s) for cid, c in chars.items() for s in c.settings]
+    rankers = _retrievers(base, trained, prior_weight)
+    out: dict[str, dict[str, list[float]]] = {
+        m: {"hit1_lm_best": [], "mrr": []} for m in methods if m != "none"
+    }
+    for i, e in enumerate(examples):
+        own = list(chars[e.character_id].settings)
+        others = [s for cid, s in pool_settings if cid != e.character_id]
+        distract = rng.sample(others, min(n_distract, len(others)))
+        pool = own + distract
+        best = int(np.argmax(gains[i]))
+        prior_vec = np.concatenate([priors[i], np.zeros(len(distract))])
+        for method in out:
+            if method == "random":
+                s = np.array([rng.random() for _ in pool])
+            elif method == "oracle":
+                s = np.concatenate([gains[i], np.full(len(distract), -np.inf)])
+            elif method == "bm25":
+                s = ev.bm25_rank(pool, [e.query], chars[e.character_id].language)[0]
+            else:
+                retriever, rule, with_prior = rankers[method]
+                s = retriever.rank_example(e, pool, prior_vec if with_prior else None, rule=rule)
+            order = np.argsort(-s, kind="stable")
+            rank = int(np.where(order == best)[0][0]) + 1
+            out[method]["hit1_lm_best"].append(float(rank == 1))
+            out[method]["mrr"].append(1.0 / rank)
+    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
+
+
+def main(argv: list[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="replugchar evaluate", description=evaluate.__doc__)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="an evaluation config (configs/eval_*.yaml)"
+    )
+    parser.add_function_arguments(evaluate, as_group=False)
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in init.items() if k != "config"}
+    evaluate(**kwargs)

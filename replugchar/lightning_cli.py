@@ -1,0 +1,102 @@
+"""``replugchar fit`` / ``validate``: LightningCLI over :class:`~replugchar.module.LSRModule` and
+:class:`~replugchar.data.LSRDataModule`, with a before -> after validation report and its paired interval."""
+
+from __future__ import annotations
+
+import numpy as np
+from lightning.pytorch.cli import LightningCLI
+
+from .data import LSRDataModule
+from .metrics import bootstrap_ci
+from .module import LSRModule
+
+REPORTED = ("val/top1_agreement", "val/top1_lift", "val/loss", "val/retriever_entropy", "val/lm_entropy")
+
+
+class LSRCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def before_instantiate_classes(self) -> None:
+        """Validate the data before any model loads: a bad record fails in a second, not after the LM loaded."""
+        data = self.config[self.subcommand].get("data")
+        if data is not None:
+            LSRDataModule(**data.as_dict()).setup("fit")
+
+    def before_fit(self) -> None:
+        if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):
+            self._before = None
+            return
+        results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        self._before = {k: float(v) for k, v in results[0].items()} if results else None
+        self._before_rows = self.model.val_per_example
+
+    def after_fit(self) -> None:
+        after = {}
+        if self.trainer.limit_val_batches != 0:
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            after = {k: float(v) for k, v in results[0].items()} if results else {}
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank must ask, before rank > 0 leaves
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if self.trainer.global_rank != 0:
+            return
+        before = getattr(self, "_before", None) or {}
+        lines = ["", "replugchar fit: validation before -> after training (character-disjoint split)"]
+        for key in REPORTED:
+            if key in after:
+                b = f"{before[key]:.4f}" if key in before else "   n/a"
+                lines.append(f"  {key:<26} {b} -> {after[key]:.4f}")
+        lines += paired_change_lines(getattr(self, "_before_rows", None), self.model.val_per_example)
+        lines.append(
+            "  (val/loss = KL(LM target || retriever) per query, lower is better; val/top1_lift = LM"
+        )
+        lines.append(
+            "   log-likelihood/token of the gold reply with the top-1 setting minus the candidates' mean)"
+        )
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            lines.append(f"  checkpoint: {ckpt.best_model_path}")
+        for cb in self.trainer.callbacks:
+            if getattr(cb, "written", None):
+                lines.append(
+                    f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
+                )
+        if log_dir:
+            lines.append(f"  logs: {log_dir}")
+        print("\n".join(lines), flush=True)
+
+
+def paired_change_lines(before: np.ndarray | None, after: np.ndarray | None, n_boot: int = 2000) -> list[str]:
+    """Before -> after change of top-1 agreement and LM gain with a 95% interval, so noise is not read as progress.
+
+    Both validations see the same examples in the same order; the interval resamples whole dialogues (turns of one
+    dialogue are not independent). Rows are (dialogue hash, agreement, gain) from ``LSRModule.val_per_example``.
+    """
+    if before is None or after is None or len(before) == 0 or before.shape != after.shape:
+        return []
+    if not np.array_equal(before[:, 0], after[:, 0]):
+        return []
+    groups = after[:, 0]
+    lines = []
+    for col, name in ((1, "top1_agreement"), (2, "top1_lift")):
+        diff = after[:, col] - before[:, col]
+        lo, hi = bootstrap_ci(diff, groups, n_boot=n_boot, seed=0)
+        lines.append(
+            f"  change in {name:<16} {diff.mean():+.4f}  95% CI [{lo:+.4f}, {hi:+.4f}]"
+            f"  ({len(diff)} examples, {len(np.unique(groups))} dialogues; an interval spanning 0 is noise)"
+        )
+    return lines
+
+
+def run_lightning(args: list[str] | None = None) -> LSRCLI:
+    return LSRCLI(
+        LSRModule,
+        LSRDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
