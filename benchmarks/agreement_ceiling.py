@@ -34,7 +34,7 @@ import torch
 from replugchar.metrics import bootstrap_ci
 from replugchar.lm_scoring import ScoreRequest
 from replugchar.losses import LSRLoss
-from replugchar.tools import _load
+from replugchar.run import load_run
 
 PROBES = {"gen": (True, False), "diag": (False, True), "both": (True, True)}
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     args, rest = parser.parse_known_args()
     torch.manual_seed(0)
-    module, dm = _load(rest)
+    module, dm = load_run(rest)
     hp = module.hparams
     examples = [*dm.train_examples, *dm.val_examples]
     settings = [dm.characters[e.character_id].settings for e in examples]

@@ -38,12 +38,12 @@ _API = {
     "evaluate": "evaluate",
 }
 __all__ = [
+    "FEATURES",
     "CachedScorer",
     "Character",
     "Corpus",
     "DataError",
     "Example",
-    "FEATURES",
     "Hit",
     "LMScorer",
     "LSRDataModule",

@@ -88,3 +88,34 @@ def fit(
         tuple(grid),
         tuple(per_weight),
     )
+
+
+def validation_matrices(module, examples, chars, table=None):
+    """(sims, priors, gains, dialogue), each (n_val, max_settings): the inputs of α / λ / τ calibration, for
+    ``module`` (an :class:`~replugchar.module.LSRModule`) on validation ``examples``.
+
+    ``dialogue`` is the learned dialogue-evidence term of each setting, scored through
+    :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path). A validation character the prior
+    table does not cover (LM-utility priors come from training dialogues, and the split is by character) gets
+    its leave-one-dialogue-out LM-utility prior from its other validation dialogues, so no example's own reply
+    informs its prior.
+    """
+    from .priors import lm_table, loo_priors
+    from .scoring import ScoringRule
+
+    width = max(len(chars[e.character_id].settings) for e in examples)
+    lookup = {(p.character_id, p.setting_index): p.prior for p in table or []}
+    lm = lm_table(examples, chars, module.scorer)
+    loo = loo_priors(examples, lm.gains)
+    learned = module.rule
+    retriever = module.as_retriever(learned)
+    plain = ScoringRule(history_window=learned.history_window)
+    sims, prior_m, dialogue = (np.full((len(examples), width), np.nan) for _ in range(3))
+    for row, e in enumerate(examples):
+        settings = chars[e.character_id].settings
+        n = len(settings)
+        sims[row, :n] = retriever.rank_example(e, settings, rule=plain)
+        dialogue[row, :n] = retriever.rank_example(e, settings) - sims[row, :n]
+        covered = all((e.character_id, i) in lookup for i in range(n))
+        prior_m[row, :n] = [lookup[(e.character_id, i)] for i in range(n)] if covered else loo[row]
+    return sims, prior_m, lm.gain_matrix(), dialogue

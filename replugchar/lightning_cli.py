@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 from .data import LSRDataModule
 from .metrics import bootstrap_ci
 from .module import LSRModule
+from .scoring import FEATURES
 
 REPORTED = ("val/top1_agreement", "val/top1_lift", "val/loss", "val/retriever_entropy", "val/lm_entropy")
 
@@ -21,11 +22,12 @@ class LSRCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
-    def before_instantiate_classes(self) -> None:
+    def instantiate_classes(self) -> None:
         """Validate the data before any model loads: a bad record fails in a second, not after the LM loaded."""
-        data = self.config[self.subcommand].get("data")
-        if data is not None:
-            LSRDataModule(**data.as_dict()).setup("fit")
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("data") is not None:
+            LSRDataModule(**config["data"].as_dict()).setup("fit")
+        super().instantiate_classes()
 
     def before_fit(self) -> None:
         if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):
@@ -61,6 +63,15 @@ class LSRCLI(LightningCLI):
         if ckpt is not None and ckpt.best_model_path:
             lines.append(f"  checkpoint: {ckpt.best_model_path}")
         for cb in self.trainer.callbacks:
+            cal = getattr(cb, "mixing", None)
+            if cal is not None:
+                weights = ", ".join(f"{f} {w:+.3f}" for f, w in zip(FEATURES, self.model.rule.weights))
+                lines.append(
+                    f"  dialogue scale α = {cal.dialogue_scale} fitted on {cal.n_examples} validation examples: "
+                    f"top-1 gain over no setting {cal.gain_at_zero:+.4f} (similarity) -> "
+                    f"{cal.gain_fitted_weight:+.4f} nats/token"
+                )
+                lines.append(f"  exported dialogue weights: {weights}")
             if getattr(cb, "written", None):
                 lines.append(
                     f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"

@@ -11,7 +11,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic import write_text
@@ -60,7 +59,9 @@ def cmd_priors(args, rest) -> None:
     if args.method == "fit-weight":
         module, dm = load_run(_config_args(args, rest), args.ckpt_path)
         table = priors.load_priors(args.priors, dm.characters)
-        sims, prior_m, gains, dialogue = validation_matrices(module, dm, table)
+        sims, prior_m, gains, dialogue = calibration.validation_matrices(
+            module, dm.val_examples, dm.characters, table
+        )
         cal = calibration.fit(sims, prior_m, gains, dialogue=dialogue)
         fitted = {**asdict(cal), "dialogue_weights": list(module.rule.weights)}
         write_text(args.out, json.dumps(fitted, indent=2))
@@ -82,38 +83,6 @@ def cmd_priors(args, rest) -> None:
     module.flush_scores()
     priors.save_priors(table, args.out)
     print(f"{len(table)} priors ({args.method}) written to {args.out}")
-
-
-def validation_matrices(module, dm, table):
-    """(sims, priors, gains, dialogue), each (n_val, max_settings): the inputs of α / λ / τ calibration.
-
-    ``dialogue`` is the learned dialogue-evidence term of each setting, scored through
-    :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path). A validation character the prior
-    table does not cover (LM-utility priors come from training dialogues, and the split is by character) gets
-    its leave-one-dialogue-out LM-utility prior from its other validation dialogues, so no example's own reply
-    informs its prior.
-    """
-    from .priors import lm_table, loo_priors
-    from .scoring import ScoringRule
-
-    examples = dm.val_examples
-    chars = dm.characters
-    width = max(len(chars[e.character_id].settings) for e in examples)
-    lookup = {(p.character_id, p.setting_index): p.prior for p in table}
-    lm = lm_table(examples, chars, module.scorer)
-    loo = loo_priors(examples, lm.gains)
-    learned = module.rule
-    retriever = module.as_retriever(learned)
-    plain = ScoringRule(history_window=learned.history_window)
-    sims, prior_m, dialogue = (np.full((len(examples), width), np.nan) for _ in range(3))
-    for row, e in enumerate(examples):
-        settings = chars[e.character_id].settings
-        n = len(settings)
-        sims[row, :n] = retriever.rank_example(e, settings, rule=plain)
-        dialogue[row, :n] = retriever.rank_example(e, settings) - sims[row, :n]
-        covered = all((e.character_id, i) in lookup for i in range(n))
-        prior_m[row, :n] = [lookup[(e.character_id, i)] for i in range(n)] if covered else loo[row]
-    return sims, prior_m, lm.gain_matrix(), dialogue
 
 
 def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):

@@ -452,7 +452,7 @@ def test_config_value_out_of_range(tmp_path, yaml, message):
 
 
 def test_cli_reports_unknown_key_and_exits_2(tmp_path, capsys, monkeypatch):
-    from replugchar.cli import run_lightning
+    from replugchar.lightning_cli import run_lightning
 
     monkeypatch.setattr(sys, "argv", ["replugchar"])  # LightningCLI warns when args and sys.argv both exist
     path = tmp_path / "bad.yaml"
@@ -464,16 +464,18 @@ def test_cli_reports_unknown_key_and_exits_2(tmp_path, capsys, monkeypatch):
 
 
 def test_empty_training_split_is_an_error(tmp_path):
-    # one character and val_fraction > 0: every character lands in validation and Lightning would
-    # silently skip training (then export an untrained retriever)
+    # one character and val_fraction > 0: one split is empty, and Lightning would silently skip training (then
+    # export an untrained retriever) or validation
     folder = data_dir(tmp_path, characters=[character("c1")], dialogues=[dialogue("e1"), dialogue("e2")])
     dm = LSRDataModule(data_dir=str(folder), val_fraction=0.2)
     dm.setup("fit")
+    empty, loader = (
+        ("training", dm.train_dataloader) if not dm.train_examples else ("validation", dm.val_dataloader)
+    )
     with pytest.raises(
         DataError,
-        match=r"data: no training examples after the character split \(1 characters, "
-        r"data\.val_fraction=0\.2",
+        match=rf"data: no {empty} examples after the character split \(1 characters, data\.val_fraction=0\.2",
     ):
-        dm.train_dataloader()
+        loader()
     dm = LSRDataModule(data_dir=str(folder), val_fraction=0.0)
     assert len(dm.train_dataloader().dataset) == 2 and len(dm.val_dataloader().dataset) == 0

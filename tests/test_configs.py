@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from replugchar import evaluate as harness
-from replugchar.cli import LSRCLI
+from replugchar.lightning_cli import LSRCLI
 from replugchar.data import LSRDataModule
 from replugchar.module import LSRModule
 

@@ -35,7 +35,8 @@ def test_datamodule_split_is_character_disjoint():
     val_chars = {e.character_id for e in dm.val_examples}
     assert train_chars and val_chars
     assert not train_chars & val_chars
-    assert len(val_chars) == 4  # round(16 * 0.25) characters held out, all their dialogues with them
+    # the held-out characters are exactly those the hash split names, all their dialogues with them
+    assert val_chars == split_characters(list(dm.characters), 0.25, seed=3)["val"]
     assert len(dm.train_examples) + len(dm.val_examples) == len(dm.corpus.examples)
     assert set(dm.characters) == train_chars | val_chars
 
@@ -49,11 +50,19 @@ def test_datamodule_split_is_character_disjoint():
 
 
 def test_split_characters_and_caps():
-    ids = [f"c{i}" for i in range(10)]
-    train, val = split_characters(ids, 0.3, seed=0)
-    assert len(val) == 3 and train | val == set(ids) and not train & val
-    assert split_characters(list(reversed(ids)), 0.3, seed=0) == (train, val)  # order of input is irrelevant
-    assert split_characters(ids, 0.0, seed=0) == (set(ids), set())
+    ids = [f"c{i}" for i in range(200)]
+    split = split_characters(ids, 0.3, seed=0, test_fraction=0.2)
+    train, val, test = split["train"], split["val"], split["test"]
+    assert train | val | test == set(ids) and not train & val and not train & test and not val & test
+    assert 40 <= len(val) <= 80 and 20 <= len(test) <= 60  # ~60 and ~40 of 200
+    assert split_characters(list(reversed(ids)), 0.3, seed=0, test_fraction=0.2) == split  # input order irrelevant
+    assert split_characters(ids, 0.0, seed=0)["train"] == set(ids)
+    # a character's split depends on its id alone: adding characters moves nobody, so data sets agree
+    more = split_characters([*ids, *(f"extra{i}" for i in range(50))], 0.3, seed=0, test_fraction=0.2)
+    assert all(more[name] >= split[name] for name in split)
+    assert split_characters(ids, 0.3, seed=1) != split_characters(ids, 0.3, seed=0)
+    # a tiny set still gets a non-empty validation split when one is asked for
+    assert len(split_characters(["a", "b", "c"], 0.05, seed=0)["val"]) == 1
 
     dm = LSRDataModule(data_dir="demo", max_train_examples=7, max_val_examples=3, query_types=["greeting"])
     dm.setup()

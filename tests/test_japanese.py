@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from replugchar import evaluation as ev
+from replugchar import metrics as ev
 from replugchar.data import Corpus, LSRDataModule, split_characters
 from replugchar.export import export_retriever
 from replugchar.evaluate import evaluate
@@ -208,7 +208,8 @@ def ja_template() -> PromptTemplate:
 
 def the_split(character_ids) -> tuple[set[str], set[str]]:
     """The character split LSRDataModule / evaluate make with VAL_FRACTION and the default seed 0."""
-    return split_characters(list(character_ids), VAL_FRACTION, 0)
+    split = split_characters(list(character_ids), VAL_FRACTION, 0)
+    return split["train"], split["val"]
 
 
 # ----------------------------------------------------------------------------------------------- (a) loading

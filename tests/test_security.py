@@ -133,7 +133,8 @@ def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
     }
     assert module.scorer is not None  # the frozen LM is loaded ...
     keys = list(module.state_dict())
-    assert keys and all(k.startswith("encoder.") for k in keys)  # ... but never part of the checkpoint
+    # ... but never part of the checkpoint: the encoder and the dialogue head's few weights only
+    assert keys and all(k.startswith(("encoder.", "head.")) for k in keys)
     assert "lm_model" not in module.hparams and module.hparams.trust_remote_code is False
 
     out = export_retriever(module, tmp_path / "export")

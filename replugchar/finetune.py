@@ -1,0 +1,745 @@
+"""``replugchar finetune-lm``: supervised fine-tuning of the character LM (the frozen teacher / reader of LSR).
+
+Why a separate step: LSR trains the retriever towards the settings under which the LM finds the gold reply most
+likely, so the LM must be a good judge of *this* kind of character. Fine-tuning it on the training characters'
+replies, with prompts rendered by the scorer's own :class:`~replugchar.lm_scoring.PromptTemplate`, makes it one;
+the character split is the hash split of :func:`replugchar.data.split_characters`, the one ``fit`` and
+``evaluate`` use, so no validation/test character is ever in the teacher's training data.
+
+What makes the fine-tune stable (the failure this module exists to avoid): with ``pad_token == eos_token`` a loss
+mask built from ``input_ids != pad_token_id`` hides the eos that ends every reply, so the model never learns to
+stop. Here the tokenizer goes through :func:`~replugchar.lm_scoring.fix_tokenizer` (pad := unk or a new
+``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm_scoring.LMScorer.encode_many>`
+(prompt + reply + eos, context dropped first when too long) and the loss mask comes from the number of reply
+tokens that method returns, never from token ids.
+
+The output is a plain Hugging Face folder (safetensors, fixed tokenizer, ``replugchar_template.json``,
+``train_characters.json``, README.md card) that :func:`replugchar.models.load_causal_lm` loads as ``model.lm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LightningCLI
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from .atomic import atomic_folder
+from .data import Character, Example, LSRDataModule
+from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
+from .models import EMBEDDED_LM, load_causal_lm
+
+log = logging.getLogger(__name__)
+
+SETTINGS_MIX_KEYS = ("all", "subset", "none")
+DEFAULT_SETTINGS_MIX = {"all": 0.4, "subset": 0.4, "none": 0.2}
+TEMPLATE_FILE = "replugchar_template.json"
+TRAIN_CHARACTERS_FILE = "train_characters.json"
+
+# The training stream has a length (so epochs, progress bars and max_epochs mean something) and is an
+# IterableDataset (so Lightning never re-samples it); Lightning warns about that pairing because of per-worker
+# duplication, which cannot happen here: the loader always runs in the main process (num_workers=0).
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def check_settings_mix(mix: dict[str, float] | None) -> dict[str, float]:
+    """``{"all", "subset", "none"} -> weight``, missing keys 0; ValueError naming ``data.settings_mix``."""
+    mix = dict(DEFAULT_SETTINGS_MIX if mix is None else mix)
+    unknown = sorted(set(mix) - set(SETTINGS_MIX_KEYS))
+    if unknown:
+        raise ValueError(f"data.settings_mix: unknown key(s) {unknown}; use {list(SETTINGS_MIX_KEYS)}")
+    weights = {k: float(mix.get(k, 0.0)) for k in SETTINGS_MIX_KEYS}
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"data.settings_mix: weights must be finite, >= 0 and not all 0, got {mix}")
+    return weights
+
+
+def draw_settings(
+    settings: Sequence[str], mix: dict[str, float], max_subset: int, rng: random.Random
+) -> tuple[str, ...]:
+    """The settings one training prompt shows: all of them shuffled, a random subset of 1..max_subset, or none.
+
+    Why a mix: LSR scores replies under single settings and under no setting, and generation at inference sees
+    the top-k, so the teacher must be fluent in all three prompt shapes, not only the one it was tuned on.
+    """
+    kind = rng.choices(SETTINGS_MIX_KEYS, weights=[mix[k] for k in SETTINGS_MIX_KEYS])[0]
+    if kind == "none" or not settings:
+        return ()
+    if kind == "all":
+        return tuple(rng.sample(list(settings), len(settings)))
+    return tuple(rng.sample(list(settings), rng.randint(1, min(max_subset, len(settings)))))
+
+
+# ----------------------------------------------------------------------------------------------- data
+class SFTStream(IterableDataset):
+    """Endless seeded stream of training requests, batched; batch ``b`` is a pure function of (seed, b).
+
+    Why not a shuffled DataLoader: a run killed mid-epoch must resume on exactly the batches it had not trained
+    on. Position ``p`` of the stream is example ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a seeded
+    permutation, and its settings are drawn from ``Random((seed, p))``, so resuming is setting :attr:`cursor`
+    to the number of batches already consumed. One "epoch" is ``len(self)`` batches (one pass over the data,
+    rounded up); under DDP rank ``r`` of ``w`` takes global batches ``b * w + r``.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        characters: dict[str, Character],
+        *,
+        batch_size: int,
+        mix: dict[str, float],
+        max_subset: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not examples:
+            raise ValueError("the SFT stream needs at least one training example")
+        self.examples = list(examples)
+        self.characters = characters
+        self.batch_size = batch_size
+        self.mix = mix
+        self.max_subset = max_subset
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.cursor = 0
+        """Batches of this rank already consumed: the next ``__iter__`` starts there, up to the epoch's end."""
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.examples) / (self.batch_size * self.world_size))
+
+    @property
+    def fingerprint(self) -> str:
+        """What the stream's content depends on; a checkpoint only resumes a stream with the same one."""
+        h = hashlib.sha1(json.dumps([self.seed, self.batch_size, self.world_size, self.max_subset]).encode())
+        h.update(json.dumps(self.mix, sort_keys=True).encode())
+        for e in self.examples:
+            h.update(e.example_id.encode() + b"\x1f")
+        return h.hexdigest()[:16]
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
+        return self._perms[epoch]
+
+    def request(self, position: int) -> ScoreRequest:
+        n = len(self.examples)
+        example = self.examples[self._perm(position // n)[position % n]]
+        rng = random.Random(f"{self.seed}:train:{position}")
+        settings = draw_settings(
+            self.characters[example.character_id].settings, self.mix, self.max_subset, rng
+        )
+        return ScoreRequest(example, settings)
+
+    def batch(self, b: int) -> list[ScoreRequest]:
+        start = (b * self.world_size + self.rank) * self.batch_size
+        return [self.request(p) for p in range(start, start + self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[ScoreRequest]]:
+        end = (self.cursor // len(self) + 1) * len(self)
+        while self.cursor < end:
+            b = self.cursor
+            self.cursor += 1
+            yield self.batch(b)
+
+
+def _as_list(batch):
+    return list(batch)
+
+
+class _StreamLoader(DataLoader):
+    """A DataLoader over :class:`SFTStream` that Lightning treats as resumable.
+
+    The resume position itself comes from ``trainer.global_step`` (see
+    :meth:`CharacterSFTDataModule.train_dataloader`); the state saved here is what that position means, so a
+    resume with a different batch size, seed, data or device count fails instead of training on other batches.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.dataset.fingerprint, "batches_per_epoch": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("stream") != self.dataset.fingerprint:
+            raise ValueError(
+                "ckpt_path: the checkpoint was trained on a different data stream (data.data_dir, batch_size, "
+                "seed, settings_mix, max_subset, caps or the number of devices changed); resume with the "
+                "data section of the interrupted run"
+            )
+
+
+class CharacterSFTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "demo",
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        query_types: list[str] | None = None,
+        settings_mix: dict[str, float] | None = None,
+        max_subset: int = 2,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder with characters.jsonl and dialogues.jsonl (shared schema), or "demo".
+            val_fraction: share of characters held out for validation, hashed per character id exactly as in
+                ``replugchar fit`` (:func:`replugchar.data.split_of`): keep it equal to the LSR run's value so
+                the teacher never trains on a character LSR validates or evaluation tests on.
+            test_fraction: share of characters kept out of training and validation (as in ``replugchar fit``).
+            seed: seed of the character split, the caps, the example order and the settings draws.
+            batch_size: examples per optimisation step (per device).
+            max_train_examples: cap on training examples (random, seeded); null keeps all.
+            max_val_examples: cap on validation examples; validation costs one forward pass per example.
+            query_types: keep only these query types (greeting/closing/other); null keeps all.
+            settings_mix: how often a training prompt shows all the character's settings (shuffled), a random
+                subset of 1..max_subset of them, or none: ``{all: 0.4, subset: 0.4, none: 0.2}`` by default;
+                weights are normalised, missing keys count 0.
+            max_subset: largest subset size of the ``subset`` prompts.
+        """
+        super().__init__()
+        self.mix = check_settings_mix(settings_mix)
+        if max_subset < 1:
+            raise ValueError(f"data.max_subset must be >= 1, got {max_subset}")
+        # validates the shared options (fractions, batch size, caps, query types) with the same messages as fit
+        self.split = LSRDataModule(
+            data_dir=data_dir,
+            val_fraction=val_fraction,
+            batch_size=batch_size,
+            max_train_examples=max_train_examples,
+            max_val_examples=max_val_examples,
+            query_types=query_types,
+            seed=seed,
+            test_fraction=test_fraction,
+        )
+        self.save_hyperparameters()
+        self.val_requests: list[ScoreRequest] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        self.split.setup(stage)
+        if not self.split.train_examples and stage in (None, "fit"):
+            self.split._require([], "training")  # raises DataError naming the data folder and split options
+        seed = self.hparams.seed
+        # validation prompts are drawn once per example id, so every validation sees the same prompts
+        self.val_requests = [
+            ScoreRequest(
+                e,
+                draw_settings(
+                    self.characters[e.character_id].settings,
+                    self.mix,
+                    self.hparams.max_subset,
+                    random.Random(f"{seed}:val:{e.example_id}"),
+                ),
+            )
+            for e in self.split.val_examples
+        ]
+
+    @property
+    def characters(self) -> dict[str, Character]:
+        return self.split.characters
+
+    @property
+    def train_examples(self) -> list[Example]:
+        return self.split.train_examples
+
+    @property
+    def val_examples(self) -> list[Example]:
+        return self.split.val_examples
+
+    @property
+    def train_characters(self) -> list[str]:
+        """Ids of the characters whose replies are in the training pool (sorted)."""
+        return sorted({e.character_id for e in self.train_examples})
+
+    @property
+    def source(self) -> str:
+        corpus = self.split.corpus
+        return corpus.source if corpus is not None else str(self.hparams.data_dir)
+
+    def stream(self) -> SFTStream:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return SFTStream(
+            self.train_examples,
+            self.characters,
+            batch_size=self.hparams.batch_size,
+            mix=self.mix,
+            max_subset=self.hparams.max_subset,
+            seed=self.hparams.seed,
+            rank=rank,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.split.corpus is None:
+            self.setup("fit")
+        stream = self.stream()
+        trainer = self.trainer
+        if trainer is not None:  # a resumed run restarts the stream after the batches it already trained on
+            stream.cursor = trainer.global_step * trainer.accumulate_grad_batches
+        # an explicit generator: a DataLoader otherwise draws from the global RNG on every iter(), which would
+        # shift the dropout masks of a resumed run against an uninterrupted one
+        return _StreamLoader(
+            stream,
+            batch_size=None,
+            collate_fn=_as_list,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.split.corpus is None:
+            self.setup("validate")
+        if self.hparams.val_fraction > 0:
+            self.split._require(self.split.val_examples, "validation")
+        return DataLoader(
+            self.val_requests,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=_as_list,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+
+# ----------------------------------------------------------------------------------------------- model
+def _rng_state() -> dict[str, Any]:
+    """The global torch RNG states (dropout masks); tensors only, so checkpoints load with weights_only."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CharacterLMModule(L.LightningModule):
+    def __init__(
+        self,
+        lm: str = EMBEDDED_LM,
+        method: Literal["full", "lora"] = "lora",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: str | list[str] = "all-linear",
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        template: PromptTemplate | dict | None = None,
+        max_length: int = 512,
+        lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        lm_revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            lm: causal LM to fine-tune: hub id, local folder, ``embedded:SmolLM2-135M-Instruct`` or ``tiny:gpt2``.
+                Its tokenizer is fixed before training (pad := unk, or a new ``<|pad|>``, never eos).
+            method: ``full`` trains every weight; ``lora`` trains low-rank adapters (peft) and merges them into
+                the weights when the model is saved, so the output loads without peft.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: dropout on the LoRA input.
+            lora_target_modules: modules that get adapters: ``all-linear`` (every linear layer but the output
+                head) or a list of module names such as ``[q_proj, v_proj]``.
+            learning_rate: AdamW peak learning rate (linear warmup, then linear decay to 0 at the last step).
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warmup steps.
+            template: the prompt template; must be the one the LSR run scores with (``model.template`` of its
+                config) so the teacher is tuned on the prompts it will judge. Saved in the output folder.
+            max_length: token limit of prompt + reply; the oldest context turns are dropped first, the reply and
+                its eos are never cut (the scorer's policy).
+            lm_dtype: dtype of the loaded weights: ``auto`` = bfloat16 for ``lora`` on a GPU (frozen base),
+                float32 otherwise (full fine-tuning keeps float32 master weights; the trainer's precision,
+                ``bf16-mixed`` on GPU by default, sets the compute dtype).
+            lm_revision: hub revision of ``lm``.
+            trust_remote_code: allow the model repository to run its own code (off unless you trust it).
+        """
+        super().__init__()
+        checks = {
+            "lora_r": lora_r > 0,
+            "lora_alpha": lora_alpha > 0,
+            "lora_dropout": 0 <= lora_dropout < 1,
+            "learning_rate": 0 < learning_rate < float("inf"),
+            "weight_decay": weight_decay >= 0,
+            "warmup_steps": warmup_steps >= 0,
+            "max_length": max_length > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"model.{name} is out of range: {locals()[name]!r}")
+        if method not in ("full", "lora"):
+            raise ValueError(f"model.method must be 'full' or 'lora', got {method!r}")
+        if not lora_target_modules:
+            raise ValueError("model.lora_target_modules is empty: use 'all-linear' or a list of module names")
+        self.template = (
+            PromptTemplate(**template) if isinstance(template, dict) else (template or PromptTemplate())
+        )
+        self.save_hyperparameters(ignore=["template"])
+        self.hparams["template"] = dataclasses.asdict(self.template)
+        # LoRA checkpoints hold the adapters only (the frozen base reloads from `lm`), see on_save_checkpoint
+        self.strict_loading = method == "full"
+        self.lm: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.merged = False
+        self.metrics_before: dict[str, float] = {}
+        """Validation metrics before training (set by the CLI), written into the model card."""
+        self.last_val_step = -1
+
+    # ------------------------------------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Load the LM on the trainer's device (idempotent: Lightning calls this for validate and for fit)."""
+        if self.lm is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        dtype = hp.lm_dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" and hp.method == "lora" else "float32"
+        model, tok = load_causal_lm(
+            hp.lm, dtype=dtype, revision=hp.lm_revision, trust_remote_code=hp.trust_remote_code
+        )
+        fix_tokenizer(tok, model)  # idempotent; explicit because training on pad == eos is the bug we avoid
+        if tok.pad_token_id == tok.eos_token_id:
+            raise ValueError(f"model.lm={hp.lm}: the tokenizer's pad token is still its eos token")
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.train()
+        if hp.method == "full":
+            model.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                task_type="CAUSAL_LM",
+                r=hp.lora_r,
+                lora_alpha=hp.lora_alpha,
+                lora_dropout=hp.lora_dropout,
+                target_modules=hp.lora_target_modules,
+            )
+            model = get_peft_model(model, config)
+        self.lm = model
+        self.tokenizer = tok
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        log.info("%s (%s, %s): %d of %d parameters trainable", hp.lm, hp.method, dtype, n_train, n_all)
+
+    @property
+    def encoder(self) -> LMScorer:
+        """The scorer's tokenisation (prompt + reply + eos, its truncation policy, left padding)."""
+        if self.lm is None:
+            self.configure_model()
+        return LMScorer(
+            self.lm, self.tokenizer, self.template, max_length=self.hparams.max_length, lm_key="finetune"
+        )
+
+    def reply_nll(self, requests: Sequence[ScoreRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL of each reply and its eos, and the mask of those tokens: both (batch, r_max).
+
+        The batch is laid out exactly as :meth:`LMScorer.score` lays it out (left padding, positions counted
+        from the first real token, only the reply positions through the LM head), so the loss trained here is
+        the negative of the score LSR reads. The mask comes from the reply lengths that
+        :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
+        """
+        encoder = self.encoder
+        ids, mask, reply = encoder.collate(encoder.encode_many(requests))
+        r_max = int(reply.sum(1).max())
+        ids, mask, reply = ids.to(self.device), mask.to(self.device), reply[:, -r_max:].to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            logits_to_keep=r_max + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (batch, r_max, vocab): predictions of the last r_max tokens
+        targets = ids[:, -r_max:].masked_fill(~reply, -100)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        return nll, reply
+
+    def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
+        return batch  # text; the tensors are built on the right device in reply_nll
+
+    def training_step(self, batch: list[ScoreRequest], batch_idx: int) -> torch.Tensor:
+        nll, reply = self.reply_nll(batch)
+        loss = nll.sum() / reply.sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(reply.sum()))
+        return loss
+
+    def validation_step(self, batch: list[ScoreRequest], batch_idx: int) -> None:
+        nll, reply = self.reply_nll(batch)
+        n_tokens = int(reply.sum())
+        self.log("val/loss", nll.sum() / n_tokens, prog_bar=True, batch_size=n_tokens)
+        # the eos is the last token of every row: how surely the model stops after the reply
+        self.log("val/eos_nll", nll[:, -1].mean(), batch_size=len(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+
+    def on_fit_start(self) -> None:
+        """Fail before the first step if an example cannot fit ``max_length`` even without context."""
+        dm = self.trainer.datamodule
+        if dm is None or not getattr(dm, "train_examples", None):
+            return
+        worst = [ScoreRequest(e, dm.characters[e.character_id].settings) for e in dm.train_examples]
+        encoder = self.encoder
+        for i in range(0, len(worst), 512):
+            encoder.encode_many(worst[i : i + 512])
+
+    def configure_optimizers(self):
+        from transformers import get_linear_schedule_with_warmup
+
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("trainer.max_steps or trainer.max_epochs must bound the training")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        schedule = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["replugchar_rng"] = _rng_state()
+        if self.hparams.method == "lora":  # the frozen base is reloaded from `lm`: keep the adapters only
+            keep = self._trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "replugchar_rng" in checkpoint:
+            _set_rng_state(checkpoint["replugchar_rng"])
+        if self.hparams.method == "lora" and self.lm is not None:
+            missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(
+                    f"ckpt_path: the checkpoint lacks {len(missing)} adapter weights ({missing[:2]}): it was "
+                    "trained with other model.method / lora_* options"
+                )
+
+    # ------------------------------------------------------------------------------------------- export
+    def merged_model(self) -> torch.nn.Module:
+        """The plain transformers model; LoRA adapters are merged into the weights (in place, once)."""
+        if self.lm is None:
+            self.configure_model()
+        if self.hparams.method == "lora" and not self.merged:
+            self.lm = self.lm.merge_and_unload()
+            self.merged = True
+        return self.lm
+
+    def export(
+        self,
+        folder: str | Path,
+        *,
+        train_characters: Sequence[str],
+        data_source: str,
+        metrics: dict[str, float] | None = None,
+    ) -> Path:
+        """Write the fine-tuned LM as a Hugging Face folder, atomically (temp folder beside it, then rename).
+
+        Contents: safetensors weights (LoRA merged), the fixed tokenizer, ``replugchar_template.json``,
+        ``train_characters.json`` (evaluation excludes them, see :func:`finetuned_characters`) and a README.md
+        card. After this the module holds the merged model, which is what was saved.
+        """
+        folder = Path(folder)
+        model = self.merged_model()
+        was_training = model.training
+        model.eval()
+        hp = self.hparams
+        info = {
+            "base_model": hp.lm,
+            "method": hp.method,
+            "data_dir": data_source,
+            "train_characters": sorted(train_characters),
+            "global_step": self.global_step if self._trainer is not None else 0,
+        }
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / TEMPLATE_FILE).write_text(
+                json.dumps(dataclasses.asdict(self.template), indent=2, ensure_ascii=False) + "\n",
+                encoding="utf-8",
+            )
+            (tmp / TRAIN_CHARACTERS_FILE).write_text(
+                json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            (tmp / "README.md").write_text(self._card(info, metrics or {}), encoding="utf-8")
+        model.train(was_training)
+        log.info("fine-tuned LM written to %s", folder)
+        return folder
+
+    def _card(self, info: dict[str, Any], metrics: dict[str, float]) -> str:
+        hp, tok = self.hparams, self.tokenizer
+        method = (
+            f"LoRA (r={hp.lora_r}, alpha={hp.lora_alpha}, dropout={hp.lora_dropout}, "
+            f"target_modules={hp.lora_target_modules}), merged into the weights"
+            if hp.method == "lora"
+            else "full fine-tuning"
+        )
+        lines = [
+            "---",
+            "library_name: transformers",
+            "tags: [replugchar, role-play, character-lm]",
+            "---",
+            "# Character LM fine-tuned by `replugchar finetune-lm`",
+            "",
+            f"- base model: `{hp.lm}`" + (f" (revision {hp.lm_revision})" if hp.lm_revision else ""),
+            f"- method: {method}",
+            f"- optimisation steps: {info['global_step']}, learning rate {hp.learning_rate}",
+            f"- data set: `{info['data_dir']}` (training split of the character hash split)",
+            f"- tokenizer: pad `{tok.pad_token}` (id {tok.pad_token_id}) is not eos `{tok.eos_token}` "
+            f"(id {tok.eos_token_id}); the loss covered each reply and the eos that ends it",
+            f"- prompt template: `{TEMPLATE_FILE}` (use the same `model.template` when LSR scores with this LM)",
+            f"- max_length: {hp.max_length}",
+        ]
+        for key in sorted(set(self.metrics_before) | set(metrics)):
+            before = self.metrics_before.get(key)
+            after = metrics.get(key)
+            b = f"{before:.4f}" if before is not None else "n/a"
+            a = f"{after:.4f}" if after is not None else "n/a"
+            lines.append(f"- {key}: {b} before -> {a} after training (held-out characters)")
+        chars = info["train_characters"]
+        lines += [
+            "",
+            f"## Training characters ({len(chars)})",
+            "",
+            "Evaluation must exclude them (`replugchar.finetune.finetuned_characters(folder)`; the list is also in "
+            f"`{TRAIN_CHARACTERS_FILE}`):",
+            "",
+            ", ".join(chars),
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def finetuned_characters(folder: str | Path) -> set[str]:
+    """Ids of the characters an LM folder written by ``finetune-lm`` was trained on; empty for any other LM.
+
+    Why: an LM judged on characters whose replies it was tuned on flatters every retriever; evaluation and the
+    teacher report drop those characters.
+    """
+    path = Path(str(folder)).expanduser() / TRAIN_CHARACTERS_FILE
+    if not path.is_file():
+        return set()
+    info = json.loads(path.read_text(encoding="utf-8"))
+    return set(info.get("train_characters") or [])
+
+
+class ExportCharacterLM(L.Callback):
+    """Write the fine-tuned LM folder when ``fit`` ends (rank 0)."""
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        """
+        Args:
+            output_dir: the Hugging Face folder to write (replaced atomically if it exists); null writes nothing.
+        """
+        self.output_dir = output_dir
+        self.written: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CharacterLMModule) -> None:
+        if not self.output_dir or trainer.global_rank != 0:
+            return
+        dm = trainer.datamodule
+        metrics = {}
+        if pl_module.last_val_step == trainer.global_step:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.written = pl_module.export(
+            self.output_dir,
+            train_characters=dm.train_characters if dm is not None else [],
+            data_source=dm.source if dm is not None else "",
+            metrics=metrics,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _cuda_bf16(accelerator: Any) -> bool:
+    if str(accelerator) not in ("auto", "gpu", "cuda"):
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class FinetuneCLI(LightningCLI):
+    """``replugchar finetune-lm --config ...``: validate, fit, export, validate; one command, no subcommands."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ExportCharacterLM, "export")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="resume from this Lightning checkpoint (e.g. <checkpoint dirpath>/last.ckpt) after a kill",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        trainer = self.config.trainer
+        if trainer.precision is None:  # bf16 on GPU, fp32 on CPU unless the config says otherwise
+            trainer.precision = "bf16-mixed" if _cuda_bf16(trainer.accelerator) else "32-true"
+
+    def run_fit(self) -> dict[str, float]:
+        """Validation before -> fit (the export callback writes the LM) -> validation after; returns after."""
+        trainer, model, dm = self.trainer, self.model, self.datamodule
+        ckpt_path = self.config.get("ckpt_path")
+        validate = trainer.limit_val_batches != 0 and dm.hparams.val_fraction > 0
+        if validate and not ckpt_path:
+            results = trainer.validate(model, datamodule=dm, verbose=False)
+            model.metrics_before = {k: float(v) for k, v in results[0].items()} if results else {}
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        after: dict[str, float] = {}
+        if validate:
+            if model.last_val_step == trainer.global_step:
+                after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            else:
+                results = trainer.validate(model, datamodule=dm, verbose=False)
+                after = {k: float(v) for k, v in results[0].items()} if results else {}
+        if trainer.global_rank == 0:
+            for key in ("val/loss", "val/eos_nll"):
+                if key in after:
+                    before = model.metrics_before.get(key)
+                    b = f"{before:.4f}" if before is not None else "n/a"
+                    log.info("finetune-lm: %s %s -> %s (held-out characters)", key, b, f"{after[key]:.4f}")
+            for cb in trainer.callbacks:
+                if isinstance(cb, ExportCharacterLM) and cb.written:
+                    log.info("finetune-lm: fine-tuned LM in %s (model.lm for LSR)", cb.written)
+        return after
+
+
+def main(argv: list[str] | None = None) -> FinetuneCLI:
+    """``replugchar finetune-lm [--config finetune.yaml] [--section.option value ...]``."""
+    cli = FinetuneCLI(
+        CharacterLMModule,
+        CharacterSFTDataModule,
+        args=list(sys.argv[1:] if argv is None else argv),
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+    cli.run_fit()
+    return cli
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
