@@ -31,9 +31,9 @@ import random
 import numpy as np
 import torch
 
-from replugchar.metrics import bootstrap_ci
 from replugchar.lm_scoring import ScoreRequest
 from replugchar.losses import LSRLoss
+from replugchar.metrics import bootstrap_ci
 from replugchar.run import load_run
 
 PROBES = {"gen": (True, False), "diag": (False, True), "both": (True, True)}

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from replugchar import evaluate as harness
-from replugchar.lightning_cli import LSRCLI
 from replugchar.data import LSRDataModule
+from replugchar.lightning_cli import LSRCLI
 from replugchar.module import LSRModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

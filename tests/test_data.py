@@ -55,7 +55,9 @@ def test_split_characters_and_caps():
     train, val, test = split["train"], split["val"], split["test"]
     assert train | val | test == set(ids) and not train & val and not train & test and not val & test
     assert 40 <= len(val) <= 80 and 20 <= len(test) <= 60  # ~60 and ~40 of 200
-    assert split_characters(list(reversed(ids)), 0.3, seed=0, test_fraction=0.2) == split  # input order irrelevant
+    assert (
+        split_characters(list(reversed(ids)), 0.3, seed=0, test_fraction=0.2) == split
+    )  # input order irrelevant
     assert split_characters(ids, 0.0, seed=0)["train"] == set(ids)
     # a character's split depends on its id alone: adding characters moves nobody, so data sets agree
     more = split_characters([*ids, *(f"extra{i}" for i in range(50))], 0.3, seed=0, test_fraction=0.2)

@@ -24,8 +24,8 @@ import yaml
 
 from replugchar import metrics as ev
 from replugchar.data import Corpus, LSRDataModule, split_characters
-from replugchar.export import export_retriever
 from replugchar.evaluate import evaluate
+from replugchar.export import export_retriever
 from replugchar.index import SettingIndex
 from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 from replugchar.module import LSRModule
