@@ -1,6 +1,7 @@
 """Rebuild replugchar/demo_data from ../shared/data/synthetic_persona_chat (CC BY 4.0, Jandaghi et al. 2023).
 
-Keeps every example of a fixed, seeded choice of characters, so the bundled subset is reproducible:
+Keeps every example of a fixed, seeded choice of characters (and the whole sessions they come from), so the
+bundled subset is reproducible:
     python scripts/make_demo_data.py ../shared/data/synthetic_persona_chat
 """
 
@@ -44,7 +45,15 @@ def main(src: str) -> None:
     with (out / "dialogues.jsonl").open("w", encoding="utf-8") as f:
         for r in examples:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {len(keep)} characters, {len(examples)} examples to {out}")
+    # the whole sessions, so the dialogue-aware retriever sees each example's full history (not only 4 turns)
+    used = {r["dialogue_id"] for r in examples}
+    with (out / "sessions.jsonl").open("w", encoding="utf-8") as f:
+        for line in (src_dir / "sessions.jsonl").open(encoding="utf-8"):
+            rec = json.loads(line)
+            if rec["dialogue_id"] in used:
+                keys = ("dialogue_id", "source", "language", "participants", "turns", "shown_setting_indices")
+                f.write(json.dumps({k: rec[k] for k in keys if k in rec}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(keep)} characters, {len(examples)} examples, {len(used)} sessions to {out}")
 
 
 if __name__ == "__main__":
