@@ -40,7 +40,8 @@ class ScoringRule:
         weights: one weight per :data:`FEATURES` entry (negative = the evidence makes a setting less likely
             to be what the next reply needs).
         prior_weight: λ, the weight of the generality prior.
-        threshold: relevance threshold τ on the score; settings under it are not retrieved (None = keep all).
+        threshold: relevance threshold τ on the score; settings under it are not retrieved (None or -inf:
+            keep all).
         history_window: how many turns before the query the features look at.
     """
 
@@ -52,11 +53,11 @@ class ScoringRule:
     def __post_init__(self) -> None:
         if len(self.weights) != len(FEATURES):
             raise ValueError(f"scoring weights need {len(FEATURES)} values ({', '.join(FEATURES)})")
-        numbers = [*self.weights, self.prior_weight] + (
-            [self.threshold] if self.threshold is not None else []
-        )
+        numbers = [*self.weights, self.prior_weight]
         if not all(np.isfinite(numbers)):
-            raise ValueError(f"scoring weights, prior_weight and threshold must be finite, got {numbers}")
+            raise ValueError(f"scoring weights and prior_weight must be finite, got {numbers}")
+        if self.threshold is not None and (np.isnan(self.threshold) or self.threshold == np.inf):
+            raise ValueError(f"threshold must be a number (or -inf to keep all), got {self.threshold}")
         if self.history_window < 0:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
 

@@ -171,7 +171,7 @@ def test_lsr_training_ranks_the_setting_the_lm_needs_first(toy, tmp_path):
 
     trainer.save_checkpoint(tmp_path / "toy.ckpt")
     ckpt = torch.load(tmp_path / "toy.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["state_dict"] and all(k.startswith("encoder.") for k in ckpt["state_dict"])
+    assert ckpt["state_dict"] and all(k.startswith(("encoder.", "head.")) for k in ckpt["state_dict"])
     assert ckpt["replugchar"]["lm_in_checkpoint"] is False
 
 
