@@ -304,6 +304,9 @@ class CharacterSFTDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
+    def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
+        return batch  # text: CharacterLMModule.reply_nll tokenises it and builds the tensors on its device
+
     def val_dataloader(self) -> DataLoader:
         if self.split.corpus is None:
             self.setup("validate")
@@ -476,9 +479,6 @@ class CharacterLMModule(L.LightningModule):
         nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
         return nll, reply
 
-    def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
-        return batch  # text; the tensors are built on the right device in reply_nll
-
     def training_step(self, batch: list[ScoreRequest], batch_idx: int) -> torch.Tensor:
         nll, reply = self.reply_nll(batch)
         loss = nll.sum() / reply.sum()
@@ -495,6 +495,9 @@ class CharacterLMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.last_val_step = self.global_step
+
+    def on_train_start(self) -> None:
+        self.lm.train()  # dropout on even if the LM was put in eval mode before fit (Lightning keeps modes)
 
     def on_fit_start(self) -> None:
         """Fail before the first step if an example cannot fit ``max_length`` even without context."""
