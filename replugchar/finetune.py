@@ -590,6 +590,11 @@ class CharacterLMModule(L.LightningModule):
                 json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
             )
             (tmp / "README.md").write_text(self._card(info, metrics or {}), encoding="utf-8")
+            # the temp folder (mkdtemp) and some writers' temp files are private (0700/0600): a model folder is
+            # meant to be read by others (a serving process, a teammate)
+            tmp.chmod(0o755)
+            for path in tmp.iterdir():
+                path.chmod(0o644)
         model.train(was_training)
         log.info("fine-tuned LM written to %s", folder)
         return folder

@@ -311,6 +311,8 @@ def test_the_saved_folder_scores_exactly_as_the_in_memory_model(corpus_dir, tmp_
     loaded, loaded_tok = load_causal_lm(str(folder))
     assert loaded_tok.pad_token == "<|pad|>" and loaded_tok.pad_token_id == module.tokenizer.pad_token_id
     assert not any(n.endswith((".bin", ".pt")) for n in os.listdir(folder))
+    assert folder.stat().st_mode & 0o055 == 0o055  # others may read the folder ...
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())  # ... and its files
     assert (folder / "model.safetensors").exists() and not any(
         "lora" in k for k in load_file(folder / "model.safetensors")
     )
