@@ -690,7 +690,15 @@ def _cuda_bf16(accelerator: Any) -> bool:
 
 
 class FinetuneCLI(LightningCLI):
-    """``replugchar finetune-lm --config ...``: validate, fit, export, validate; one command, no subcommands."""
+    """``replugchar finetune-lm --config ...``: validate, fit, export, validate; one command, no subcommands.
+
+    The optimiser and its schedule are the module's (AdamW over the trainable weights, warmup then linear decay),
+    so the CLI's generic ``--optimizer`` / ``--lr_scheduler`` options are off.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportCharacterLM, "export")
@@ -736,14 +744,19 @@ class FinetuneCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> FinetuneCLI:
     """``replugchar finetune-lm [--config finetune.yaml] [--section.option value ...]``."""
-    cli = FinetuneCLI(
-        CharacterLMModule,
-        CharacterSFTDataModule,
-        args=list(sys.argv[1:] if argv is None else argv),
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
+    with warnings.catch_warnings():
+        # `replugchar finetune-lm ...` hands over the arguments after the command name; sys.argv still holds
+        # the command, which LightningCLI would otherwise warn about
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = FinetuneCLI(
+            CharacterLMModule,
+            CharacterSFTDataModule,
+            args=list(sys.argv[1:] if argv is None else argv),
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            parser_kwargs={"prog": "replugchar finetune-lm"},
+        )
     cli.run_fit()
     return cli
 

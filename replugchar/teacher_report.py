@@ -164,7 +164,7 @@ def main(argv: list[str]) -> dict[str, float]:
     """``replugchar teacher-report [--config report.yaml] [--option value ...]``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="replugchar teacher-report", description=report.__doc__)
+    parser = ArgumentParser(prog="replugchar teacher-report", description=report.__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
     parser.add_function_arguments(report, as_group=False)
     cfg = parser.parse_args(argv)
