@@ -146,7 +146,7 @@ class LSRModule(L.LightningModule):
                 if enc is not None:
                     enc.requires_grad_(False)
         self.head = DialogueHead() if dialogue_features else None
-        self._turn_cache: dict[str, Tensor] = {}
+        self._turn_cache: dict[tuple[bool, str], Tensor] = {}
         self.loss_fn = LSRLoss(
             gamma=gamma, beta=beta, direction=kl_direction, min_margin=min_margin, top1_weight=top1_weight
         )
@@ -252,7 +252,11 @@ class LSRModule(L.LightningModule):
         """Top-k setting ids per query from the (possibly stale) index of the character's settings."""
         if self.index is None:
             self.refresh_index()
-        q = self.encode_all(self.query_strings(examples), queries=True)
+        texts = self.query_strings(examples)
+        if self.hparams.freeze_encoder:
+            q = self.embed_fixed(texts, queries=True).float().cpu().numpy()
+        else:
+            q = self.encode_all(texts, queries=True)
         _, ids = self.index.search(q, self.hparams.k, character_ids=[e.character_id for e in examples])
         return [[int(i) for i in row if i >= 0] for row in ids]
 
@@ -272,25 +276,25 @@ class LSRModule(L.LightningModule):
         return out.to(self.device)
 
     @torch.no_grad()
-    def embed_turns(self, texts: list[str]) -> Tensor:
-        """(n, d) history-turn embeddings, as :class:`~replugchar.retriever.Retriever` makes them (query encoder,
-        normalised). No gradient: the features are inputs of the head; cached by text while the encoder is
-        frozen (a session's turns come back at every later turn)."""
+    def embed_fixed(self, texts: list[str], *, queries: bool = True) -> Tensor:
+        """(n, d) embeddings without gradient, as :class:`~replugchar.retriever.Retriever` makes them (eval mode,
+        normalised): history turns always (the features are inputs of the head), and everything while the
+        encoder is frozen. Cached by text while frozen: a session's turns come back at every later turn, and an
+        epoch over cached embeddings costs only the head."""
         frozen = self.hparams.freeze_encoder
-        todo = [t for t in dict.fromkeys(texts) if not (frozen and t in self._turn_cache)]
+        cache = self._turn_cache
+        todo = [t for t in dict.fromkeys(texts) if not (frozen and (queries, t) in cache)]
+        fresh: dict = {}
         if todo:
             was_training = self.training
             self.eval()
             try:
-                emb = self.encode(todo, queries=True)
+                fresh = dict(zip(((queries, t) for t in todo), self.encode(todo, queries=queries)))
             finally:
                 self.train(was_training)
-            fresh = dict(zip(todo, emb))
             if frozen:
-                self._turn_cache.update(fresh)
-        else:
-            fresh = {}
-        return torch.stack([fresh[t] if t in fresh else self._turn_cache[t] for t in texts])
+                cache.update(fresh)
+        return torch.stack([fresh.get((queries, t), cache.get((queries, t))) for t in texts])
 
     def features(
         self, examples: list[Example], cands: list[list[int]], setting_emb: Tensor, pos: dict
@@ -300,7 +304,7 @@ class LSRModule(L.LightningModule):
         out = torch.zeros((len(examples), k, len(FEATURES)), device=self.device)
         turns = [window(e.dialogue, hw) for e in examples]
         texts = [t.text for ts in turns for t in ts]
-        emb = self.embed_turns(texts) if texts else None
+        emb = self.embed_fixed(texts) if texts else None
         start = 0
         for row, (ts, ids) in enumerate(zip(turns, cands)):
             h = emb[start : start + len(ts)] if ts else setting_emb.new_zeros((0, setting_emb.shape[1]))
@@ -316,8 +320,9 @@ class LSRModule(L.LightningModule):
         k = self.hparams.k
         uniq = sorted({i for row in cands for i in row})
         pos = {sid: j for j, sid in enumerate(uniq)}
-        q = self.encode(self.query_strings(examples), queries=True)  # (batch, d)
-        s = self.encode([self.index.records[i].text for i in uniq])  # (unique, d)
+        encode = self.embed_fixed if self.hparams.freeze_encoder else self.encode
+        q = encode(self.query_strings(examples), queries=True)  # (batch, d)
+        s = encode([self.index.records[i].text for i in uniq], queries=False)  # (unique, d)
         gather = torch.zeros((len(examples), k), dtype=torch.long, device=self.device)
         mask = torch.zeros((len(examples), k), dtype=torch.bool, device=self.device)
         for row, ids in enumerate(cands):
