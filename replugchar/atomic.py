@@ -27,6 +27,7 @@ def atomic_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a published folder is as readable as any other
         if final.exists():
             if not replace:
                 shutil.rmtree(tmp, ignore_errors=True)

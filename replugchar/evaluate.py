@@ -93,14 +93,17 @@ def evaluate(
         raise ValueError(f"split must be val, test or all, got {split!r}")
     retriever = Retriever.load(trained) if trained else None
     config = retriever.config if retriever else {}
+    stored = config.get("scorer", {})
+    lm = lm or stored.get("lm", EMBEDDED_LM)
+    # neither the retriever's nor a fine-tuned teacher's training characters are evaluated
+    exclude = set(config.get("train_characters") or []) | _finetuned(lm)
     examples, chars = select_examples(
-        data_dir, split, val_fraction, test_fraction, seed, max_examples, config.get("train_characters")
+        data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
     if prior_weight is None:
         prior_weight = retriever.rule.prior_weight if retriever else 0.1
-    stored = config.get("scorer", {})
     scorer = build_scorer(
-        lm or stored.get("lm", EMBEDDED_LM),
+        lm,
         template=template or stored.get("template") or config.get("template"),
         lm_revision=stored.get("lm_revision"),
         lm_dtype=lm_dtype or stored.get("lm_dtype", "auto"),
@@ -153,6 +156,17 @@ def evaluate(
     print(ev.markdown_table(result))
     print(f"\nevaluation written to {out}/results.json, results.md, results.png")
     return result
+
+
+def _finetuned(lm: str) -> set[str]:
+    """Training characters of a ``finetune-lm`` folder (empty for any other LM)."""
+    from pathlib import Path
+
+    if not Path(lm).expanduser().is_dir():
+        return set()
+    from .finetune import finetuned_characters
+
+    return finetuned_characters(lm)
 
 
 def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude=None):

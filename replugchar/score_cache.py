@@ -163,6 +163,20 @@ def resolve_cache_dir(option: str | None) -> Path | None:
     return cache_dir() / "scores" if option == "auto" else Path(option).expanduser()
 
 
+def _folder_digest(spec: str) -> str | None:
+    """Content id of a local model folder: ``finetune-lm`` may rewrite the same folder, whose old scores must
+    then miss the cache. Sizes and the first MiB of each weight file: cheap, and changes with any retraining."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha1()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+    return "sha1:" + h.hexdigest()[:12]
+
+
 SCORER_OPTIONS = (
     "lm",
     "lm_revision",
@@ -204,6 +218,6 @@ def build_scorer(
         template,
         max_length=max_length,
         max_batch_tokens=lm_batch_tokens,
-        lm_key=f"{lm}@{lm_revision or 'main'}",
+        lm_key=f"{lm}@{lm_revision or _folder_digest(lm) or 'main'}",
     )
     return CachedScorer(scorer, resolve_cache_dir(score_cache_dir), rank=rank)
