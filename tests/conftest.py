@@ -1,13 +1,22 @@
-"""Shared fixtures: tiny models built in code, a small in-code corpus, and a data-folder writer.
+"""Shared fixtures and helpers: tiny models built in code, a small in-code corpus, data-folder writers, and the
+subprocess plumbing of the reliability tests (kill/resume, bad input through the console script).
 
 Everything here runs offline: ``tiny:gpt2`` / ``tiny:bert`` are 2-layer models with a byte-level tokenizer,
 built from a fixed seed (see :mod:`replugchar.models`). The embedded SmolLM2 / MiniLM models are never loaded.
+
+Plain helpers (not fixtures) are imported by test modules with ``from conftest import ...`` (pytest puts
+``tests/`` on ``sys.path``): ``REPO``, ``character``, ``dialogue``, ``write_jsonl``, ``data_dir``, ``tiny_gpt2``,
+``subprocess_env``, ``start_python``, ``wait_until``, ``sigkill``, ``score_requests``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,9 +48,30 @@ def _isolated_replugchar_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def session_cache(_isolated_replugchar_cache) -> Path:
+    """The session's ``$REPLUGCHAR_CACHE`` folder (the tiny BERT is built once), never the user's ~/.cache;
+    for session- or module-scoped fixtures that start subprocesses."""
+    return _isolated_replugchar_cache
+
+
+@pytest.fixture
+def rc_cache(session_cache, monkeypatch) -> Path:
+    """``$REPLUGCHAR_CACHE`` pinned to the session cache for one test (even if another test changed it)."""
+    monkeypatch.setenv("REPLUGCHAR_CACHE", str(session_cache))
+    return session_cache
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_gpt2():
+    """(model, tokenizer) of the 2-layer GPT-2 with the byte tokenizer (one token per byte of ASCII), built once
+    per process; the same objects as the ``tiny_lm`` fixture. Do not mutate: deepcopy first."""
+    return load_causal_lm("tiny:gpt2")
+
+
+@pytest.fixture(scope="session")
 def tiny_lm():
     """(model, tokenizer) of the frozen 2-layer GPT-2 with the byte tokenizer. Do not mutate: deepcopy first."""
-    return load_causal_lm("tiny:gpt2")
+    return tiny_gpt2()
 
 
 @pytest.fixture(scope="session")
@@ -175,3 +205,120 @@ def write_data(tmp_path) -> DataWriter:
         return folder
 
     return write
+
+
+# ----------------------------------------------------------------------------------------------- raw data records
+def character(cid: str = "c1", n_settings: int = 3, **extra) -> dict:
+    """A characters.jsonl record with ``n_settings`` distinct settings; ``extra`` adds or overrides fields."""
+    return {"character_id": cid, "settings": [f"{cid} trait number {i}." for i in range(n_settings)], **extra}
+
+
+def dialogue(eid: str = "e1", cid: str = "c1", **extra) -> dict:
+    """A dialogues.jsonl record; ``extra`` adds or overrides fields."""
+    return {
+        "example_id": eid,
+        "character_id": cid,
+        "query": "Hello! How are you?",
+        "response": "Fine, thanks.",
+        **extra,
+    }
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows are dicts (dumped as JSON) or raw str/bytes lines (written as they are)."""
+    out = bytearray()
+    for row in rows:
+        if isinstance(row, bytes):
+            out += row
+        elif isinstance(row, str):
+            out += row.encode()
+        else:
+            out += json.dumps(row, ensure_ascii=False).encode()
+        out += b"\n"
+    path.write_bytes(bytes(out))
+    return path
+
+
+def data_dir(tmp_path: Path, characters: list | None = None, dialogues: list | None = None) -> Path:
+    """``tmp_path/data`` with two well-formed characters and four dialogues unless given (rows as for
+    :func:`write_jsonl`: dicts, or raw str/bytes lines to inject malformed records)."""
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    if characters is None:
+        characters = [character("c1"), character("c2")]
+    if dialogues is None:
+        dialogues = [dialogue(f"e{i}", "c1" if i < 2 else "c2") for i in range(4)]
+    write_jsonl(folder / "characters.jsonl", characters)
+    write_jsonl(folder / "dialogues.jsonl", dialogues)
+    return folder
+
+
+def score_requests(n: int):
+    """``n`` distinct, deterministic (example, setting) requests of varied lengths (no model needed)."""
+    from replugchar.lm_scoring import ScoreRequest
+
+    out = []
+    for i in range(n):
+        context = tuple(Turn("user" if j % 2 == 0 else "character", f"turn {j} of {i}") for j in range(i % 3))
+        ex = Example(
+            f"ex{i}",
+            "c1",
+            f"d{i}",
+            query=f"Question {i}?" + " more" * (i % 5),
+            response=f"Answer number {i}.",
+            context=context,
+        )
+        out.append(ScoreRequest(ex, (f"I am trait {i % 4}.",)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- processes
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(cache: Path | None = None) -> dict[str, str]:
+    """This process's environment (``$REPLUGCHAR_CACHE`` = the session cache unless ``cache``), one thread."""
+    env = dict(os.environ)
+    if cache is not None:
+        env["REPLUGCHAR_CACHE"] = str(cache)
+    # one intra-op thread: the models are tiny and the 2 cores are shared with the test process
+    env.update(
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    env.pop("REPLUGCHAR_DEBUG", None)  # a user's debug setting would turn one-line errors into tracebacks
+    return env
+
+
+def start_python(script: str | Path, *args: str, log: Path, cache: Path | None = None) -> subprocess.Popen:
+    """Run ``python script args`` from the repository root, stdout+stderr into ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, str(script), *args],
+            cwd=REPO,
+            env=subprocess_env(cache),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    """Poll ``condition`` while ``proc`` runs; fail with the process log if it exits or times out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"process exited with {proc.returncode} before the condition held:\n{log.read_text()[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"condition not met in {timeout}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    proc.kill()  # SIGKILL on POSIX: no cleanup handlers, no finally blocks
+    proc.wait(timeout=30)
+    assert proc.returncode == -9, f"expected death by SIGKILL, got return code {proc.returncode}"

@@ -1,5 +1,9 @@
 """Bad input gives an error a user can act on: it names the file and line (or the option) and what is wrong.
 
+Every faulty data folder of ``FAULTY_DATA`` is rejected in-process with its exact message, and through the console
+script (``replugchar score`` / ``replugchar fit``) with one line on stderr, ``replugchar: error: <file>:<line>: ...``,
+exit code 2 and no traceback.
+
 Not covered here: NaN/inf in imported prior scores and priors for unknown settings (replugchar.priors).
 """
 
@@ -7,11 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_reliability import REPO, character, data_dir, dialogue, rc_cache, tiny_gpt2, write_jsonl  # noqa: F401
+from conftest import REPO, character, data_dir, dialogue, subprocess_env, tiny_gpt2, write_jsonl
 
 from replugchar.data import (
     MAX_TEXT_CHARS,
@@ -36,196 +45,232 @@ def load(folder):
 
 
 # ----------------------------------------------------------------------------------------------- JSONL records
-def test_malformed_json_names_file_and_line(tmp_path):
-    folder = data_dir(tmp_path, characters=[character("c1"), '{"character_id": "c2", "settings": ["a"]'])
-    with pytest.raises(DataError, match=r"characters\.jsonl:2: malformed JSON \(Expecting ',' delimiter"):
-        load(folder)
+@dataclass(frozen=True)
+class Faulty:
+    """A data folder with one faulty record: where it is, what is wrong, and the whole expected message."""
+
+    name: str
+    build: Callable[[Path], Path]  # tmp_path -> data folder (characters.jsonl + dialogues.jsonl)
+    where: str  # "dialogues.jsonl:3": the file and line the message must name
+    what: str  # the field (or the fault) the message must name
+    message: str  # regex of the whole DataError message
+
+    def __str__(self) -> str:
+        return self.name
 
 
-def test_record_that_is_not_an_object(tmp_path):
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), '["e2", "c1"]'])
-    with pytest.raises(DataError, match=r"dialogues\.jsonl:2: expected a JSON object, got list"):
-        load(folder)
+def _without(row: dict, field: str) -> dict:
+    return {k: v for k, v in row.items() if k != field}
 
 
-def test_missing_field(tmp_path):
-    row = dialogue("e2")
-    del row["response"]
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), row])
-    with pytest.raises(DataError, match=r"dialogues\.jsonl:2: missing field 'response'"):
-        load(folder)
+LONG = "a" * (MAX_TEXT_CHARS + 1)
+LATIN1 = json.dumps(dialogue("e3", query="caf\u00e9"), ensure_ascii=False).encode("latin-1")
+SURROGATE = r'{"example_id": "e1", "character_id": "c1", "query": "hi \ud800", "response": "ok"}'
 
 
-@pytest.mark.parametrize(
-    ("which", "row", "message"),
-    [
-        (
-            "characters",
-            character("c1", settings="I am a cat."),
-            r"characters\.jsonl:1: field 'settings' must be a list",
-        ),
-        (
-            "characters",
-            character("c1", settings=["a", 3]),
-            r"characters\.jsonl:1: field 'settings\[1\]' must be a "
-            r"string, got int",
-        ),
-        (
-            "characters",
-            character("c1", name=["x"]),
-            r"characters\.jsonl:1: field 'name' must be a string, got list",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", query=42),
-            r"dialogues\.jsonl:1: field 'query' must be a string, got int",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", context={"role": "user"}),
-            r"dialogues\.jsonl:1: field 'context' must be a list",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", context=[{"role": "narrator", "text": "x"}]),
-            r"dialogues\.jsonl:1: field 'context\[0\]\.role' must be one of \('user', 'character'\)",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", query_type="smalltalk"),
-            r"dialogues\.jsonl:1: field 'query_type' must be one of",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", shown_setting_indices=[0, 7]),
-            r"dialogues\.jsonl:1: field 'shown_setting_indices' must be indices in \[0, 3\)",
-        ),
-        (
-            "dialogues",
-            dialogue("e1", shown_setting_indices=[True]),
-            r"dialogues\.jsonl:1: field 'shown_setting_indices' must be indices",
-        ),
-    ],
-    ids=[
+def _chars(*rows) -> Callable[[Path], Path]:
+    return lambda tmp: data_dir(tmp, characters=list(rows))
+
+
+def _dials(*rows) -> Callable[[Path], Path]:
+    return lambda tmp: data_dir(tmp, dialogues=list(rows))
+
+
+FAULTY_DATA = [
+    Faulty(
+        "malformed-json",
+        _chars(character("c1"), '{"character_id": "c2", "settings": ["a"]'),
+        "characters.jsonl:2",
+        "malformed JSON",
+        r"characters\.jsonl:2: malformed JSON \(Expecting ',' delimiter",
+    ),
+    Faulty(
+        "not-an-object",
+        _dials(dialogue("e1"), '["e2", "c1"]'),
+        "dialogues.jsonl:2",
+        "expected a JSON object",
+        r"dialogues\.jsonl:2: expected a JSON object, got list",
+    ),
+    Faulty(
+        "missing-field",
+        _dials(dialogue("e1"), dialogue("e2"), _without(dialogue("e3"), "response")),
+        "dialogues.jsonl:3",
+        "'response'",
+        r"dialogues\.jsonl:3: missing field 'response'",
+    ),
+    # wrong types
+    Faulty(
         "settings-str",
+        _chars(character("c1", settings="I am a cat.")),
+        "characters.jsonl:1",
+        "'settings'",
+        r"characters\.jsonl:1: field 'settings' must be a list",
+    ),
+    Faulty(
         "setting-int",
+        _chars(character("c1", settings=["a", 3])),
+        "characters.jsonl:1",
+        "'settings[1]'",
+        r"characters\.jsonl:1: field 'settings\[1\]' must be a string, got int",
+    ),
+    Faulty(
         "name-list",
+        _chars(character("c1", name=["x"])),
+        "characters.jsonl:1",
+        "'name'",
+        r"characters\.jsonl:1: field 'name' must be a string, got list",
+    ),
+    Faulty(
         "query-int",
+        _dials(dialogue("e1"), dialogue("e2"), dialogue("e3", query=42)),
+        "dialogues.jsonl:3",
+        "'query'",
+        r"dialogues\.jsonl:3: field 'query' must be a string, got int",
+    ),
+    Faulty(
         "context-dict",
+        _dials(dialogue("e1", context={"role": "user"})),
+        "dialogues.jsonl:1",
+        "'context'",
+        r"dialogues\.jsonl:1: field 'context' must be a list",
+    ),
+    Faulty(
         "role",
+        _dials(dialogue("e1", context=[{"role": "narrator", "text": "x"}])),
+        "dialogues.jsonl:1",
+        "'context[0].role'",
+        r"dialogues\.jsonl:1: field 'context\[0\]\.role' must be one of \('user', 'character'\)",
+    ),
+    Faulty(
         "query-type",
+        _dials(dialogue("e1", query_type="smalltalk")),
+        "dialogues.jsonl:1",
+        "'query_type'",
+        r"dialogues\.jsonl:1: field 'query_type' must be one of",
+    ),
+    Faulty(
         "shown-range",
+        _dials(dialogue("e1", shown_setting_indices=[0, 7])),
+        "dialogues.jsonl:1",
+        "'shown_setting_indices'",
+        r"dialogues\.jsonl:1: field 'shown_setting_indices' must be indices in \[0, 3\)",
+    ),
+    Faulty(
         "shown-bool",
-    ],
-)
-def test_wrong_type(tmp_path, which, row, message):
-    folder = data_dir(tmp_path, **{which: [row]})
-    with pytest.raises(DataError, match=message):
-        load(folder)
-
-
-def test_empty_settings_list(tmp_path):
-    folder = data_dir(tmp_path, characters=[character("c1", settings=[])])
-    with pytest.raises(DataError, match=r"characters\.jsonl:1: character 'c1' has no settings"):
-        load(folder)
-
-
-def test_empty_setting_text(tmp_path):
-    folder = data_dir(tmp_path, characters=[character("c1", settings=["I sing.", "  \t "])])
-    with pytest.raises(DataError, match=r"characters\.jsonl:1: field 'settings\[1\]' is empty"):
-        load(folder)
-
-
-def test_duplicate_character_id(tmp_path):
-    folder = data_dir(tmp_path, characters=[character("c1"), character("c2"), character("c1")])
-    with pytest.raises(DataError, match=r"characters\.jsonl:3: duplicate character_id 'c1'"):
-        load(folder)
-
-
-def test_duplicate_setting_up_to_whitespace(tmp_path):
-    folder = data_dir(
-        tmp_path, characters=[character("c1", settings=["I like dogs.", "I sing.", " I like  dogs."])]
-    )
-    with pytest.raises(
-        DataError,
-        match=r"characters\.jsonl:1: character 'c1' has duplicate settings: 'settings\[2\]' repeats "
-        r"'settings\[0\]'",
-    ):
-        load(folder)
-
-
-def test_duplicate_example_id(tmp_path):
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), dialogue("e2"), dialogue("e1")])
-    with pytest.raises(DataError, match=r"dialogues\.jsonl:3: duplicate example_id 'e1'"):
-        load(folder)
-
-
-def test_dialogue_for_unknown_character(tmp_path):
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), dialogue("e2", "ghost")])
-    with pytest.raises(
-        DataError, match=r"dialogues\.jsonl:2: field 'character_id': unknown character 'ghost'"
-    ):
-        load(folder)
-
-
-@pytest.mark.parametrize("field", ["query", "response"])
-def test_empty_query_or_response(tmp_path, field):
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1", **{field: "   "})])
-    with pytest.raises(DataError, match=rf"dialogues\.jsonl:1: field '{field}' is empty"):
-        load(folder)
-
-
-def test_empty_context_turn_names_the_turn(tmp_path):
-    folder = data_dir(
-        tmp_path,
-        dialogues=[
-            dialogue("e1", context=[{"role": "user", "text": "hi"}, {"role": "character", "text": ""}])
-        ],
-    )
-    with pytest.raises(DataError, match=r"dialogues\.jsonl:1: context\[1\]: field 'text' is empty"):
-        load(folder)
-
-
-def test_over_long_text_is_rejected_at_load(tmp_path):
-    long = "a" * (MAX_TEXT_CHARS + 1)
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), dialogue("e2", response=long)])
-    with pytest.raises(
-        DataError,
-        match=rf"dialogues\.jsonl:2: field 'response' has {MAX_TEXT_CHARS + 1} characters "
-        rf"\(limit {MAX_TEXT_CHARS}\)",
-    ):
-        load(folder)
-    folder = data_dir(
-        tmp_path, characters=[character("c1", settings=["ok", long])], dialogues=[dialogue("e1")]
-    )
-    with pytest.raises(DataError, match=r"characters\.jsonl:1: field 'settings\[1\]' has 4001 characters"):
-        load(folder)
-
-
-def test_non_utf8_bytes(tmp_path):
-    bad = json.dumps(dialogue("e2", query="caf\u00e9"), ensure_ascii=False).encode("latin-1")
-    folder = data_dir(tmp_path, dialogues=[dialogue("e1"), bad])
-    with pytest.raises(
-        DataError, match=r"dialogues\.jsonl:2: not valid UTF-8 \(invalid continuation byte at byte"
-    ):
-        load(folder)
-
-
-def test_lone_surrogate_escape(tmp_path):
+        _dials(dialogue("e1", shown_setting_indices=[True])),
+        "dialogues.jsonl:1",
+        "'shown_setting_indices'",
+        r"dialogues\.jsonl:1: field 'shown_setting_indices' must be indices",
+    ),
+    # empty, duplicate, unknown, too long
+    Faulty(
+        "no-settings",
+        _chars(character("c1", settings=[])),
+        "characters.jsonl:1",
+        "has no settings",
+        r"characters\.jsonl:1: character 'c1' has no settings",
+    ),
+    Faulty(
+        "empty-setting",
+        _chars(character("c1", settings=["I sing.", "  \t "])),
+        "characters.jsonl:1",
+        "'settings[1]'",
+        r"characters\.jsonl:1: field 'settings\[1\]' is empty",
+    ),
+    Faulty(
+        "duplicate-character-id",
+        _chars(character("c1"), character("c2"), character("c1")),
+        "characters.jsonl:3",
+        "character_id",
+        r"characters\.jsonl:3: duplicate character_id 'c1'",
+    ),
+    Faulty(
+        "duplicate-setting",
+        _chars(character("c1", settings=["I like dogs.", "I sing.", " I like  dogs."])),
+        "characters.jsonl:1",
+        "'settings[2]'",
+        r"characters\.jsonl:1: character 'c1' has duplicate settings: 'settings\[2\]' repeats 'settings\[0\]'",
+    ),
+    Faulty(
+        "duplicate-example-id",
+        _dials(dialogue("e1"), dialogue("e2"), dialogue("e1")),
+        "dialogues.jsonl:3",
+        "example_id",
+        r"dialogues\.jsonl:3: duplicate example_id 'e1'",
+    ),
+    Faulty(
+        "unknown-character",
+        _dials(dialogue("e1"), dialogue("e2"), dialogue("e3", "ghost")),
+        "dialogues.jsonl:3",
+        "'character_id'",
+        r"dialogues\.jsonl:3: field 'character_id': unknown character 'ghost'",
+    ),
+    Faulty(
+        "empty-query",
+        _dials(dialogue("e1", query="   ")),
+        "dialogues.jsonl:1",
+        "'query'",
+        r"dialogues\.jsonl:1: field 'query' is empty",
+    ),
+    Faulty(
+        "empty-response",
+        _dials(dialogue("e1"), dialogue("e2"), dialogue("e3", response="")),
+        "dialogues.jsonl:3",
+        "'response'",
+        r"dialogues\.jsonl:3: field 'response' is empty",
+    ),
+    Faulty(
+        "empty-context-turn",
+        _dials(dialogue("e1", context=[{"role": "user", "text": "hi"}, {"role": "character", "text": ""}])),
+        "dialogues.jsonl:1",
+        "'text'",
+        r"dialogues\.jsonl:1: context\[1\]: field 'text' is empty",
+    ),
+    Faulty(
+        "over-long-response",
+        _dials(dialogue("e1"), dialogue("e2"), dialogue("e3", response=LONG)),
+        "dialogues.jsonl:3",
+        "'response'",
+        rf"dialogues\.jsonl:3: field 'response' has {MAX_TEXT_CHARS + 1} characters \(limit {MAX_TEXT_CHARS}\)",
+    ),
+    Faulty(
+        "over-long-setting",
+        _chars(character("c1", settings=["ok", LONG])),
+        "characters.jsonl:1",
+        "'settings[1]'",
+        rf"characters\.jsonl:1: field 'settings\[1\]' has {MAX_TEXT_CHARS + 1} characters",
+    ),
+    Faulty(
+        "bad-utf8",
+        _dials(dialogue("e1"), dialogue("e2"), LATIN1),
+        "dialogues.jsonl:3",
+        "not valid UTF-8",
+        r"dialogues\.jsonl:3: not valid UTF-8 \(invalid continuation byte at byte",
+    ),
     # valid JSON, but not encodable text: it would crash the score cache's hashing deep inside training
-    folder = data_dir(
-        tmp_path,
-        dialogues=[
-            r'{"example_id": "e1", "character_id": "c1", "query": "hi \ud800", '
-            r'"response": "ok"}'
-        ],
-    )
-    with pytest.raises(
-        DataError,
-        match=r"dialogues\.jsonl:1: field 'query' is not valid Unicode \(surrogates not "
-        r"allowed at character 3\)",
-    ):
+    Faulty(
+        "lone-surrogate",
+        _dials(SURROGATE),
+        "dialogues.jsonl:1",
+        "'query'",
+        r"dialogues\.jsonl:1: field 'query' is not valid Unicode \(surrogates not allowed at character 3\)",
+    ),
+]
+BY_NAME = {f.name: f for f in FAULTY_DATA}
+assert len(BY_NAME) == len(FAULTY_DATA)
+
+
+@pytest.mark.parametrize("faulty", FAULTY_DATA, ids=str)
+def test_faulty_record_names_file_line_and_field(tmp_path, faulty):
+    folder = faulty.build(tmp_path)
+    with pytest.raises(DataError) as err:
         load(folder)
+    message = str(err.value)
+    file, line = faulty.where.split(":")
+    assert message.startswith(f"{folder / file}:{line}: "), message
+    assert faulty.what in message
+    assert re.search(faulty.message, message), message
+    assert "\n" not in message  # the console script prints the first line only: it must be the whole message
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -479,3 +524,143 @@ def test_empty_training_split_is_an_error(tmp_path):
         loader()
     dm = LSRDataModule(data_dir=str(folder), val_fraction=0.0)
     assert len(dm.train_dataloader().dataset) == 2 and len(dm.val_dataloader().dataset) == 0
+
+
+# ----------------------------------------------------------------------------------------------- console script
+def console_script() -> list[str]:
+    """The installed ``replugchar`` of this interpreter's environment (the venv), else ``python -m replugchar.cli``."""
+    beside = Path(sys.executable).with_name("replugchar")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("replugchar")
+    return [found] if found else [sys.executable, "-m", "replugchar.cli"]
+
+
+def replugchar(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*console_script(), *map(str, args)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one non-empty stderr line of a command that failed on a user error (exit 2, no traceback)."""
+    report = (
+        f"exit code {proc.returncode}\n--- stderr\n{proc.stderr[-4000:]}\n--- stdout\n{proc.stdout[-2000:]}"
+    )
+    assert proc.returncode == 2, report
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, report
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected exactly one non-empty stderr line, got {len(lines)}\n{report}"
+    assert lines[0].startswith("replugchar: error: "), report
+    return lines[0]
+
+
+def assert_names_record(line: str, folder: Path, faulty: Faulty) -> None:
+    file, lineno = faulty.where.split(":")
+    assert line.startswith(f"replugchar: error: {folder / file}:{lineno}: "), line
+    assert faulty.what in line, line
+    assert re.search(faulty.message, line), line
+
+
+# each run is one interpreter start (~10 s here, most of it importing lightning): every kind of fault once
+# through `score`, the main ones through `fit`; every row's exact message is checked in-process above
+SCORE_CASES = [
+    "malformed-json", "not-an-object", "missing-field", "setting-int", "query-int", "role", "no-settings",
+    "duplicate-character-id", "duplicate-setting", "duplicate-example-id", "unknown-character", "empty-response",
+    "over-long-response", "bad-utf8", "lone-surrogate",
+]  # fmt: skip
+FIT_CASES = ["malformed-json", "missing-field", "query-int", "unknown-character", "bad-utf8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCORE_CASES)
+def test_score_on_faulty_data_prints_one_line(tmp_path, name):
+    faulty = BY_NAME[name]
+    folder = faulty.build(tmp_path)
+    proc = replugchar("score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
+    assert_names_record(one_error_line(proc), folder, faulty)
+    assert "score cache" not in proc.stdout  # nothing was scored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIT_CASES)
+def test_fit_on_faulty_data_prints_one_line(tmp_path, name):
+    faulty = BY_NAME[name]
+    folder = faulty.build(tmp_path)
+    run = tmp_path / "run"
+    proc = replugchar(
+        "fit", "--config", "configs/debug.yaml", "--data.data_dir", folder, "--trainer.default_root_dir", run,
+        "--trainer.logger.init_args.save_dir", run,
+    )  # fmt: skip
+    assert_names_record(one_error_line(proc), folder, faulty)
+    assert not list(run.rglob("*.ckpt"))  # nothing was trained
+
+
+@pytest.mark.slow
+def test_traceback_flag_shows_the_traceback(tmp_path):
+    faulty = BY_NAME["unknown-character"]
+    folder = faulty.build(tmp_path)
+    proc = replugchar("--traceback", "score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the exception is re-raised, not turned into exit 2
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"replugchar\.data\.DataError: .*" + faulty.message, proc.stderr), proc.stderr[-3000:]
+    assert "replugchar: error:" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_retrieve_from_a_missing_folder_prints_one_line():
+    line = one_error_line(replugchar("retrieve", "--dir", "/missing", "--character", "x", "--query", "hi"))
+    assert "/missing" in line, line
+
+
+@pytest.mark.slow
+def test_priors_import_without_file_prints_one_line_naming_the_option(tmp_path):
+    line = one_error_line(
+        replugchar("priors", "import", "--config", "configs/debug.yaml", "--out", tmp_path / "x.jsonl")
+    )
+    assert "--file" in line, line
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+CHECK_ARGUMENTS_ONLY = """
+import sys
+from replugchar.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "lightning", "transformers", "faiss"})
+    print(f"exit={exit.code} imported={','.join(heavy)}")
+"""
+
+
+def test_priors_import_without_file_fails_before_importing_the_model_stack(tmp_path):
+    """Exits quickly: the missing --file is found from the arguments alone, so the command must not pay for
+    importing torch/lightning (~10 s on a loaded 2-core machine), let alone load a model."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK_ARGUMENTS_ONLY, "priors", "import", "--config", "configs/debug.yaml",
+         "--out", str(tmp_path / "x.jsonl")],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert "replugchar: error: priors import needs --file" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "exit=2 imported=", proc.stdout
+
+
+def test_help_lists_every_command():
+    proc = replugchar("--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listed = re.findall(r"^  (\S+)  ", proc.stdout, flags=re.MULTILINE)
+    expected = [
+        "fit", "validate", "score", "priors", "index", "export", "retrieve", "evaluate", "chat", "finetune-lm",
+        "teacher-report",
+    ]  # fmt: skip
+    assert listed == expected, proc.stdout
+
+
+def test_unknown_command_exits_2():
+    line = one_error_line(replugchar("bogus", timeout=60))
+    assert "unknown command 'bogus'" in line and "fit" in line, line

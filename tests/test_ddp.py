@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers_reliability import REPO, subprocess_env
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 # configs/debug.yaml: 24 training + 8 validation examples of the demo data, batch 4, k = 5 = every demo
 # character's number of settings, so each example is scored with all 5 of its settings whatever the encoder:
-# one epoch scores (24 + 8) x 5 pairs in either run.
-N_PAIRS = (24 + 8) * 5
+# one epoch scores (24 + 8) x 5 pairs in either run; then ExportRetriever fits the dialogue scale on the
+# validation examples, which adds one no-setting prompt per validation example.
+N_PAIRS = (24 + 8) * 5 + 8
 
 
 def fit(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:

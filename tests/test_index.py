@@ -176,12 +176,35 @@ def test_build_validates_its_inputs(data):
 
 
 def test_ivf_build_on_few_settings():
+    """IVF with several lists over a few settings: per-character search stays exact even for a character whose
+    settings fall into different lists, while a global search probing one list misses some true neighbours."""
     rng = np.random.default_rng(2)
-    records = records_for([10])
-    emb = unit(rng, 10, 8)
-    index = SettingIndex.build(emb, records, kind="ivf")
-    _, ids = index.search(emb[:2], 3)
-    assert ids[0, 0] == 0 and ids[1, 0] == 1
+    sizes = [5, 3, 8, 6, 4, 7, 2, 5]  # 40 settings over 8 characters
+    records, n_lists = records_for(sizes), 5
+    emb = unit(rng, len(records), 8)
+    index = SettingIndex.build(emb, records, kind="ivf", nlist=n_lists)
+    assert index.meta["kind"] == "ivf" and index.index.nlist == n_lists > 1
+    # which list each setting went to: some character's settings are spread over several lists
+    _, assigned = index.index.quantizer.search(index.index.reconstruct_n(0, len(records)), 1)
+    lists_of = {cid: set(assigned[lo:hi, 0].tolist()) for cid, (lo, hi) in index.ranges.items()}
+    assert max(len(lists) for lists in lists_of.values()) > 1, lists_of
+
+    queries = unit(rng, 12, 8)
+    for cid, (lo, hi) in index.ranges.items():
+        exact = queries @ emb[lo:hi].T  # (q, n_char)
+        order = np.argsort(-exact, axis=1, kind="stable")
+        k = hi - lo + 2  # more than the character has: every setting, then -1
+        scores, ids = index.search(queries, k, character_ids=[cid] * len(queries), nprobe=1)
+        np.testing.assert_array_equal(ids[:, : hi - lo], lo + order)  # every setting, in exact order
+        np.testing.assert_allclose(scores[:, : hi - lo], np.take_along_axis(exact, order, 1), atol=1e-5)
+        assert (ids[:, hi - lo :] == -1).all()
+
+    k = 5
+    _, truth = brute_force(emb, np.zeros(len(records), np.float32), queries, k, 0.0)
+    _, one_list = index.search(queries, k, nprobe=1)
+    _, all_lists = index.search(queries, k, nprobe=n_lists)
+    np.testing.assert_array_equal(all_lists, truth)  # probing every list is exact
+    assert any(set(a) != set(b) for a, b in zip(one_list, truth))  # one list is approximate: it misses some
 
 
 def test_index_over_tiny_encoder_embeddings_of_the_corpus(tiny_encoder, characters):

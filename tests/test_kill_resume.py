@@ -21,17 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers_reliability import (
-    REPO,
-    rc_cache,  # noqa: F401
-    score_requests,
-    session_cache,
-    sigkill,
-    start_python,
-    subprocess_env,
-    tiny_gpt2,
-    wait_until,
-)
+from conftest import REPO, score_requests, sigkill, start_python, subprocess_env, tiny_gpt2, wait_until
 from torch.utils.data import DataLoader
 
 from replugchar.lm_scoring import LMScorer
@@ -47,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 sys.path.insert(0, {str(REPO / "tests")!r})
-from helpers_reliability import score_requests
+from conftest import score_requests  # tests/conftest.py
 from replugchar.data import Character
 from replugchar.export import export_retriever
 from replugchar.index import SettingIndex, setting_records
@@ -114,7 +104,7 @@ HANGING = (*WRITERS, "shard-writer")
 
 
 @pytest.fixture(scope="module")
-def killed_victim(tmp_path_factory) -> Path:
+def killed_victim(tmp_path_factory, session_cache) -> Path:
     """One process (one interpreter start) scoring into a cache while four index/export writes hang
     mid-write; SIGKILLed once those and the third score-shard write are stuck half-way."""
     root = tmp_path_factory.mktemp("victim")
@@ -122,7 +112,7 @@ def killed_victim(tmp_path_factory) -> Path:
     script.write_text(VICTIM_SCRIPT)
     out = root / "out"
     out.mkdir()
-    proc = start_python(script, str(out), log=log, cache=session_cache(tmp_path_factory))
+    proc = start_python(script, str(out), log=log, cache=session_cache)
 
     wait_until(lambda: all((out / "ready" / name).exists() for name in HANGING), proc, log, timeout=150)
     sigkill(proc)

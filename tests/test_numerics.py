@@ -6,12 +6,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers_reliability import character, rc_cache, write_jsonl  # noqa: F401
+from conftest import character, write_jsonl
 from torch.utils.data import DataLoader
 
 from replugchar.data import Character, DataError, Example, load_characters
 from replugchar.lm_scoring import Scores
-from replugchar.losses import LSRLoss
+from replugchar.losses import MIN_TEMPERATURE, LSRLoss
 from replugchar.score_cache import CachedScorer
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
@@ -86,22 +86,46 @@ def test_nan_scores_are_a_clear_error():
         loss_and_grad([[-1.0, float("nan"), -2.0]] * 2)
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("gamma", 1e-45),  # sim / 1e-45 overflows float32 for any similarity above 3.4e-7
+        ("beta", 1e-45),
+        ("gamma", MIN_TEMPERATURE / 2),  # just under the floor
+        ("beta", MIN_TEMPERATURE * (1 - 1e-6)),
+        ("gamma", 0.0),
+        ("beta", -0.1),
+        ("gamma", INF),
+        ("beta", float("nan")),
+    ],
+    ids=["gamma-1e-45", "beta-1e-45", "gamma-half-min", "beta-just-under-min", "gamma-0", "beta-neg", "gamma-inf",
+         "beta-nan"],
+)  # fmt: skip
+def test_temperature_below_the_floor_is_rejected(option, value, direction):
+    """LSRLoss refuses a temperature below MIN_TEMPERATURE (or not finite) at construction, naming the option."""
+    with pytest.raises(
+        ValueError, match=rf"^{option} must be a finite number >= {MIN_TEMPERATURE}, got {value}$"
+    ):
+        LSRLoss(**{option: value}, direction=direction)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize(
     ("lm", "gamma", "beta"),
     [
-        ([[-1.0, -2.0, -3.0]] * 2, 1e-45, 0.1),
-        ([[-1.0, -2.0, -3.0]] * 2, 0.05, 1e-45),
-        ([[-1e38] * 3] * 2, 0.05, 0.1),
+        ([[-1.0, -2.0, -3.0]] * 2, MIN_TEMPERATURE, MIN_TEMPERATURE),  # the floor itself is accepted
+        ([[-1e38] * 3] * 2, 0.05, 0.1),  # float32-scale log-likelihoods: row-centring keeps them finite
+        ([[-1.0, -3e38, -2.0]] * 2, 0.05, 0.1),  # one float32-scale score next to ordinary ones
+        ([[-1.0, -3e38, -2.0]] * 2, MIN_TEMPERATURE, MIN_TEMPERATURE),
     ],
-    ids=["gamma-1e-45", "beta-1e-45", "logp-1e38"],
+    ids=["at-floor", "logp-1e38", "one-logp-3e38", "one-logp-3e38-at-floor"],
 )
-def test_overflowing_temperatures_are_finite_or_rejected(lm, gamma, beta):
-    try:
-        loss, grad = loss_and_grad(lm, gamma=gamma, beta=beta)
-    except ValueError as err:
-        assert "gamma" in str(err) or "beta" in str(err)
-        return
+def test_temperatures_at_or_above_the_floor_give_finite_loss_and_gradient(lm, gamma, beta, direction):
+    """At or above MIN_TEMPERATURE, and for any finite (or -inf) LM scores, loss and gradient are finite."""
+    loss, grad = loss_and_grad(lm, gamma=gamma, beta=beta, direction=direction)
     assert_finite(loss, grad)
+    assert loss >= -1e-6  # a KL divergence
 
 
 def test_positive_inf_lm_score_is_an_error():

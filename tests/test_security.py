@@ -7,7 +7,7 @@ import inspect
 import zipfile
 
 import pytest
-from helpers_reliability import REPO, rc_cache  # noqa: F401
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
