@@ -74,10 +74,8 @@ def _configure_logging(command: str) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are a user's to fix: one line, no traceback."""
-    from .data import DataError
-
+    # DataError is a ValueError (importing replugchar.data here would load Lightning for a one-line error)
     return (
-        DataError,
         ValueError,
         FileNotFoundError,
         NotADirectoryError,

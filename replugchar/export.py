@@ -165,7 +165,7 @@ class ExportRetriever(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         val = list(getattr(dm, "val_examples", []) or [])
         if self.fit_mixing and getattr(pl_module, "head", None) is not None and val:
-            self._fit_mixing(pl_module, val)  # every rank, so all hold the same head
+            self._fit_mixing(trainer, pl_module, val)
         if trainer.global_rank != 0:
             return
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "retriever")
@@ -176,14 +176,18 @@ class ExportRetriever(L.Callback):
             pl_module, out, metrics=metrics, data_dir=data_dir, train_characters=train_chars
         )
 
-    def _fit_mixing(self, module, val) -> None:
+    def _fit_mixing(self, trainer: L.Trainer, module, val) -> None:
+        """α on rank 0 (each validation pair scored once), broadcast so every rank holds the same head."""
         import torch
 
         from .calibration import fit, validation_matrices
 
-        sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
-        cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
-        module.flush_scores()
+        cal = None
+        if trainer.global_rank == 0:
+            sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
+            cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
+            module.flush_scores()
+        cal = trainer.strategy.broadcast(cal, src=0)
         with torch.no_grad():
             module.head.weights.mul_(cal.dialogue_scale)
         self.mixing = cal

@@ -22,12 +22,13 @@ class LSRCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
-    def instantiate_classes(self) -> None:
-        """Validate the data before any model loads: a bad record fails in a second, not after the LM loaded."""
+    def _set_seed(self) -> None:
+        """Validate the data before anything else (LightningCLI seeds, then instantiates): a bad record fails in a
+        second with one line, not after the LM loaded or below a "Seed set" banner."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("data") is not None:
             LSRDataModule(**config["data"].as_dict()).setup("fit")
-        super().instantiate_classes()
+        super()._set_seed()
 
     def before_fit(self) -> None:
         if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):

@@ -90,7 +90,8 @@ class LSRLoss(nn.Module):
         sim_c = sim - _row_max(sim.detach(), mask)
         lm_c = lm_logp.detach().masked_fill(~target_ok, 0.0) - _row_max(lm_logp.detach(), target_ok)
         log_pr = torch.log_softmax((sim_c / self.gamma).masked_fill(~mask, neg_inf), dim=-1)
-        log_q = torch.log_softmax((lm_c / self.beta).masked_fill(~target_ok, neg_inf), dim=-1)
+        # a finite but huge negative score (-3e38) would overflow to -inf under 1/β: clamp, it is ~0 anyway
+        log_q = torch.log_softmax((lm_c / self.beta).clamp(min=-1e4).masked_fill(~target_ok, neg_inf), dim=-1)
         log_pr = log_pr.masked_fill(~mask, float("-inf"))
         log_q = log_q.masked_fill(~target_ok, float("-inf"))
         valid = target_ok.any(-1)  # (batch,)

@@ -11,10 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .atomic import write_text
-from .run import load_run
 
 CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it"
 
@@ -29,8 +26,17 @@ def _config_args(args, rest: list[str]) -> list[str]:
     return (["--config", args.config] if args.config else []) + rest
 
 
+def load_run(config_args: list[str], ckpt_path: str | None = None):
+    """:func:`replugchar.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
+    from .run import load_run as load
+
+    return load(config_args, ckpt_path)
+
+
 def cmd_score(args, rest) -> None:
     """Fill the score cache for every (example, setting) pair and the no-setting prompt."""
+    from tqdm.auto import tqdm
+
     from .lm_scoring import NO_SETTING, ScoreRequest
 
     module, dm = load_run(_config_args(args, rest))
@@ -48,14 +54,14 @@ def cmd_score(args, rest) -> None:
 
 
 def cmd_priors(args, rest) -> None:
-    from . import calibration, priors
-
     needs = {"import": ("file",), "fit-weight": ("priors",)}.get(args.method, ())
-    for name in needs:  # before any model loads
+    for name in needs:  # before anything heavy is imported
         if not getattr(args, name):
             raise ValueError(f"priors {args.method} needs --{name}")
         if not Path(getattr(args, name)).is_file():
             raise FileNotFoundError(f"{getattr(args, name)}: file not found (--{name})")
+    from . import calibration, priors
+
     if args.method == "fit-weight":
         module, dm = load_run(_config_args(args, rest), args.ckpt_path)
         table = priors.load_priors(args.priors, dm.characters)
