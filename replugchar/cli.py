@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 COMMANDS = {
     "fit": "LSR training from a YAML config (LightningCLI; every option in --help and the YAML)",
@@ -70,6 +71,14 @@ def _configure_logging(command: str) -> None:
             lg.setLevel(logging.WARNING)
     for name in ("sentence_transformers", "transformers", "datasets", "httpx", "faiss", "bm25s"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning warnings about choices this package makes on purpose (plain-text batches stay on the CPU; the
+    # frozen LM and sentence-transformers' submodules sit in eval mode), and a torch deprecation inside Lightning
+    for message in (
+        ".*overridden `transfer_batch_to_device`",
+        ".*module\\(s\\) in eval mode",
+        ".*isinstance\\(treespec, LeafSpec\\)",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
