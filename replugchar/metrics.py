@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,8 +40,6 @@ alone (trained), the exported scoring rule with its dialogue evidence (dialogue)
 best setting (oracle)."""
 QUERY_GROUPS = ("all", "greeting", "closing", "other")
 HEADLINE = ("nll_top1", "hit1_lm_best", "ndcg", "mrr")
-
-Embed = Callable[[list[str]], np.ndarray]
 
 
 def bm25_rank(documents: Sequence[str], queries: Sequence[str], language: str = "en") -> list[np.ndarray]:
@@ -80,23 +78,6 @@ def bm25_scores(examples: Sequence[Example], characters: dict[str, Character]) -
         char = characters[cid]
         for i, s in zip(rows, bm25_rank(char.settings, [examples[i].query for i in rows], char.language)):
             out[i] = s
-    return out
-
-
-def cosine_scores(
-    examples: Sequence[Example],
-    characters: dict[str, Character],
-    embed_query: Embed,
-    embed_setting: Embed,
-    query_strings: Sequence[str],
-) -> list[np.ndarray]:
-    q = embed_query(list(query_strings))
-    cache: dict[str, np.ndarray] = {}
-    out = []
-    for row, e in enumerate(examples):
-        if e.character_id not in cache:
-            cache[e.character_id] = embed_setting(list(characters[e.character_id].settings))
-        out.append(cache[e.character_id] @ q[row])
     return out
 
 

@@ -27,7 +27,6 @@ from typing import Literal
 import numpy as np
 
 from .atomic import write_text
-from .data import query_text
 from .finetune import finetuned_characters
 from .lm_scoring import PromptTemplate
 from .models import EMBEDDED_ENCODER, EMBEDDED_LM
@@ -115,8 +114,8 @@ def report(
     import torch
 
     from .evaluate import select_examples
-    from .metrics import cosine_scores
     from .models import load_encoder
+    from .retriever import Retriever
     from .score_cache import build_scorer
 
     if device == "auto":
@@ -142,12 +141,8 @@ def report(
 
     table = table_of(lm)
     other = table_of(other_lm) if other_lm else None
-    encoder = load_encoder(base_encoder, device=device)
-
-    def embed(texts: list[str]) -> np.ndarray:
-        return encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-
-    similarity = cosine_scores(examples, characters, embed, embed, [query_text(e) for e in examples])
+    base = Retriever(load_encoder(base_encoder, device=device), None, {"query_text": "query"})
+    similarity = [base.rank_example(e, characters[e.character_id].settings) for e in examples]
     numbers = teacher_report(table, similarity, other)
     numbers["n_characters"] = float(len({e.character_id for e in examples}))
     meta = {"lm": lm, "other_lm": other_lm, "data_dir": data_dir, "split": split, "excluded": sorted(exclude)}
