@@ -612,3 +612,27 @@ def test_japanese_end_to_end_with_lora(write_data, tmp_path):
     )  # bytes round-trip, emoji included
     trained = finetuned_characters(folder)
     assert trained == set(dm.train_characters) and trained.isdisjoint(e.character_id for e in dm.val_examples)
+
+
+@pytest.mark.slow
+def test_the_finetuned_folder_is_the_teacher_of_fit_and_the_reader_of_chat(tmp_path, monkeypatch, capsys):
+    """finetune-lm -> fit (model.lm = the folder) -> chat and evaluate with it, all through the one CLI."""
+    from replugchar.cli import main as cli_main
+    from replugchar.evaluate import select_examples
+
+    monkeypatch.chdir(tmp_path)
+    run_main(monkeypatch, ["--config", str(REPO / "configs" / "finetune_debug.yaml")])
+    folder = str(tmp_path / "runs" / "finetune_debug" / "lm")
+    root = tmp_path / "lsr"
+    cli_main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--model.lm", folder,
+              f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"])  # fmt: skip
+    config = json.loads((root / "retriever" / "retriever.json").read_text())
+    assert config["scorer"]["lm"] == folder
+    cid = sorted(set(config["train_characters"]))[0]
+    capsys.readouterr()
+    cli_main(["chat", "--retriever", str(root / "retriever"), "--character", cid, "--query", "Hello!"])
+    out = capsys.readouterr().out
+    assert "Character [" in out and folder in out  # the reply line, and the LM named in the header
+    trained_on = finetuned_characters(folder)
+    examples, _ = select_examples("demo", "all", 0.25, 0.0, 0, None, trained_on)
+    assert examples and not {e.character_id for e in examples} & trained_on
