@@ -110,3 +110,18 @@ def test_index_scale_reads_its_defaults_from_the_search_signature(monkeypatch):
 
     monkeypatch.setattr(SettingIndex, "search", search)
     assert index_scale.search_defaults() == {"ivf": {"nprobe": 3}, "hnsw": {"ef_search": 77}, "flat": {}}
+
+
+def test_training_signal_smoke_run_prints_every_variant_with_an_interval(tmp_path):
+    out_json = tmp_path / "signal.json"
+    proc = run_script(
+        "training_signal.py", "--config", "configs/debug.yaml", "--epochs", "2", "--n_boot", "50",
+        "--json", out_json, "--data.max_train_examples", "16",
+    )  # fmt: skip
+    rows = json.loads(out_json.read_text())
+    bench = load_benchmark("training_signal")
+    assert [r["variant"] for r in rows] == list(bench.VARIANTS)
+    for row in rows:
+        assert row["n"] == 16 and len(row["weights"]) == 2 and len(row["weights"][0]) == 4
+        assert row["ci"][0] <= row["delta"] <= row["ci"][1]
+        assert f"| {row['variant']} | {row['delta']:+.4f}" in proc.stdout
