@@ -73,6 +73,10 @@ class LSRCLI(LightningCLI):
                     f"{cal.gain_fitted_weight:+.4f} nats/token"
                 )
                 lines.append(f"  exported dialogue weights: {weights}")
+                lines.append(
+                    "  (α is chosen on these validation characters, so 'after' is optimistic for them; "
+                    "`replugchar evaluate` on a test split is the measurement)"
+                )
             if getattr(cb, "written", None):
                 lines.append(
                     f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
