@@ -183,7 +183,10 @@ class ExportRetriever(L.Callback):
         from .calibration import fit, validation_matrices
 
         cal = None
+        module.flush_scores()
+        trainer.strategy.barrier()  # every rank's validation scores are on disk ...
         if trainer.global_rank == 0:
+            module.scorer.refresh()  # ... and rank 0 reads them instead of scoring those pairs again
             sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
             cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
             module.flush_scores()

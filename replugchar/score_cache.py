@@ -74,6 +74,7 @@ class CachedScorer:
         self.rank = rank
         self._scores: dict[str, tuple[float, int]] = {}
         self._pending: dict[str, tuple[float, int]] = {}
+        self._shards: set[str] = set()
         self.hits = 0
         self.misses = 0
         if self.folder is not None:
@@ -82,7 +83,16 @@ class CachedScorer:
     def _load(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "FINGERPRINT").write_text(self.fingerprint + "\n", encoding="utf-8")
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the shards written since this cache was opened (other processes, other DDP ranks)."""
+        if self.folder is None:
+            return
         for shard in sorted(self.folder.glob("shard-*.parquet")):
+            if shard.name in self._shards:
+                continue
+            self._shards.add(shard.name)
             try:
                 table = pq.read_table(shard, columns=["key", "logp_sum", "n_tokens"])
                 keys = table.column("key").to_pylist()
@@ -149,8 +159,10 @@ class CachedScorer:
                 "n_tokens": [v[1] for v in self._pending.values()],
             }
         )
-        with atomic_file(self.folder / f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet") as tmp:
+        name = f"shard-r{self.rank}-{uuid.uuid4().hex[:12]}.parquet"
+        with atomic_file(self.folder / name) as tmp:
             pq.write_table(table, tmp)
+        self._shards.add(name)  # already in memory: refresh() need not read it back
         self._pending.clear()
 
 
