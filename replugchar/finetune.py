@@ -20,305 +20,28 @@ The output is a plain Hugging Face folder (safetensors, fixed tokenizer, ``replu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import random
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset
 
 from .atomic import atomic_folder
-from .data import Character, Example, LSRDataModule
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
+from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
 from .models import EMBEDDED_LM, load_causal_lm
+from .sft_data import CharacterSFTDataModule
 
 log = logging.getLogger(__name__)
 
-SETTINGS_MIX_KEYS = ("all", "subset", "none")
-DEFAULT_SETTINGS_MIX = {"all": 0.4, "subset": 0.4, "none": 0.2}
 TEMPLATE_FILE = "replugchar_template.json"
 TRAIN_CHARACTERS_FILE = "train_characters.json"
-
-# The training stream has a length (so epochs, progress bars and max_epochs mean something) and is an
-# IterableDataset (so Lightning never re-samples it); Lightning warns about that pairing because of per-worker
-# duplication, which cannot happen here: the loader always runs in the main process (num_workers=0).
-warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-def check_settings_mix(mix: dict[str, float] | None) -> dict[str, float]:
-    """``{"all", "subset", "none"} -> weight``, missing keys 0; ValueError naming ``data.settings_mix``."""
-    mix = dict(DEFAULT_SETTINGS_MIX if mix is None else mix)
-    unknown = sorted(set(mix) - set(SETTINGS_MIX_KEYS))
-    if unknown:
-        raise ValueError(f"data.settings_mix: unknown key(s) {unknown}; use {list(SETTINGS_MIX_KEYS)}")
-    weights = {k: float(mix.get(k, 0.0)) for k in SETTINGS_MIX_KEYS}
-    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"data.settings_mix: weights must be finite, >= 0 and not all 0, got {mix}")
-    return weights
-
-
-def draw_settings(
-    settings: Sequence[str], mix: dict[str, float], max_subset: int, rng: random.Random
-) -> tuple[str, ...]:
-    """The settings one training prompt shows: all of them shuffled, a random subset of 1..max_subset, or none.
-
-    Why a mix: LSR scores replies under single settings and under no setting, and generation at inference sees
-    the top-k, so the teacher must be fluent in all three prompt shapes, not only the one it was tuned on.
-    """
-    kind = rng.choices(SETTINGS_MIX_KEYS, weights=[mix[k] for k in SETTINGS_MIX_KEYS])[0]
-    if kind == "none" or not settings:
-        return ()
-    if kind == "all":
-        return tuple(rng.sample(list(settings), len(settings)))
-    return tuple(rng.sample(list(settings), rng.randint(1, min(max_subset, len(settings)))))
-
-
-# ----------------------------------------------------------------------------------------------- data
-class SFTStream(IterableDataset):
-    """Endless seeded stream of training requests, batched; batch ``b`` is a pure function of (seed, b).
-
-    Why not a shuffled DataLoader: a run killed mid-epoch must resume on exactly the batches it had not trained
-    on. Position ``p`` of the stream is example ``perm_e[p % n]`` with ``e = p // n`` and ``perm_e`` a seeded
-    permutation, and its settings are drawn from ``Random((seed, p))``, so resuming is setting :attr:`cursor`
-    to the number of batches already consumed. One "epoch" is ``len(self)`` batches (one pass over the data,
-    rounded up); under DDP rank ``r`` of ``w`` takes global batches ``b * w + r``.
-    """
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        characters: dict[str, Character],
-        *,
-        batch_size: int,
-        mix: dict[str, float],
-        max_subset: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if not examples:
-            raise ValueError("the SFT stream needs at least one training example")
-        self.examples = list(examples)
-        self.characters = characters
-        self.batch_size = batch_size
-        self.mix = mix
-        self.max_subset = max_subset
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.cursor = 0
-        """Batches of this rank already consumed: the next ``__iter__`` starts there, up to the epoch's end."""
-        self._perms: dict[int, list[int]] = {}
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.examples) / (self.batch_size * self.world_size))
-
-    @property
-    def fingerprint(self) -> str:
-        """What the stream's content depends on; a checkpoint only resumes a stream with the same one."""
-        h = hashlib.sha1(json.dumps([self.seed, self.batch_size, self.world_size, self.max_subset]).encode())
-        h.update(json.dumps(self.mix, sort_keys=True).encode())
-        for e in self.examples:
-            h.update(e.example_id.encode() + b"\x1f")
-        return h.hexdigest()[:16]
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
-        return self._perms[epoch]
-
-    def request(self, position: int) -> ScoreRequest:
-        n = len(self.examples)
-        example = self.examples[self._perm(position // n)[position % n]]
-        rng = random.Random(f"{self.seed}:train:{position}")
-        settings = draw_settings(
-            self.characters[example.character_id].settings, self.mix, self.max_subset, rng
-        )
-        return ScoreRequest(example, settings)
-
-    def batch(self, b: int) -> list[ScoreRequest]:
-        start = (b * self.world_size + self.rank) * self.batch_size
-        return [self.request(p) for p in range(start, start + self.batch_size)]
-
-    def __iter__(self) -> Iterator[list[ScoreRequest]]:
-        end = (self.cursor // len(self) + 1) * len(self)
-        while self.cursor < end:
-            b = self.cursor
-            self.cursor += 1
-            yield self.batch(b)
-
-
-def _as_list(batch):
-    return list(batch)
-
-
-class _StreamLoader(DataLoader):
-    """A DataLoader over :class:`SFTStream` that Lightning treats as resumable.
-
-    The resume position itself comes from ``trainer.global_step`` (see
-    :meth:`CharacterSFTDataModule.train_dataloader`); the state saved here is what that position means, so a
-    resume with a different batch size, seed, data or device count fails instead of training on other batches.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.dataset.fingerprint, "batches_per_epoch": len(self.dataset)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("stream") != self.dataset.fingerprint:
-            raise ValueError(
-                "ckpt_path: the checkpoint was trained on a different data stream (data.data_dir, batch_size, "
-                "seed, settings_mix, max_subset, caps or the number of devices changed); resume with the "
-                "data section of the interrupted run"
-            )
-
-
-class CharacterSFTDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        data_dir: str = "demo",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        seed: int = 0,
-        batch_size: int = 8,
-        max_train_examples: int | None = None,
-        max_val_examples: int | None = None,
-        query_types: list[str] | None = None,
-        settings_mix: dict[str, float] | None = None,
-        max_subset: int = 2,
-    ) -> None:
-        """
-        Args:
-            data_dir: folder with characters.jsonl and dialogues.jsonl (shared schema), or "demo".
-            val_fraction: share of characters held out for validation, hashed per character id exactly as in
-                ``replugchar fit`` (:func:`replugchar.data.split_of`): keep it equal to the LSR run's value so
-                the teacher never trains on a character LSR validates or evaluation tests on.
-            test_fraction: share of characters kept out of training and validation (as in ``replugchar fit``).
-            seed: seed of the character split, the caps, the example order and the settings draws.
-            batch_size: examples per optimisation step (per device).
-            max_train_examples: cap on training examples (random, seeded); null keeps all.
-            max_val_examples: cap on validation examples; validation costs one forward pass per example.
-            query_types: keep only these query types (greeting/closing/other); null keeps all.
-            settings_mix: how often a training prompt shows all the character's settings (shuffled), a random
-                subset of 1..max_subset of them, or none: ``{all: 0.4, subset: 0.4, none: 0.2}`` by default;
-                weights are normalised, missing keys count 0.
-            max_subset: largest subset size of the ``subset`` prompts.
-        """
-        super().__init__()
-        self.mix = check_settings_mix(settings_mix)
-        if max_subset < 1:
-            raise ValueError(f"data.max_subset must be >= 1, got {max_subset}")
-        # validates the shared options (fractions, batch size, caps, query types) with the same messages as fit
-        self.split = LSRDataModule(
-            data_dir=data_dir,
-            val_fraction=val_fraction,
-            batch_size=batch_size,
-            max_train_examples=max_train_examples,
-            max_val_examples=max_val_examples,
-            query_types=query_types,
-            seed=seed,
-            test_fraction=test_fraction,
-        )
-        self.save_hyperparameters()
-        self.val_requests: list[ScoreRequest] = []
-
-    def setup(self, stage: str | None = None) -> None:
-        self.split.setup(stage)
-        if not self.split.train_examples and stage in (None, "fit"):
-            self.split._require([], "training")  # raises DataError naming the data folder and split options
-        seed = self.hparams.seed
-        # validation prompts are drawn once per example id, so every validation sees the same prompts
-        self.val_requests = [
-            ScoreRequest(
-                e,
-                draw_settings(
-                    self.characters[e.character_id].settings,
-                    self.mix,
-                    self.hparams.max_subset,
-                    random.Random(f"{seed}:val:{e.example_id}"),
-                ),
-            )
-            for e in self.split.val_examples
-        ]
-
-    @property
-    def characters(self) -> dict[str, Character]:
-        return self.split.characters
-
-    @property
-    def train_examples(self) -> list[Example]:
-        return self.split.train_examples
-
-    @property
-    def val_examples(self) -> list[Example]:
-        return self.split.val_examples
-
-    @property
-    def train_characters(self) -> list[str]:
-        """Ids of the characters whose replies are in the training pool (sorted)."""
-        return sorted({e.character_id for e in self.train_examples})
-
-    @property
-    def source(self) -> str:
-        corpus = self.split.corpus
-        return corpus.source if corpus is not None else str(self.hparams.data_dir)
-
-    def stream(self) -> SFTStream:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return SFTStream(
-            self.train_examples,
-            self.characters,
-            batch_size=self.hparams.batch_size,
-            mix=self.mix,
-            max_subset=self.hparams.max_subset,
-            seed=self.hparams.seed,
-            rank=rank,
-            world_size=world,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.split.corpus is None:
-            self.setup("fit")
-        stream = self.stream()
-        trainer = self.trainer
-        if trainer is not None:  # a resumed run restarts the stream after the batches it already trained on
-            stream.cursor = trainer.global_step * trainer.accumulate_grad_batches
-        # an explicit generator: a DataLoader otherwise draws from the global RNG on every iter(), which would
-        # shift the dropout masks of a resumed run against an uninterrupted one
-        return _StreamLoader(
-            stream,
-            batch_size=None,
-            collate_fn=_as_list,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
-
-    def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
-        return batch  # text: CharacterLMModule.reply_nll tokenises it and builds the tensors on its device
-
-    def val_dataloader(self) -> DataLoader:
-        if self.split.corpus is None:
-            self.setup("validate")
-        if self.hparams.val_fraction > 0:
-            self.split._require(self.split.val_examples, "validation")
-        return DataLoader(
-            self.val_requests,
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-            collate_fn=_as_list,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-        )
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -458,26 +181,16 @@ class CharacterLMModule(L.LightningModule):
     def reply_nll(self, requests: Sequence[ScoreRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL of each reply and its eos, and the mask of those tokens: both (batch, r_max).
 
-        The batch is laid out exactly as :meth:`LMScorer.score` lays it out (left padding, positions counted
-        from the first real token, only the reply positions through the LM head), so the loss trained here is
-        the negative of the score LSR reads. The mask comes from the reply lengths that
+        The batch is laid out and run through the LM by the scorer's own code (:meth:`LMScorer.collate` and
+        :func:`~replugchar.lm_scoring.response_token_logprobs`: left padding, positions counted from the first
+        real token, only the reply positions through the LM head), so the loss trained here is the negative of
+        the score LSR reads. The mask comes from the reply lengths that
         :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
         """
         encoder = self.encoder
         ids, mask, reply = encoder.collate(encoder.encode_many(requests))
-        r_max = int(reply.sum(1).max())
-        ids, mask, reply = ids.to(self.device), mask.to(self.device), reply[:, -r_max:].to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            logits_to_keep=r_max + 1,
-            use_cache=False,
-        ).logits[:, :-1]  # (batch, r_max, vocab): predictions of the last r_max tokens
-        targets = ids[:, -r_max:].masked_fill(~reply, -100)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        return nll, reply
+        token_logp = response_token_logprobs(self.lm, ids.to(self.device), mask.to(self.device), reply)
+        return -token_logp, reply[:, -token_logp.shape[1] :].to(self.device)
 
     def training_step(self, batch: list[ScoreRequest], batch_idx: int) -> torch.Tensor:
         nll, reply = self.reply_nll(batch)

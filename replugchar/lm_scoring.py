@@ -103,6 +103,40 @@ class Scores:
 
 
 # ----------------------------------------------------------------------------------------------- scorer
+def response_token_logprobs(
+    model, ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """log p of each response token (eos included) given everything before it: (batch, r_max), 0 off the response.
+
+    Takes a batch as :meth:`LMScorer.collate` lays it out (left padding, so the responses of all rows end at the
+    last column; ``ids`` and ``attention_mask`` on the model's device) and returns its last ``r_max`` columns,
+    ``r_max`` the longest response. Positions are counted from each row's first real token, so left padding
+    does not shift them, and only the last ``r_max + 1`` positions go through the LM head (``logits_to_keep``).
+    One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
+    (:meth:`replugchar.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
+    the negative of the score LSR reads.
+    """
+    width = ids.shape[1]
+    r_max = int(response_mask.sum(1).max())
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions unaffected by left padding
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=r_max + 1,
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )  # (batch, r_max, vocab): predictions of the last r_max tokens
+    targets = ids[:, width - r_max :]  # (batch, r_max)
+    # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    token_logp = target_logit - torch.logsumexp(logits, -1)
+    return token_logp.masked_fill(~response_mask[:, width - r_max :].to(ids.device), 0.0)
+
+
 def _weights_key(model) -> str:
     """Identity of a model without a name (built in code): its class and a hash of its input embeddings."""
     emb = model.get_input_embeddings().weight.detach().float().flatten()[:65536].cpu().numpy()
@@ -228,26 +262,7 @@ class LMScorer:
         device = next(self.model.parameters()).device
         for batch in self.batches([len(ids) for ids, _ in encoded]):
             ids, mask, resp_mask = self.collate([encoded[i] for i in batch])
-            width = ids.shape[1]
-            r_max = int(resp_mask.sum(1).max())
-            ids, mask = ids.to(device), mask.to(device)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # positions unaffected by left padding
-            logits = (
-                self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=position_ids,
-                    logits_to_keep=r_max + 1,
-                    use_cache=False,
-                )
-                .logits[:, :-1]
-                .float()
-            )  # (batch, r_max, vocab): predictions of the last r_max tokens
-            targets = ids[:, width - r_max :]  # (batch, r_max)
-            # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
-            target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            token_logp = target_logit - torch.logsumexp(logits, -1)
-            token_logp = token_logp.masked_fill(~resp_mask[:, width - r_max :].to(device), 0.0)
+            token_logp = response_token_logprobs(self.model, ids.to(device), mask.to(device), resp_mask)
             logp_sum[batch] = token_logp.sum(-1).double().cpu().numpy()
             self.forward_passes += 1
         self.pairs_scored += len(requests)

@@ -28,16 +28,13 @@ from replugchar.finetune import (
     TEMPLATE_FILE,
     TRAIN_CHARACTERS_FILE,
     CharacterLMModule,
-    CharacterSFTDataModule,
     FinetuneCLI,
-    SFTStream,
-    check_settings_mix,
-    draw_settings,
     finetuned_characters,
     main,
 )
 from replugchar.lm_scoring import LMScorer, PromptTemplate, ScoreRequest
 from replugchar.models import load_causal_lm
+from replugchar.sft_data import CharacterSFTDataModule, SFTStream, check_settings_mix, draw_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("finetune_*.yaml"))
