@@ -53,9 +53,21 @@ class _DropTips(logging.Filter):
         return "💡" not in record.getMessage()
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test harness or notebook may have replaced it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging(command: str) -> None:
     """INFO from replugchar only; Lightning's banners only for ``fit`` (the one command that trains)."""
-    handler = logging.StreamHandler()
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     pkg = logging.getLogger("replugchar")
     if not pkg.handlers:

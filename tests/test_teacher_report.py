@@ -107,6 +107,7 @@ def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsy
     logger = logging.getLogger("replugchar.teacher_report")
     caplog.set_level(logging.INFO, logger=logger.name)
     logger.addHandler(caplog.handler)  # direct: `replugchar` may not propagate to the root
+    caplog.clear()  # only the second run's records (an earlier CLI run may have set the logger's level)
     try:
         assert main(["--config", str(config)]) == numbers
     finally:
