@@ -218,7 +218,7 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     for key in ("val/top1_agreement", "val/loss", "val/retriever_entropy", "val/lm_entropy"):
         assert re.search(rf"{re.escape(key)}\s+-?\d+\.\d{{4}} -> -?\d+\.\d{{4}}", out), out
     # ... with the paired change and its interval, so a move within noise reads as such
-    for key in ("top1_agreement", "top1_lm_gain"):
+    for key in ("top1_agreement", "top1_lift"):
         assert re.search(
             rf"change in {key}\s+[+-]\d\.\d{{4}}  95% CI \[[+-]\d\.\d{{4}}, [+-]\d\.\d{{4}}\]", out
         ), out
@@ -243,7 +243,7 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     assert len(ckpts) == 1
     ckpt = torch.load(ckpts[0], map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
-    assert state and all(k.startswith("encoder.") for k in state)
+    assert state and all(k.startswith(("encoder.", "head.")) for k in state)
     assert not any(part in k for k in state for part in ("lm_head", "wte", "scorer", "query_encoder"))
     assert ckpt["replugchar"] == {"lm": "tiny:gpt2", "lm_in_checkpoint": False}
     fresh = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
@@ -264,7 +264,7 @@ def test_validation_keeps_per_example_rows_that_match_the_logged_means(toy):
     rows = module.val_per_example
     assert rows.shape == (len(examples), 3)
     assert rows[:, 1].mean() == pytest.approx(logged["val/top1_agreement"], abs=1e-6)
-    assert rows[:, 2].mean() == pytest.approx(logged["val/top1_lm_gain"], abs=1e-5)
+    assert rows[:, 2].mean() == pytest.approx(logged["val/top1_lift"], abs=1e-5)
     assert len(np.unique(rows[:, 0])) == len({e.dialogue_id for e in examples})
     first = rows.copy()
     trainer.validate(module, dataloaders=loader, verbose=False)
