@@ -25,9 +25,8 @@ class LSRCLI(LightningCLI):
     def _set_seed(self) -> None:
         """Validate the data before anything else (LightningCLI seeds, then instantiates): a bad record fails in a
         second with one line, not after the LM loaded or below a "Seed set" banner."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("data") is not None:
-            LSRDataModule(**config["data"].as_dict()).setup("fit")
+        if self.subcommand and self.config[self.subcommand].get("data") is not None:  # run=False only parses
+            LSRDataModule(**self.config[self.subcommand]["data"].as_dict()).setup("fit")
         super()._set_seed()
 
     def before_fit(self) -> None:
