@@ -17,9 +17,12 @@ CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options o
 
 
 def _examples(dm, split: str):
-    return {"train": dm.train_examples, "val": dm.val_examples, "all": dm.train_examples + dm.val_examples}[
-        split
-    ]
+    splits = {"train": dm.train_examples, "val": dm.val_examples, "test": dm.test_examples}
+    if split == "all":
+        return dm.train_examples + dm.val_examples
+    if split == "every":
+        return dm.train_examples + dm.val_examples + dm.test_examples
+    return splits[split]
 
 
 def _config_args(args, rest: list[str]) -> list[str]:
@@ -211,7 +214,12 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     if name != "retrieve":
         p.add_argument("--config", help=CONFIG_HELP)
     if name == "score":
-        p.add_argument("--split", choices=("train", "val", "all"), default="all")
+        p.add_argument(
+            "--split",
+            choices=("train", "val", "test", "all", "every"),
+            default="all",
+            help="all = train + val (what fit scores); every = train + val + test",
+        )
         p.add_argument("--chunk", type=int, default=64, help="pairs per cache flush")
         p.set_defaults(func=cmd_score)
     elif name == "priors":
