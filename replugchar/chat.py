@@ -387,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="T of the ensemble weights softmax(score/T)",
     )
     p.add_argument("--show_prompt", action="store_true", help="print the rendered LM prompt(s)")
+    p.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="let the LM's repository run its own code (never read from the export folder)",
+    )
     p.add_argument("--device", default=None, help="LM device (default: cuda when available, else cpu)")
     return p
 
@@ -430,7 +435,7 @@ def main(argv: list[str]) -> None:
         lm,
         dtype=dtype,
         revision=stored.get("lm_revision") if lm == stored.get("lm") else None,
-        trust_remote_code=bool(stored.get("trust_remote_code", False)),
+        trust_remote_code=args.trust_remote_code,
         device=device,
     )
     base, base_name = None, "base"
@@ -459,7 +464,8 @@ def main(argv: list[str]) -> None:
         show_prompt=args.show_prompt,
     )
     lo, hi = ranges[args.character]
-    print(f"chat with '{args.character}' ({hi - lo} settings) | LM {lm} | mode {args.mode} | k {k}")
+    source = "" if args.lm else " (retriever.json's; --lm to change)"
+    print(f"chat with '{args.character}' ({hi - lo} settings) | LM {lm}{source} | mode {args.mode} | k {k}")
     if args.query is not None:
         print(f"User: {args.query.strip()}")
         session.turn(args.query)

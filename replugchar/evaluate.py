@@ -56,6 +56,7 @@ def evaluate(
     lm_batch_tokens: int = 4096,
     score_cache_dir: str | None = "auto",
     methods: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> ev.EvalResult:
     """Compare retrievers on held-out characters by the frozen LM's likelihood of the gold replies.
 
@@ -85,6 +86,8 @@ def evaluate(
         lm_batch_tokens: token budget per LM forward pass.
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         methods: subset of :data:`~replugchar.metrics.METHODS` (default all that are available).
+        trust_remote_code: let the LM's repository run its own code. Only this option (your config or command
+            line) turns it on; an export folder's retriever.json never does.
     """
     from .models import load_encoder
     from .retriever import Retriever
@@ -94,7 +97,9 @@ def evaluate(
     retriever = Retriever.load(trained) if trained else None
     config = retriever.config if retriever else {}
     stored = config.get("scorer", {})
+    own_lm = lm is not None  # --lm replaces the stored LM wholly (its revision too)
     lm = lm or stored.get("lm", EMBEDDED_LM)
+    log.info("frozen LM: %s%s", lm, "" if own_lm or not retriever else " (from the export's retriever.json)")
     # neither the retriever's nor a fine-tuned teacher's training characters are evaluated
     exclude = set(config.get("train_characters") or []) | _finetuned(lm)
     examples, chars = select_examples(
@@ -105,11 +110,11 @@ def evaluate(
     scorer = build_scorer(
         lm,
         template=template or stored.get("template") or config.get("template"),
-        lm_revision=stored.get("lm_revision"),
+        lm_revision=None if own_lm else stored.get("lm_revision"),
         lm_dtype=lm_dtype or stored.get("lm_dtype", "auto"),
         max_length=max_length or stored.get("max_length", 512),
         lm_batch_tokens=lm_batch_tokens,
-        trust_remote_code=stored.get("trust_remote_code", False),
+        trust_remote_code=trust_remote_code,
         score_cache_dir=score_cache_dir,
     )
     table = ev.lm_table(examples, chars, scorer)

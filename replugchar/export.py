@@ -6,7 +6,8 @@ Layout (all standard formats, no pickle)::
     index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.index)
     settings.jsonl    setting_id <-> character_id, index_in_character, text, prior
     index.json        index metadata (kind, dim, encoder fingerprint)
-    retriever.json    k, the scoring rule (dialogue-evidence weights, λ, τ, history window), the scorer's LM and
+    manifest.json     sha256 and size of every other file (checked by Retriever.load)
+    retriever.json    format, k, the scoring rule (dialogue-evidence weights, λ, τ, history window), the scorer's LM and
                       template, models, versions, training characters, metrics
 
 The folder is assembled under a temp name and renamed into place: it is visible whole or not at all.
@@ -23,6 +24,7 @@ import lightning as L
 import numpy as np
 
 from .atomic import atomic_folder
+from .export_schema import FORMAT, write_manifest
 from .index import SettingIndex, encoder_fingerprint, setting_records
 from .scoring import FEATURES, ScoringRule
 
@@ -120,13 +122,15 @@ def export_retriever(
         if module.query_encoder is not None:
             module.query_encoder.save(str(tmp / "query_encoder"), create_model_card=False)
         index.write_files(tmp)
+        scorer = {k: v for k, v in module.scorer_config().items() if k != "trust_remote_code"}
         config = {
+            "format": FORMAT,
             "k": module.hparams.k,
             "scoring": rule.to_dict(),
             "query_text": module.hparams.query_text,
             "separate_query_encoder": module.query_encoder is not None,
             "template": dataclasses.asdict(module.template),
-            "scorer": module.scorer_config(),
+            "scorer": scorer,  # what evaluate/chat default to; trust_remote_code is never stored
             "encoder_base": module.hparams.encoder,
             "lm": module.hparams.lm,
             "encoder_fingerprint": fingerprint,
@@ -137,6 +141,7 @@ def export_retriever(
         (tmp / "retriever.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
+        write_manifest(tmp)  # last: it lists every other file
     log.info("retriever exported to %s", out)
     return out
 

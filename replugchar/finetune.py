@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .atomic import atomic_folder
@@ -427,10 +428,36 @@ class FinetuneCLI(LightningCLI):
         if trainer.precision is None:  # bf16 on GPU, fp32 on CPU unless the config says otherwise
             trainer.precision = "bf16-mixed" if _cuda_bf16(trainer.accelerator) else "32-true"
 
+    def _set_seed(self) -> None:
+        """Refuse a reused checkpoint folder before anything else prints (LightningCLI seeds first)."""
+        self._check_checkpoint_folders(self.config.get("ckpt_path"))
+        super()._set_seed()
+
+    def _check_checkpoint_folders(self, ckpt_path: str | None) -> None:
+        """A checkpoint folder belongs to one run. Reusing one without resuming it would add ``last-v1.ckpt``
+        beside the old ``last.ckpt``, and a later resume from ``last.ckpt`` would pick the older run's step."""
+        from .checkpoint import load_checkpoint
+
+        if ckpt_path and ckpt_path not in ("last", "best"):
+            load_checkpoint(ckpt_path)
+        for cb in self.config.trainer.get("callbacks") or []:
+            dirpath = (cb.get("init_args") or {}).get("dirpath") if hasattr(cb, "get") else None
+            if not str(cb.get("class_path", "")).endswith("ModelCheckpoint") or not dirpath:
+                continue
+            old = sorted(Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
+            if old and not ckpt_path:
+                raise ValueError(
+                    f"{dirpath}: holds checkpoints of an earlier run ({old[0].name}, ...): resume it with "
+                    f"--ckpt_path {Path(dirpath) / 'last.ckpt'}, or give this run another checkpoint dirpath"
+                )
+
     def run_fit(self) -> dict[str, float]:
         """Validation before -> fit (the export callback writes the LM) -> validation after; returns after."""
         trainer, model, dm = self.trainer, self.model, self.datamodule
         ckpt_path = self.config.get("ckpt_path")
+        for cb in trainer.callbacks:  # a resumed run overwrites its own last.ckpt, never writes last-v1.ckpt
+            if isinstance(cb, ModelCheckpoint):
+                cb._enable_version_counter = False
         validate = trainer.limit_val_batches != 0 and dm.hparams.val_fraction > 0
         if validate and not ckpt_path:
             results = trainer.validate(model, datamodule=dm, verbose=False)

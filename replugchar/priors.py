@@ -33,6 +33,12 @@ from .data import Character, DataError, Example, iter_jsonl
 from .lm_scoring import NO_SETTING, ScoreRequest
 from .score_cache import CachedScorer
 
+MAX_ABS_SCORE = 1e6
+"""Imported judge scores are ratings (1-5, 0-100, ...): a larger magnitude is a broken file, and would overflow
+the z-normalisation."""
+MAX_ABS_PRIOR = 100.0
+"""Stored priors are z-scores within a character: |z| <= sqrt(n - 1), far under this for any real character."""
+
 JUDGE_TEMPLATE = (
     'Here is one trait of a role-play character: "{setting}"\n'
     "On a scale of 1 to 5, how much does this trait shape how the character replies in ANY conversation, "
@@ -211,13 +217,15 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
     """Read external scores: JSONL or CSV with character_id, setting (index or exact text) and score."""
     path = Path(path)
     raw: dict[tuple[str, int], float] = {}
+    seen: dict[tuple[str, int], str] = {}
+    from_csv = path.suffix.lower() == ".csv"
     for where, rec in _read_rows(path):
         cid = rec.get("character_id")
         if cid not in characters:
             raise DataError(f"{where}: field 'character_id': unknown character {cid!r}")
         settings = characters[cid].settings
         sid = rec.get("setting_id", rec.get("setting_index", rec.get("setting")))
-        if isinstance(sid, str) and sid.strip().isdigit():
+        if isinstance(sid, str) and sid.strip().isdigit() and from_csv:  # CSV cells are text
             sid = int(sid)
         if isinstance(sid, int) and not isinstance(sid, bool):
             if not 0 <= sid < len(settings):
@@ -229,13 +237,24 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
             idx = settings.index(sid)
         else:
             raise DataError(f"{where}: field 'setting_id': unknown setting {sid!r} of character '{cid}'")
-        try:
-            score = float(rec["score"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{where}: field 'score' missing or not a number") from None
-        if not math.isfinite(score):
-            raise DataError(f"{where}: field 'score' is {score} (must be finite)")
-        raw[(cid, idx)] = score
+        value = rec.get("score")
+        if from_csv and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise DataError(f"{where}: field 'score' is {value!r}, not a number") from None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise DataError(f"{where}: field 'score' missing or not a number (got {value!r:.40})")
+        if not math.isfinite(value) or abs(value) > MAX_ABS_SCORE:
+            raise DataError(
+                f"{where}: field 'score' is {value} (must be finite, |score| <= {MAX_ABS_SCORE:g})"
+            )
+        if (cid, idx) in seen:
+            raise DataError(
+                f"{where}: a second score for '{cid}' setting {idx} (first at {seen[(cid, idx)]})"
+            )
+        seen[(cid, idx)] = where
+        raw[(cid, idx)] = float(value)
     if not raw:
         raise DataError(f"{path}: no prior scores")
     prov = f"file={path.name}|sha1={hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
@@ -253,8 +272,20 @@ def _read_rows(path: Path):
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            for lineno, row in enumerate(csv.DictReader(f), start=2):
+        # utf-8-sig: spreadsheets save a BOM, which would otherwise become part of the first column's name
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "character_id" not in header or "score" not in header:
+                raise DataError(
+                    f"{path}:1: the header must name the comma-separated columns character_id, setting_id "
+                    f"(or setting) and score; got {','.join(header)[:80]!r}"
+                )
+            for lineno, row in enumerate(reader, start=2):
+                if None in row or None in row.values():  # more or fewer cells than the header
+                    raise DataError(
+                        f"{path}:{lineno}: {len(header)} columns in the header, another number here"
+                    )
                 yield f"{path}:{lineno}", row
         return
     for lineno, rec in iter_jsonl(path):
@@ -271,16 +302,32 @@ def save_priors(priors: Sequence[Prior], path: str | Path) -> None:
 
 
 def load_priors(path: str | Path, characters: dict[str, Character] | None = None) -> list[Prior]:
+    """A priors.jsonl of :func:`save_priors`, each line checked: types (``true`` is not 1.0, ``"0"`` not 0),
+    the size of the prior, one line per setting."""
     path = Path(path)
-    out = []
+    out, seen = [], {}
     for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
         try:
             p = Prior(**{k: rec[k] for k in Prior.__dataclass_fields__ if k in rec})
         except TypeError as err:
             raise DataError(f"{where}: bad prior record ({err})") from None
-        if not isinstance(p.prior, (int, float)) or not math.isfinite(p.prior):
-            raise DataError(f"{where}: field 'prior' is {p.prior!r} (must be a finite number)")
+        if not isinstance(p.character_id, str):
+            raise DataError(f"{where}: field 'character_id' must be a string, got {p.character_id!r:.40}")
+        if not isinstance(p.setting_index, int) or isinstance(p.setting_index, bool):
+            raise DataError(f"{where}: field 'setting_index' must be an integer, got {p.setting_index!r:.40}")
+        if not isinstance(p.prior, int | float) or isinstance(p.prior, bool) or not math.isfinite(p.prior):
+            raise DataError(f"{where}: field 'prior' is {p.prior!r:.40} (must be a finite number)")
+        if abs(p.prior) > MAX_ABS_PRIOR:
+            raise DataError(
+                f"{where}: field 'prior' is {p.prior:g}; priors are z-scores (|prior| <= {MAX_ABS_PRIOR})"
+            )
+        key = (p.character_id, p.setting_index)
+        if key in seen:
+            raise DataError(
+                f"{where}: a second prior for {p.character_id!r}[{p.setting_index}] (first at {seen[key]})"
+            )
+        seen[key] = where
         if characters is not None:
             char = characters.get(p.character_id)
             if char is None or not 0 <= p.setting_index < len(char.settings):

@@ -7,7 +7,6 @@ the LangChain retriever and ``evaluate`` all call it, so what was trained is wha
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Example, query_text
+from .data import MAX_TEXT_CHARS, Example, query_text
+from .export_schema import FolderError
 from .index import SettingIndex, encoder_fingerprint
 from .lm_scoring import PromptTemplate
 from .scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
@@ -34,6 +34,16 @@ class Hit:
     dialogue: float = 0.0  # the dialogue-evidence part of the score, Σ w_f φ_f(s)
 
 
+def check_text(text, what: str) -> None:
+    """Queries and history turns are capped like data files: one 10 MB turn would cost gigabytes to embed."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{what} is empty")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"{what} has {len(text)} characters (limit {MAX_TEXT_CHARS})")
+
+
 class Retriever:
     """An export folder (see :mod:`replugchar.export`): encoder(s), index of known characters, scoring rule."""
 
@@ -42,26 +52,41 @@ class Retriever:
         self.query_encoder = query_encoder or encoder
         self.index = index
         self.config = config
-        self.rule = ScoringRule.from_dict(config.get("scoring", config))
+        self.rule = ScoringRule.from_dict(config["scoring"]) if "scoring" in config else ScoringRule()
         self._cache: dict[tuple[bool, str], np.ndarray] = {}
 
     @classmethod
     def load(
-        cls, folder: str | Path, *, device: str | None = None, check_fingerprint: bool = True
+        cls,
+        folder: str | Path,
+        *,
+        device: str | None = None,
+        check_fingerprint: bool = True,
+        verify: bool = True,
     ) -> Retriever:
-        from sentence_transformers import SentenceTransformer
+        """An export folder, checked before anything in it is used: retriever.json against its schema, every
+        file against ``manifest.json`` (``verify=False`` skips only the manifest, for folders edited by hand),
+        the encoder's modules against sentence-transformers' own. Every fault is one
+        :class:`~replugchar.export_schema.FolderError` naming the file."""
+        from .export_schema import (
+            check_retriever_config,
+            load_sentence_transformer,
+            read_json,
+            verify_manifest,
+        )
 
         folder = Path(folder)
         cfg_path = folder / "retriever.json"
+        if not folder.is_dir():
+            raise FolderError(f"{folder}: not a folder (expected a replugchar export folder)")
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{folder}: no retriever.json (not a replugchar export folder)")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
-        encoder = SentenceTransformer(str(folder / "encoder"), device=device)
+            raise FolderError(f"{folder}: no retriever.json (not a replugchar export folder)")
+        config = check_retriever_config(read_json(cfg_path, what="retriever.json"), cfg_path)
+        if verify:
+            verify_manifest(folder)
+        encoder = load_sentence_transformer(folder / "encoder", device=device)
         query_encoder = (
-            SentenceTransformer(str(folder / "query_encoder"), device=device)
+            load_sentence_transformer(folder / "query_encoder", device=device)
             if config.get("separate_query_encoder")
             else None
         )
@@ -70,7 +95,7 @@ class Retriever:
         if check_fingerprint and config.get("encoder_fingerprint"):
             got = encoder_fingerprint(lambda t: encoder.encode(t, normalize_embeddings=True))
             if got != config["encoder_fingerprint"]:
-                raise ValueError(f"{folder}: encoder/ does not match the encoder the index was built with")
+                raise FolderError(f"{folder}/encoder: does not match the encoder the index was built with")
         return retriever
 
     @property
@@ -110,9 +135,10 @@ class Retriever:
         self, query: str, settings_emb: np.ndarray, history: History, priors, rule: ScoringRule
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, similarities) of embedded settings under ``rule``: the one path every caller takes."""
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("query is empty")
+        check_text(query, "query")
         turns = window(history, rule.history_window) if rule.uses_history else []
+        for i, t in enumerate(turns):
+            check_text(turn_text(t), f"history turn {len(history) - len(turns) + i}")
         own = [turn_role(t) == "character" for t in turns]
         emb = self.embed_queries([query, *(turn_text(t) for t in turns)])
         sims = settings_emb @ emb[0]

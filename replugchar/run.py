@@ -29,8 +29,9 @@ def run_parser():
 def load_run(config_args: Sequence[str], ckpt_path: str | None = None) -> tuple[LSRModule, LSRDataModule]:
     """(module, datamodule) from fit-config arguments (``["--config", "configs/demo.yaml", "--model.k", "3"]``),
     with trained weights from ``ckpt_path`` if given. The data is loaded and validated before any model loads."""
-    import torch
     from jsonargparse import ArgumentError
+
+    from .checkpoint import load_checkpoint
 
     try:
         cfg = run_parser().parse_args(list(config_args))
@@ -41,10 +42,7 @@ def load_run(config_args: Sequence[str], ckpt_path: str | None = None) -> tuple[
     module = LSRModule(**cfg.model.as_dict())
     module.characters = dm.characters
     if ckpt_path:
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{ckpt_path}: checkpoint not found (--ckpt_path)") from None
+        state = load_checkpoint(ckpt_path)["state_dict"]
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(

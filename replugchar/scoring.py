@@ -63,12 +63,49 @@ class ScoringRule:
 
     @classmethod
     def from_dict(cls, d: dict) -> ScoringRule:
-        known = {k: d[k] for k in ("weights", "prior_weight", "threshold", "history_window") if k in d}
-        if "weights" in known:
-            if isinstance(known["weights"], dict):
-                known["weights"] = [known["weights"].get(f, 0.0) for f in FEATURES]
-            known["weights"] = tuple(float(w) for w in known["weights"])
-        return cls(**known)
+        """The rule as stored in retriever.json, checked whole: a misspelled key or feature name, a missing
+        weight or a value of the wrong type is an error, never a silent 0 (that would turn the learned rule
+        into plain similarity)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the scoring rule must be an object, got {type(d).__name__}")
+        known = tuple(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+        missing = [k for k in ("weights", "prior_weight", "threshold", "history_window") if k not in d]
+        if missing:
+            raise ValueError(f"missing key(s) {', '.join(map(repr, missing))}")
+        weights = d["weights"]
+        if isinstance(weights, dict):
+            if set(weights) != set(FEATURES):
+                odd = sorted(set(weights) ^ set(FEATURES))
+                raise ValueError(
+                    f"weights must name exactly the features {', '.join(FEATURES)}; "
+                    f"unknown or missing: {', '.join(odd)}"
+                )
+            weights = [weights[f] for f in FEATURES]
+        if (
+            not isinstance(weights, list | tuple)
+            or len(weights) != len(FEATURES)
+            or not all(map(_number, weights))
+        ):
+            raise ValueError(
+                f"weights must be {len(FEATURES)} numbers ({', '.join(FEATURES)}), got {weights!r:.80}"
+            )
+        if not _number(d["prior_weight"]):
+            raise ValueError(f"prior_weight must be a number, got {d['prior_weight']!r:.40}")
+        tau = d["threshold"]
+        if tau is not None and not (_number(tau) or tau == float("-inf")):
+            raise ValueError(f"threshold must be a number or null, got {tau!r:.40}")
+        hw = d["history_window"]
+        if not isinstance(hw, int) or isinstance(hw, bool):
+            raise ValueError(f"history_window must be an integer, got {hw!r:.40}")
+        return cls(
+            weights=tuple(float(w) for w in weights),
+            prior_weight=float(d["prior_weight"]),
+            threshold=None if tau is None else float(tau),
+            history_window=hw,
+        )
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -78,6 +115,11 @@ class ScoringRule:
     @property
     def uses_history(self) -> bool:
         return any(w != 0 for w in self.weights) and self.history_window > 0
+
+
+def _number(value) -> bool:
+    """A JSON number: ``true`` is not 1.0 and ``"0.5"`` is not 0.5."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def window(history: Sequence, size: int) -> list:

@@ -98,15 +98,15 @@ def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
     """The exported rule: learned weights scaled by the fitted α, the fitted λ and τ (``--prior_weight`` wins)."""
     import dataclasses
 
+    from .data import DataError
     from .scoring import ScoringRule
 
     rule = module.rule
     if fitted_path:
-        try:
-            fitted = json.loads(Path(fitted_path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{fitted_path}: file not found (--fitted)") from None
+        fitted = read_fitted(fitted_path)
         weights = fitted.get("dialogue_weights", rule.weights)
+        if len(weights) != len(rule.weights):
+            raise DataError(f"{fitted_path}: field 'dialogue_weights' needs {len(rule.weights)} numbers")
         alpha = float(fitted.get("dialogue_scale", 1.0))
         rule = ScoringRule(
             weights=tuple(alpha * float(w) for w in weights),
@@ -188,23 +188,44 @@ def cmd_retrieve(args, rest) -> None:
         print("  (no setting above the relevance threshold: answer without settings)")
 
 
-def _read_history(path: str) -> list[dict]:
-    """A JSON list of {"role", "text"} turns, oldest first (the data schema's ``context``)."""
-    from .data import DataError
+def read_fitted(path: str) -> dict:
+    """fitted.json of ``priors fit-weight``: the numbers ``export --fitted`` uses, each checked."""
+    from .export_schema import check_fields, is_number, read_json
 
-    try:
-        turns = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found (--history)") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    if not isinstance(turns, list) or not all(
-        isinstance(t, dict) and t.get("role") in ("user", "character") and isinstance(t.get("text"), str)
-        for t in turns
-    ):
+    numbers = lambda v: isinstance(v, list) and all(map(is_number, v))  # noqa: E731
+    number = (is_number, "a finite number")
+    spec = {
+        "dialogue_scale": number,
+        "prior_weight": number,
+        "threshold": (lambda v: v is None or is_number(v), "a finite number or null"),
+        "dialogue_weights": (numbers, "a list of numbers"),
+        "gain_at_zero": number,
+        "gain_fitted_weight": number,
+        "gain_fitted": number,
+        "n_examples": number,
+        "grid": (numbers, "a list of numbers"),
+        "gains_by_weight": (numbers, "a list of numbers"),
+    }
+    return check_fields(read_json(Path(path), what="fitted"), spec, f"{path}")
+
+
+def _read_history(path: str) -> list[dict]:
+    """A JSON list of {"role", "text"} turns, oldest first (the data schema's ``context``), capped like data."""
+    from .data import MAX_TEXT_CHARS, DataError
+    from .export_schema import read_json
+
+    turns = read_json(Path(path), what="--history")
+    if not isinstance(turns, list):
         raise DataError(
             f"{path}: --history must be a JSON list of {{'role': 'user'|'character', 'text': ...}}"
         )
+    for i, t in enumerate(turns):
+        if not (
+            isinstance(t, dict) and t.get("role") in ("user", "character") and isinstance(t.get("text"), str)
+        ):
+            raise DataError(f"{path}: turn {i} must be {{'role': 'user'|'character', 'text': ...}}")
+        if not t["text"].strip() or len(t["text"]) > MAX_TEXT_CHARS:
+            raise DataError(f"{path}: turn {i}: text is empty or over {MAX_TEXT_CHARS} characters")
     return turns
 
 
