@@ -287,6 +287,11 @@ def test_index_and_export_killed_while_writing_are_absent_or_whole(killed_victim
     encoder = SentenceTransformer(str(exported / "encoder"), device="cpu")
     assert encoder.encode(["hello"]).shape == (1, index.dim)
 
+    # the next write of a target removes what its killed writer left; other targets' leftovers stay
+    old.save(root / "index_old")
+    assert not list(root.glob(".index_old.*")) and len(list(root.glob(".*.tmp-*"))) == 3
+    assert SettingIndex.load(root / "index_old", expected_dim=8).meta["encoder_fingerprint"] == "v1"
+
 
 def test_scores_computed_during_training_reach_the_disk_cache(tmp_path):
     # the cache buffers shard_size=256 scores; the module must flush what an epoch/fit leaves behind,
