@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import Example, Turn, query_text
-from .lm_scoring import PromptTemplate
-from .retriever import Hit, Retriever, replug_next_token_logprobs
+from ..core.data import Example, Turn, query_text
+from ..lm.scoring import PromptTemplate
+from ..retrieval.retriever import Hit, Retriever, replug_next_token_logprobs
 
 MODES = ("concat", "top1", "ensemble")
 QUIT = "/quit"
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .models import load_causal_lm, load_encoder
+    from ..lm.models import load_causal_lm, load_encoder
 
     args = build_parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the dialogue

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Character, Example
-from .priors import LMTable, lm_table, loo_priors  # noqa: F401  (re-exported: the evaluation API)
+from ..core.data import Character, Example
+from ..lm.gains import LMTable, lm_table, loo_priors  # noqa: F401  (re-exported: the evaluation API)
 
 METHODS = (
     "none",

@@ -26,11 +26,11 @@ from typing import Literal
 
 import numpy as np
 
-from .atomic import write_text
-from .finetune import finetuned_characters
-from .lm_scoring import PromptTemplate
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM
-from .priors import LMTable, lm_table
+from ..core.atomic import write_text
+from ..lm.finetuned import finetuned_characters
+from ..lm.gains import LMTable, lm_table
+from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
+from ..lm.scoring import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def report(
     """
     import torch
 
+    from ..lm.models import load_encoder
+    from ..lm.score_cache import build_scorer
+    from ..retrieval.retriever import Retriever
     from .evaluate import select_examples
-    from .models import load_encoder
-    from .retriever import Retriever
-    from .score_cache import build_scorer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

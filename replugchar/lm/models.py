@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_folder
+from ..core.atomic import atomic_folder
 
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:SmolLM2-135M-Instruct"
@@ -105,7 +105,7 @@ def load_causal_lm(
     """(model, tokenizer) for ``spec``, in eval mode with gradients off and the tokenizer fixed for scoring."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .lm_scoring import fix_tokenizer
+    from .scoring import fix_tokenizer
 
     torch_dtype = getattr(torch, dtype)
     if spec == "tiny:gpt2":

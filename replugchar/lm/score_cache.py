@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_file
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
+from ..core.atomic import atomic_file
+from .scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
 

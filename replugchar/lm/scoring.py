@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import Example
+from ..core.data import Example
 
 NO_SETTING: tuple[str, ...] = ()
 

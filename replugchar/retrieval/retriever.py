@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Example, query_text
+from ..core.data import Example, query_text
+from ..core.scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
+from ..lm.scoring import PromptTemplate
 from .index import SettingIndex, encoder_fingerprint
-from .lm_scoring import PromptTemplate
-from .scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
 
 History = Sequence  # of {"role": "user" | "character", "text": ...} dicts or data.Turn, oldest first
 

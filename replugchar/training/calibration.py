@@ -100,8 +100,8 @@ def validation_matrices(module, examples, chars, table=None):
     its leave-one-dialogue-out LM-utility prior from its other validation dialogues, so no example's own reply
     informs its prior.
     """
-    from .priors import lm_table, loo_priors
-    from .scoring import ScoringRule
+    from ..core.scoring import ScoringRule
+    from ..lm.gains import lm_table, loo_priors
 
     width = max(len(chars[e.character_id].settings) for e in examples)
     lookup = {(p.character_id, p.setting_index): p.prior for p in table or []}

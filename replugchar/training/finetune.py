@@ -33,15 +33,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from .atomic import atomic_folder
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
-from .models import EMBEDDED_LM, load_causal_lm
+from ..core.atomic import atomic_folder
+from ..lm.finetuned import TRAIN_CHARACTERS_FILE
+from ..lm.models import EMBEDDED_LM, load_causal_lm
+from ..lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
 from .sft_data import CharacterSFTDataModule
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "replugchar_template.json"
-TRAIN_CHARACTERS_FILE = "train_characters.json"
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -277,7 +277,8 @@ class CharacterLMModule(L.LightningModule):
         """Write the fine-tuned LM as a Hugging Face folder, atomically (temp folder beside it, then rename).
 
         Contents: safetensors weights (LoRA merged), the fixed tokenizer, ``replugchar_template.json``,
-        ``train_characters.json`` (evaluation excludes them, see :func:`finetuned_characters`) and a README.md
+        ``train_characters.json`` (evaluation excludes them, see
+        :func:`~replugchar.lm.finetuned.finetuned_characters`) and a README.md
         card. After this the module holds the merged model, which is what was saved.
         """
         folder = Path(folder)
@@ -347,26 +348,13 @@ class CharacterLMModule(L.LightningModule):
             "",
             f"## Training characters ({len(chars)})",
             "",
-            "Evaluation must exclude them (`replugchar.finetune.finetuned_characters(folder)`; the list is also in "
+            "Evaluation must exclude them (`replugchar.lm.finetuned.finetuned_characters(folder)`; the list is also in "
             f"`{TRAIN_CHARACTERS_FILE}`):",
             "",
             ", ".join(chars),
             "",
         ]
         return "\n".join(lines)
-
-
-def finetuned_characters(folder: str | Path) -> set[str]:
-    """Ids of the characters an LM folder written by ``finetune-lm`` was trained on; empty for any other LM.
-
-    Why: an LM judged on characters whose replies it was tuned on flatters every retriever; evaluation and the
-    teacher report drop those characters.
-    """
-    path = Path(str(folder)).expanduser() / TRAIN_CHARACTERS_FILE
-    if not path.is_file():
-        return set()
-    info = json.loads(path.read_text(encoding="utf-8"))
-    return set(info.get("train_characters") or [])
 
 
 class ExportCharacterLM(L.Callback):

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Character, Example, query_text
-from .index import SettingIndex, setting_records
-from .lm_scoring import PromptTemplate, ScoreRequest
+from ..core.data import Character, Example, query_text
+from ..core.scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
+from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
+from ..lm.score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
+from ..lm.scoring import PromptTemplate, ScoreRequest
+from ..retrieval.index import SettingIndex, setting_records
 from .losses import Direction, LSRLoss, entropy
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
-from .score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
-from .scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
 
 log = logging.getLogger(__name__)
 QueryText = Literal["query", "context_and_query"]
@@ -203,7 +203,7 @@ class LSRModule(L.LightningModule):
     def as_retriever(self, rule: ScoringRule | None = None):
         """A :class:`~replugchar.retriever.Retriever` over this module's encoder(s) and ``rule`` (default: as
         trained), without an index: calibration scores validation turns through the same path as inference."""
-        from .retriever import Retriever
+        from ..retrieval.retriever import Retriever
 
         config = {"scoring": (rule or self.rule).to_dict(), "query_text": self.hparams.query_text}
         return Retriever(self.encoder, None, config, self.query_encoder)

@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data import Character, Example, LSRDataModule
-from .lm_scoring import ScoreRequest
+from ..core.data import Character, Example
+from ..lm.scoring import ScoreRequest
+from .datamodule import LSRDataModule
 
 SETTINGS_MIX_KEYS = ("all", "subset", "none")
 DEFAULT_SETTINGS_MIX = {"all": 0.4, "subset": 0.4, "none": 0.2}
