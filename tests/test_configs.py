@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from replugchar import evaluate as harness
-from replugchar.data import LSRDataModule
-from replugchar.lightning_cli import LSRCLI
-from replugchar.module import LSRModule
+from replugchar.cli.lightning_cli import LSRCLI
+from replugchar.evaluation import evaluate as harness
+from replugchar.training.datamodule import LSRDataModule
+from replugchar.training.module import LSRModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

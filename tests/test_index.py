@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replugchar.index import SettingIndex, SettingRecord, setting_records
+from replugchar.retrieval.index import SettingIndex, SettingRecord, setting_records
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from replugchar.data import Example, Turn
-from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
+from replugchar.core.data import Example, Turn
+from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 
 
 @pytest.fixture(scope="module")
