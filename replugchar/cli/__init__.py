@@ -95,7 +95,7 @@ def _configure_logging(command: str) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are a user's to fix: one line, no traceback."""
-    # DataError is a ValueError (importing replugchar.data here would load Lightning for a one-line error)
+    # DataError is a ValueError (the user errors are known without importing replugchar.core.data)
     return (
         ValueError,
         FileNotFoundError,

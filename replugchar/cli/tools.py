@@ -30,7 +30,7 @@ def _config_args(args, rest: list[str]) -> list[str]:
 
 
 def load_run(config_args: list[str], ckpt_path: str | None = None):
-    """:func:`replugchar.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
+    """:func:`replugchar.training.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
     from ..training.run import load_run as load
 
     return load(config_args, ckpt_path)

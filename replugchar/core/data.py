@@ -16,7 +16,7 @@ QUERY_TYPES = ("greeting", "closing", "other")
 ROLES = ("user", "character")
 MAX_TEXT_CHARS = 4000
 """Texts longer than this are rejected at load time: a setting or turn this long is almost always a data bug,
-and the LM prompt has a token budget anyway (see :mod:`replugchar.lm_scoring` for the truncation policy)."""
+and the LM prompt has a token budget anyway (see :mod:`replugchar.lm.scoring` for the truncation policy)."""
 
 
 class DataError(ValueError):
@@ -43,7 +43,7 @@ class Example:
 
     ``context`` is what the LM prompt shows (the data file's last turns); ``history`` is the whole session
     before the query (from ``sessions.jsonl`` when the folder has it, else ``context``), which the
-    dialogue-aware retriever turns into features (see :mod:`replugchar.scoring`).
+    dialogue-aware retriever turns into features (see :mod:`replugchar.core.scoring`).
     """
 
     example_id: str
@@ -71,7 +71,7 @@ def query_text(example: Example, mode: QueryText = "query") -> str:
 
     ``context_and_query`` prepends the last context turn; it is kept for old runs only: pasting dialogue into the
     query raises the similarity of settings the character already voiced, the wrong direction (use the
-    dialogue features of :mod:`replugchar.scoring` instead).
+    dialogue features of :mod:`replugchar.core.scoring` instead).
     """
     if mode == "query":
         return example.query

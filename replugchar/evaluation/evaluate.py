@@ -1,9 +1,9 @@
 """``replugchar evaluate``: pick the held-out examples, score every method, save the table.
 
-Every retriever row ranks through :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path):
+Every retriever row ranks through :meth:`~replugchar.retrieval.retriever.Retriever.rank_example` (the inference path):
 ``base`` is the untrained encoder, ``trained`` the exported encoder alone, ``dialogue`` the exported scoring rule
 (dialogue evidence), each ``+prior`` with λ times the character's leave-one-dialogue-out LM-utility prior. The
-metrics live in :mod:`replugchar.metrics`; this module never imports the training module.
+metrics live in :mod:`replugchar.evaluation.metrics`; this module never imports the training module.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def evaluate(
         max_length: token limit of prompt + response; None = the trained retriever's, else 512.
         lm_batch_tokens: token budget per LM forward pass.
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
-        methods: subset of :data:`~replugchar.metrics.METHODS` (default all that are available).
+        methods: subset of :data:`~replugchar.evaluation.metrics.METHODS` (default all that are available).
     """
     from ..lm.models import load_encoder
     from ..retrieval.retriever import Retriever

@@ -13,7 +13,7 @@ the LM's log-likelihood per token of the gold reply (nats/token), over held-out 
 * ``agreement_with_other`` -- given a second LM, share of turns where both pick the same best setting (e.g.
   the base LM against its ``finetune-lm`` version, or two LMs of different families).
 
-It reads the shared score cache (:func:`replugchar.score_cache.build_scorer`), so after ``fit``/``evaluate``
+It reads the shared score cache (:func:`replugchar.lm.score_cache.build_scorer`), so after ``fit``/``evaluate``
 scored a split it costs no LM time. Characters a ``finetune-lm`` folder was trained on are left out.
 """
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def teacher_report(
     table: LMTable, similarity: Sequence[np.ndarray] | None = None, other: LMTable | None = None
 ) -> dict[str, float]:
-    """The report's numbers from an :class:`~replugchar.priors.LMTable` (per example: log-likelihood/token
+    """The report's numbers from an :class:`~replugchar.lm.gains.LMTable` (per example: log-likelihood/token
     with no setting and with each setting) and, optionally, per-example similarity scores over the same
     settings and the table of a second LM over the same examples. Ties go to the first setting."""
     n = len(table.per_setting)

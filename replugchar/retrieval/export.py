@@ -3,7 +3,7 @@
 Layout (all standard formats, no pickle)::
 
     encoder/          plain sentence-transformers folder (safetensors) + model card (README.md)
-    index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.index)
+    index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.retrieval.index)
     settings.jsonl    setting_id <-> character_id, index_in_character, text, prior
     index.json        index metadata (kind, dim, encoder fingerprint)
     retriever.json    k, the scoring rule (dialogue-evidence weights, λ, τ, history window), the scorer's LM and
@@ -97,7 +97,7 @@ def export_retriever(
     data_dir: str | None = None,
     train_characters: list[str] | None = None,
 ) -> Path:
-    """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters.
+    """Write the export folder for ``module`` (an :class:`~replugchar.training.module.LSRModule`) over its characters.
 
     ``rule`` defaults to the module's learned weights with λ = 0 and no threshold (``priors fit-weight`` fits
     those on validation characters)."""

@@ -1,6 +1,6 @@
 """Inference: an exported retriever folder that ranks any character's settings for a dialogue turn.
 
-:meth:`Retriever.rank` is the one entry to the scoring rule of :mod:`replugchar.scoring`; ``search``, ``chat``,
+:meth:`Retriever.rank` is the one entry to the scoring rule of :mod:`replugchar.core.scoring`; ``search``, ``chat``,
 the LangChain retriever and ``evaluate`` all call it, so what was trained is what is served.
 """
 
@@ -35,7 +35,7 @@ class Hit:
 
 
 class Retriever:
-    """An export folder (see :mod:`replugchar.export`): encoder(s), index of known characters, scoring rule."""
+    """An export folder (see :mod:`replugchar.retrieval.export`): encoder(s), index of known characters, scoring rule."""
 
     def __init__(self, encoder, index: SettingIndex | None, config: dict, query_encoder=None) -> None:
         self.encoder = encoder

@@ -20,7 +20,7 @@ class ExportRetriever(L.Callback):
     index and scoring rule (see :func:`export_retriever`).
 
     Why α: the head's weights are learned on training characters; α ∈ {0, …, 2} (see
-    :data:`~replugchar.calibration.DIALOGUE_SCALES`) picked by the LM's top-1 gain on validation characters
+    :data:`~replugchar.training.calibration.DIALOGUE_SCALES`) picked by the LM's top-1 gain on validation characters
     makes the exported rule never worse there than plain similarity of the trained encoder (α = 0). The module's
     head is scaled in place, so the validation after ``fit`` reports the exported rule.
 

@@ -2,19 +2,19 @@
 
 Why a separate step: LSR trains the retriever towards the settings under which the LM finds the gold reply most
 likely, so the LM must be a good judge of *this* kind of character. Fine-tuning it on the training characters'
-replies, with prompts rendered by the scorer's own :class:`~replugchar.lm_scoring.PromptTemplate`, makes it one;
-the character split is the hash split of :func:`replugchar.data.split_characters`, the one ``fit`` and
+replies, with prompts rendered by the scorer's own :class:`~replugchar.lm.scoring.PromptTemplate`, makes it one;
+the character split is the hash split of :func:`replugchar.core.data.split_characters`, the one ``fit`` and
 ``evaluate`` use, so no validation/test character is ever in the teacher's training data.
 
 What makes the fine-tune stable (the failure this module exists to avoid): with ``pad_token == eos_token`` a loss
 mask built from ``input_ids != pad_token_id`` hides the eos that ends every reply, so the model never learns to
-stop. Here the tokenizer goes through :func:`~replugchar.lm_scoring.fix_tokenizer` (pad := unk or a new
-``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm_scoring.LMScorer.encode_many>`
+stop. Here the tokenizer goes through :func:`~replugchar.lm.scoring.fix_tokenizer` (pad := unk or a new
+``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm.scoring.LMScorer.encode_many>`
 (prompt + reply + eos, context dropped first when too long) and the loss mask comes from the number of reply
 tokens that method returns, never from token ids.
 
 The output is a plain Hugging Face folder (safetensors, fixed tokenizer, ``replugchar_template.json``,
-``train_characters.json``, README.md card) that :func:`replugchar.models.load_causal_lm` loads as ``model.lm``.
+``train_characters.json``, README.md card) that :func:`replugchar.lm.models.load_causal_lm` loads as ``model.lm``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class CharacterLMModule(L.LightningModule):
         """Per-token NLL of each reply and its eos, and the mask of those tokens: both (batch, r_max).
 
         The batch is laid out and run through the LM by the scorer's own code (:meth:`LMScorer.collate` and
-        :func:`~replugchar.lm_scoring.response_token_logprobs`: left padding, positions counted from the first
+        :func:`~replugchar.lm.scoring.response_token_logprobs`: left padding, positions counted from the first
         real token, only the reply positions through the LM head), so the loss trained here is the negative of
         the score LSR reads. The mask comes from the reply lengths that
         :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.

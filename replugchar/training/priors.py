@@ -1,7 +1,7 @@
 """Generality priors g(s): how much a setting helps a character's replies regardless of the query.
 
 Why: for "Hello!" cosine similarity never surfaces "cheerful with everyone", though that trait shapes every
-reply. A per-setting prior blended into retrieval (score = cos + λ·g, see :mod:`replugchar.index`) lifts such
+reply. A per-setting prior blended into retrieval (score = cos + λ·g, see :mod:`replugchar.retrieval.index`) lifts such
 traits. Three sources, one table format:
 
 * ``lm_utility`` -- the frozen LM's mean gain log P(y | s, x) − log P(y | no setting, x) (nats/token) over a
