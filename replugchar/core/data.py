@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 QUERY_TYPES = ("greeting", "closing", "other")
 ROLES = ("user", "character")
@@ -62,8 +63,8 @@ class Example:
         return self.context if self.history is None else self.history
 
 
-QueryText = str
-QUERY_TEXTS = ("query", "context_and_query")
+QueryText = Literal["query", "context_and_query"]
+QUERY_TEXTS = get_args(QueryText)
 
 
 def query_text(example: Example, mode: QueryText = "query") -> str:

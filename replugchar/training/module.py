@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.data import Character, Example, query_text
+from ..core.data import Character, Example, QueryText, query_text
 from ..core.scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
 from ..lm.score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
@@ -23,7 +23,6 @@ from ..retrieval.index import SettingIndex, setting_records
 from .losses import Direction, LSRLoss, entropy
 
 log = logging.getLogger(__name__)
-QueryText = Literal["query", "context_and_query"]
 
 
 class DialogueHead(torch.nn.Module):
