@@ -608,7 +608,8 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
     proc = replugchar("--traceback", "score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the exception is re-raised, not turned into exit 2
     assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"replugchar\.core\.data\.DataError: .*" + faulty.message, proc.stderr), proc.stderr[-3000:]
+    error = r"replugchar\.core\.data\.DataError: .*" + faulty.message
+    assert re.search(error, proc.stderr), proc.stderr[-3000:]
     assert "replugchar: error:" not in proc.stderr
 
 
