@@ -3,7 +3,7 @@
 LSR's target, the LM's best setting for a turn, is picked with the gold reply in view; the retriever sees only the
 query. Before spending LM calls and training time, this checks whether the teacher's choice is predictable beyond
 query-setting similarity on a given data set, teacher and budget. Three probes on the untrained encoder's
-embeddings are fitted with the package's own :class:`~replugchar.losses.LSRLoss` (same γ, β, KL direction):
+embeddings are fitted with the package's own :class:`~replugchar.training.losses.LSRLoss` (same γ, β, KL direction):
 
     gen    cos(q, s) + γ·(w · s)          a learned per-setting "generality" direction (what a prior adds)
     diag   cos(q ⊙ (1 + D), s)            a re-weighted similarity (what fine-tuning can bend)
@@ -31,10 +31,10 @@ import random
 import numpy as np
 import torch
 
-from replugchar.lm_scoring import ScoreRequest
-from replugchar.losses import LSRLoss
-from replugchar.metrics import bootstrap_ci
-from replugchar.run import load_run
+from replugchar.evaluation.metrics import bootstrap_ci
+from replugchar.lm.scoring import ScoreRequest
+from replugchar.training.losses import LSRLoss
+from replugchar.training.run import load_run
 
 PROBES = {"gen": (True, False), "diag": (False, True), "both": (True, True)}
 

@@ -1,6 +1,6 @@
 """FAISS setting index at scale: build time, queries/s, recall@10 vs exact search, and memory, per index kind.
 
-For each size n (default 10^4, 10^5, 10^6 settings) this builds :class:`replugchar.index.SettingIndex` with the
+For each size n (default 10^4, 10^5, 10^6 settings) this builds :class:`replugchar.retrieval.index.SettingIndex` with the
 generality prior dimension (unit embeddings of dimension ``--dim``, random z-scored priors, 10 settings per
 character) as ``flat`` (exact), ``ivf`` and ``hnsw``, and searches a batch of unit queries unrestricted
 with ``SettingIndex.search(q, 10, prior_weight=0.1)``. Recall@10 is measured against the flat index (exact).
@@ -34,7 +34,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from replugchar.index import SettingIndex, SettingRecord
+from replugchar.retrieval.index import SettingIndex, SettingRecord
 
 K = 10
 RECALL_TARGET = 0.95
@@ -183,7 +183,7 @@ def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lam
             f"{vec_info['cos_to_own_centre_mean']:.3f} (p5-p95 {vec_info['cos_to_own_centre_p5_p95'][0]:.2f}-"
             f"{vec_info['cos_to_own_centre_p5_p95'][1]:.2f}), random pairs {vec_info['cos_random_pairs_mean']:.3f}"
         )
-    priors = rng.standard_normal(n).astype(np.float32)  # z-scored, as replugchar.priors writes them
+    priors = rng.standard_normal(n).astype(np.float32)  # z-scored, as replugchar.training.priors writes them
     priors *= args.prior_scale  # stored c·g, queried with λ/c: the same scores (see --prior_scale)
     records = [
         SettingRecord(i, f"c{i // SETTINGS_PER_CHARACTER:07d}", i % SETTINGS_PER_CHARACTER, "")

@@ -3,11 +3,11 @@
 Four ways of obtaining log P(response | setting, dialogue) for the same (example, setting) pairs:
 
 (a) naive   -- one forward per pair, full-vocabulary log-softmax at every position, gather the response tokens;
-(b) batched -- :meth:`replugchar.lm_scoring.LMScorer.score`: length-sorted token-budget batches, left padding,
+(b) batched -- :meth:`replugchar.lm.scoring.LMScorer.score`: length-sorted token-budget batches, left padding,
                the LM head and log-softmax on the response positions only (``logits_to_keep``);
 (c) limit   -- the forward pass alone on exactly the padded batches (b) builds, ``logits_to_keep=1``, no
                log-softmax, no tokenisation, no Python bookkeeping: what (b) would cost if scoring were free;
-(d) cached  -- :class:`replugchar.score_cache.CachedScorer` on a second epoch over the same pairs, after a
+(d) cached  -- :class:`replugchar.lm.score_cache.CachedScorer` on a second epoch over the same pairs, after a
                restart (scores read back from Parquet shards): zero LM calls, asserted.
 
 Prints one Markdown table (and writes every figure as JSON with ``--json``). Figures are measured in one run on
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from replugchar.data import Corpus
-from replugchar.lm_scoring import LMScorer, ScoreRequest, Scores, fix_tokenizer
-from replugchar.models import byte_tokenizer, load_causal_lm
-from replugchar.score_cache import CachedScorer, request_key
+from replugchar.core.data import Corpus
+from replugchar.lm.models import byte_tokenizer, load_causal_lm
+from replugchar.lm.score_cache import CachedScorer, request_key
+from replugchar.lm.scoring import LMScorer, ScoreRequest, Scores, fix_tokenizer
 
 RANDOM_SMOLLM2 = "random:SmolLM2-135M"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--lm",
         default="embedded:SmolLM2-135M-Instruct",
-        help=f"LM spec as in replugchar.models (embedded:..., tiny:gpt2, a hub id/folder) or {RANDOM_SMOLLM2}",
+        help=f"LM spec as in replugchar.lm.models (embedded:..., tiny:gpt2, a hub id/folder) or {RANDOM_SMOLLM2}",
     )
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data folder, or 'demo' for the bundled subset")
     p.add_argument("--pairs", type=int, default=2000, help="(example, setting) pairs for (b), (c), (d)")

@@ -2,7 +2,7 @@
 
 With a frozen encoder the head's inputs are fixed: cosine similarities S, dialogue features F and the LM's gains G
 of every setting of every training turn (G from the score cache, so nothing is scored twice). Each variant of
-:class:`~replugchar.losses.LSRLoss` (β, the margin filter δ, the hard top-1 term) trains the four weights with
+:class:`~replugchar.training.losses.LSRLoss` (β, the margin filter δ, the hard top-1 term) trains the four weights with
 minibatch AdamW as ``fit`` does, on half of the training characters, and is tested on the other half (2 folds by
 character): the held-out top-1 gain over similarity, alone and with a λ·prior (leave-one-dialogue-out LM utility),
 with 95% dialogue-bootstrap intervals. Features come from :meth:`Retriever.rank_example`, the inference path.
@@ -18,11 +18,11 @@ import json
 import numpy as np
 import torch
 
-from replugchar.losses import LSRLoss
-from replugchar.metrics import bootstrap_ci
-from replugchar.priors import lm_table, loo_priors
-from replugchar.run import load_run
-from replugchar.scoring import FEATURES, ScoringRule, score_settings
+from replugchar.core.scoring import FEATURES, ScoringRule, score_settings
+from replugchar.evaluation.metrics import bootstrap_ci
+from replugchar.lm.gains import lm_table, loo_priors
+from replugchar.training.losses import LSRLoss
+from replugchar.training.run import load_run
 
 VARIANTS = {
     "β=0.05 (default)": {},

@@ -13,29 +13,29 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _API = {
-    "Retriever": "retriever",
-    "Hit": "retriever",
-    "ScoringRule": "scoring",
-    "FEATURES": "scoring",
-    "LSRLoss": "losses",
-    "LMScorer": "lm_scoring",
-    "PromptTemplate": "lm_scoring",
-    "ScoreRequest": "lm_scoring",
-    "fix_tokenizer": "lm_scoring",
-    "CachedScorer": "score_cache",
-    "build_scorer": "score_cache",
-    "SettingIndex": "index",
-    "LSRModule": "module",
-    "LSRDataModule": "data",
-    "Corpus": "data",
-    "Character": "data",
-    "Example": "data",
-    "Turn": "data",
-    "DataError": "data",
-    "iter_jsonl": "data",
-    "load_run": "run",
-    "export_retriever": "export",
-    "evaluate": "evaluate",
+    "Retriever": "retrieval.retriever",
+    "Hit": "retrieval.retriever",
+    "ScoringRule": "core.scoring",
+    "FEATURES": "core.scoring",
+    "LSRLoss": "training.losses",
+    "LMScorer": "lm.scoring",
+    "PromptTemplate": "lm.scoring",
+    "ScoreRequest": "lm.scoring",
+    "fix_tokenizer": "lm.scoring",
+    "CachedScorer": "lm.score_cache",
+    "build_scorer": "lm.score_cache",
+    "SettingIndex": "retrieval.index",
+    "LSRModule": "training.module",
+    "LSRDataModule": "training.datamodule",
+    "Corpus": "core.data",
+    "Character": "core.data",
+    "Example": "core.data",
+    "Turn": "core.data",
+    "DataError": "core.data",
+    "iter_jsonl": "core.data",
+    "load_run": "training.run",
+    "export_retriever": "retrieval.export",
+    "evaluate": "evaluation.evaluate",
 }
 __all__ = [
     "FEATURES",
@@ -64,17 +64,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .data import Character, Corpus, DataError, Example, LSRDataModule, Turn, iter_jsonl
-    from .evaluate import evaluate
-    from .export import export_retriever
-    from .index import SettingIndex
-    from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
-    from .losses import LSRLoss
-    from .module import LSRModule
-    from .retriever import Hit, Retriever
-    from .run import load_run
-    from .score_cache import CachedScorer, build_scorer
-    from .scoring import FEATURES, ScoringRule
+    from .core.data import Character, Corpus, DataError, Example, Turn, iter_jsonl
+    from .core.scoring import FEATURES, ScoringRule
+    from .evaluation.evaluate import evaluate
+    from .lm.score_cache import CachedScorer, build_scorer
+    from .lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
+    from .retrieval.export import export_retriever
+    from .retrieval.index import SettingIndex
+    from .retrieval.retriever import Hit, Retriever
+    from .training.datamodule import LSRDataModule
+    from .training.losses import LSRLoss
+    from .training.module import LSRModule
+    from .training.run import load_run
 
 
 def __getattr__(name: str):

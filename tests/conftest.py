@@ -2,7 +2,7 @@
 subprocess plumbing of the reliability tests (kill/resume, bad input through the console script).
 
 Everything here runs offline: ``tiny:gpt2`` / ``tiny:bert`` are 2-layer models with a byte-level tokenizer,
-built from a fixed seed (see :mod:`replugchar.models`). The embedded SmolLM2 / MiniLM models are never loaded.
+built from a fixed seed (see :mod:`replugchar.lm.models`). The embedded SmolLM2 / MiniLM models are never loaded.
 
 Plain helpers (not fixtures) are imported by test modules with ``from conftest import ...`` (pytest puts
 ``tests/`` on ``sys.path``): ``REPO``, ``character``, ``dialogue``, ``write_jsonl``, ``data_dir``, ``tiny_gpt2``,
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from replugchar.data import Character, Example, Turn
-from replugchar.models import load_causal_lm, load_encoder
+from replugchar.core.data import Character, Example, Turn
+from replugchar.lm.models import load_causal_lm, load_encoder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -255,7 +255,7 @@ def data_dir(tmp_path: Path, characters: list | None = None, dialogues: list | N
 
 def score_requests(n: int):
     """``n`` distinct, deterministic (example, setting) requests of varied lengths (no model needed)."""
-    from replugchar.lm_scoring import ScoreRequest
+    from replugchar.lm.scoring import ScoreRequest
 
     out = []
     for i in range(n):

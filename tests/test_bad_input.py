@@ -4,7 +4,7 @@ Every faulty data folder of ``FAULTY_DATA`` is rejected in-process with its exac
 script (``replugchar score`` / ``replugchar fit``) with one line on stderr, ``replugchar: error: <file>:<line>: ...``,
 exit code 2 and no traceback.
 
-Not covered here: NaN/inf in imported prior scores and priors for unknown settings (replugchar.priors).
+Not covered here: NaN/inf in imported prior scores and priors for unknown settings (replugchar.training.priors).
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ import numpy as np
 import pytest
 from conftest import REPO, character, data_dir, dialogue, subprocess_env, tiny_gpt2, write_jsonl
 
-from replugchar.data import (
+from replugchar.core.data import (
     MAX_TEXT_CHARS,
     Character,
     Corpus,
     DataError,
     Example,
-    LSRDataModule,
     Turn,
     load_characters,
     load_examples,
 )
-from replugchar.index import SettingIndex, setting_records
-from replugchar.lm_scoring import LMScorer, ScoreRequest
-from replugchar.losses import LSRLoss
+from replugchar.lm.scoring import LMScorer, ScoreRequest
+from replugchar.retrieval.index import SettingIndex, setting_records
+from replugchar.training.datamodule import LSRDataModule
+from replugchar.training.losses import LSRLoss
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -341,7 +341,7 @@ def test_old_context_is_dropped_first_and_the_response_kept_whole():
     [("k", 0), ("k", -3), ("gamma", 0.0), ("beta", -0.5), ("gamma", float("inf")), ("beta", float("nan"))],
 )
 def test_module_option_out_of_range(option, value):
-    from replugchar.module import LSRModule
+    from replugchar.training.module import LSRModule
 
     with pytest.raises(ValueError, match=rf"model\.{option} is out of range: {re.escape(repr(value))}"):
         LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None, **{option: value})
@@ -446,7 +446,7 @@ def _parser(*, model: bool = True):
     from jsonargparse import ActionConfigFile
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from replugchar.module import LSRModule
+    from replugchar.training.module import LSRModule
 
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -497,7 +497,7 @@ def test_config_value_out_of_range(tmp_path, yaml, message):
 
 
 def test_cli_reports_unknown_key_and_exits_2(tmp_path, capsys, monkeypatch):
-    from replugchar.lightning_cli import run_lightning
+    from replugchar.cli.lightning_cli import run_lightning
 
     monkeypatch.setattr(sys, "argv", ["replugchar"])  # LightningCLI warns when args and sys.argv both exist
     path = tmp_path / "bad.yaml"
@@ -608,7 +608,8 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
     proc = replugchar("--traceback", "score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the exception is re-raised, not turned into exit 2
     assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
-    assert re.search(r"replugchar\.data\.DataError: .*" + faulty.message, proc.stderr), proc.stderr[-3000:]
+    error = r"replugchar\.core\.data\.DataError: .*" + faulty.message
+    assert re.search(error, proc.stderr), proc.stderr[-3000:]
     assert "replugchar: error:" not in proc.stderr
 
 

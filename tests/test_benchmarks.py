@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from replugchar.index import SettingIndex
+from replugchar.retrieval.index import SettingIndex
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[1]

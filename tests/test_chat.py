@@ -1,6 +1,6 @@
 """``replugchar chat``: the settings table and reply (one-shot, interactive with history, --compare base), the
 threshold leaving no setting, REPLUG ensemble decoding against top-1 decoding and a hand-computed mixture
-(:func:`replugchar.retriever.replug_next_token_logprobs`), and one-line user errors. Tiny models only."""
+(:func:`replugchar.retrieval.retriever.replug_next_token_logprobs`), and one-line user errors. Tiny models only."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from replugchar import chat
+from replugchar.cli import chat
 from replugchar.cli import main as cli_main
-from replugchar.data import Turn
-from replugchar.lm_scoring import PromptTemplate
-from replugchar.retriever import Hit, Retriever, replug_next_token_logprobs
-from replugchar.scoring import ScoringRule
+from replugchar.core.data import Turn
+from replugchar.core.scoring import ScoringRule
+from replugchar.lm.scoring import PromptTemplate
+from replugchar.retrieval.retriever import Hit, Retriever, replug_next_token_logprobs
 
 TEMPLATE = PromptTemplate()
 QUICK = ["--max_new_tokens", "6"]
 
 
 def _export(tmp_path_factory, characters, name: str, rule: ScoringRule | None = None):
-    from replugchar.export import export_retriever
-    from replugchar.module import LSRModule
+    from replugchar.retrieval.export import export_retriever
+    from replugchar.training.module import LSRModule
 
     module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=3, score_cache_dir=None)
     module.characters = dict(characters)

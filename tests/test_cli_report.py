@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from replugchar.lightning_cli import paired_change_lines
+from replugchar.cli.lightning_cli import paired_change_lines
 
 
 def test_paired_change_reports_the_shift_and_an_interval_that_covers_it():

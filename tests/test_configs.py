@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from replugchar import evaluate as harness
-from replugchar.data import LSRDataModule
-from replugchar.lightning_cli import LSRCLI
-from replugchar.module import LSRModule
+from replugchar.cli.lightning_cli import LSRCLI
+from replugchar.evaluation import evaluate as harness
+from replugchar.training.datamodule import LSRDataModule
+from replugchar.training.finetune import CharacterLMModule, FinetuneCLI
+from replugchar.training.module import LSRModule
+from replugchar.training.sft_data import CharacterSFTDataModule
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -31,6 +33,20 @@ def parse(path: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["replugchar"])  # pytest's own arguments are not ours
         return ParseOnlyCLI(LSRModule, LSRDataModule, run=False, args=["--config", str(path)]).config
+
+
+class ParseOnlyFinetuneCLI(FinetuneCLI):
+    """The ``replugchar finetune-lm`` parser, nothing built (tests/test_finetune.py instantiates its configs)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_finetune(path: Path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["replugchar"])
+        args = ["--config", str(path)]
+        return ParseOnlyFinetuneCLI(CharacterLMModule, CharacterSFTDataModule, run=False, args=args).config
 
 
 def parse_evaluate(path: Path) -> dict:
@@ -55,9 +71,28 @@ def command_of(path: Path) -> str:
     return found.group(1)
 
 
-def test_the_shipped_configs_are_found():
-    names = {p.name for p in CONFIGS}
-    assert {"debug.yaml", "demo.yaml"} <= names
+def test_every_config_the_docs_name_is_shipped_and_parsed_below():
+    """A config named in the README, docs, notebooks, scripts, benchmarks, CI or another config's usage line is one
+    of ``CONFIGS`` (so the parametrised tests below parse it): a renamed or deleted config fails here."""
+    repo = Path(__file__).parents[1]
+    places = [repo / "README.md", repo / ".ci" / "run"]
+    for folder, pattern in (
+        ("docs", "*.md"),
+        ("notebooks", "*.ipynb"),
+        ("scripts", "*"),
+        ("benchmarks", "*.py"),
+    ):
+        places += sorted((repo / folder).glob(pattern))
+    places += CONFIGS
+    named = {
+        (name, place.relative_to(repo).as_posix())
+        for place in places
+        if place.is_file()
+        for name in re.findall(r"configs/([\w.-]+\.yaml)", place.read_text(encoding="utf-8"))
+    }
+    assert len({name for name, _ in named}) >= 5  # the pattern still finds the docs' configs
+    shipped = {p.name for p in CONFIGS}
+    assert sorted((name, where) for name, where in named if name not in shipped) == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -74,15 +109,12 @@ def test_config_parses_and_keeps_every_value(path):
             else:
                 assert parsed == value, f"{path.name}: {key}"
         return
-    if (
-        command == "finetune-lm"
-    ):  # its own CLI: parsed and instantiated value by value in tests/test_finetune.py
-        from test_finetune import CONFIGS as FINETUNE_CONFIGS
-
-        assert path in FINETUNE_CONFIGS
-        return
-    assert command in ("fit", "validate", "score", "priors", "index", "export"), command
-    cfg = parse(path)
+    if command == "finetune-lm":  # its own CLI (instantiated too, in tests/test_finetune.py)
+        cfg = parse_finetune(path)
+        assert cfg.export.output_dir == raw["export"]["output_dir"], f"{path.name}: export.output_dir"
+    else:
+        assert command in ("fit", "validate", "score", "priors", "index", "export"), command
+        cfg = parse(path)
     for section in ("model", "data"):
         for key, value in (raw.get(section) or {}).items():
             parsed = cfg[section][key]

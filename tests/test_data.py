@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from replugchar.data import Corpus, DataError, LSRDataModule, collate_examples, split_characters
+from replugchar.core.data import Corpus, DataError, split_characters
+from replugchar.training.datamodule import LSRDataModule, collate_examples
 
 
 def test_demo_corpus_loads():

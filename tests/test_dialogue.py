@@ -12,16 +12,17 @@ import torch
 from test_train_e2e import CopyLM, toy_trainer
 from torch.utils.data import DataLoader
 
-from replugchar import calibration
-from replugchar.data import Character, Corpus, DataError, Example, Turn, collate_examples
-from replugchar.export import export_retriever
-from replugchar.lm_scoring import LMScorer
-from replugchar.losses import LSRLoss, lm_margin
-from replugchar.models import byte_tokenizer
-from replugchar.module import LSRModule
-from replugchar.retriever import Retriever
-from replugchar.score_cache import CachedScorer
-from replugchar.scoring import FEATURES, ScoringRule, dialogue_features
+from replugchar.core.data import Character, Corpus, DataError, Example, Turn
+from replugchar.core.scoring import FEATURES, ScoringRule, dialogue_features
+from replugchar.lm.models import byte_tokenizer
+from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.scoring import LMScorer
+from replugchar.retrieval.export import export_retriever
+from replugchar.retrieval.retriever import Retriever
+from replugchar.training import calibration
+from replugchar.training.datamodule import collate_examples
+from replugchar.training.losses import LSRLoss, lm_margin
+from replugchar.training.module import LSRModule
 
 OWN_MAX = FEATURES.index("own_max")
 
@@ -52,7 +53,7 @@ def test_features_read_own_and_partner_turns_separately():
 
 @pytest.fixture(scope="module")
 def tiny_retriever():
-    from replugchar.models import load_encoder
+    from replugchar.lm.models import load_encoder
 
     return Retriever(load_encoder("tiny:bert"), None, {})
 

@@ -20,16 +20,16 @@ import torch
 from conftest import REPO
 from test_bad_input import one_error_line, replugchar
 
-from replugchar.atomic import atomic_folder, remove_stale
-from replugchar.checkpoint import load_checkpoint
-from replugchar.data import MAX_TEXT_CHARS, DataError
-from replugchar.export import export_retriever
-from replugchar.export_schema import FORMAT, FolderError, write_manifest
-from replugchar.module import LSRModule
-from replugchar.priors import import_priors, load_priors
-from replugchar.retriever import Retriever
-from replugchar.scoring import FEATURES, ScoringRule
-from replugchar.tools import _read_history, read_fitted
+from replugchar.cli.tools import _read_history, read_fitted
+from replugchar.core.atomic import atomic_folder, remove_stale
+from replugchar.core.data import MAX_TEXT_CHARS, DataError
+from replugchar.core.scoring import FEATURES, ScoringRule
+from replugchar.retrieval.export import export_retriever
+from replugchar.retrieval.export_schema import FORMAT, FolderError, write_manifest
+from replugchar.retrieval.retriever import Retriever
+from replugchar.training.checkpoint import load_checkpoint
+from replugchar.training.module import LSRModule
+from replugchar.training.priors import import_priors, load_priors
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 FIXTURE = REPO / "tests" / "fixtures" / "export_v1"
@@ -298,8 +298,8 @@ def _character(folder: Path) -> str:
 
 @pytest.mark.slow
 def test_retriever_json_never_turns_remote_code_on(remote_code_export, tmp_path):
-    from replugchar.evaluate import evaluate
-    from replugchar.langchain import ReplugcharRetriever
+    from replugchar.evaluation.evaluate import evaluate
+    from replugchar.retrieval.langchain import ReplugcharRetriever
 
     folder, marker = remote_code_export
     cid = _character(folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replugchar.index import SettingIndex, SettingRecord, setting_records
+from replugchar.retrieval.index import SettingIndex, SettingRecord, setting_records
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -149,18 +149,6 @@ def test_approximate_indexes_have_high_recall(kind):
                 int(i)
                 for i in exact.search(queries[row : row + 1], 3, character_ids=[cid], prior_weight=0.5)[1][0]
             ]
-
-
-def test_ivf_character_search_finds_all_of_a_characters_settings():
-    rng = np.random.default_rng(1)
-    records = records_for([5] * 16)  # the shape of the demo corpus: 80 settings
-    emb = unit(rng, len(records), 16)
-    queries = unit(rng, 40, 16)
-    chars = [f"c{i % 16}" for i in range(len(queries))]
-    _, want = SettingIndex.build(emb, records).search(queries, 3, character_ids=chars)
-    _, got = SettingIndex.build(emb, records, kind="ivf").search(queries, 3, character_ids=chars)
-    assert (got >= 0).all()
-    np.testing.assert_array_equal(got, want)
 
 
 def test_build_validates_its_inputs(data):

@@ -3,7 +3,7 @@
 An in-code Japanese corpus in the shared schema (4 characters x 10 settings x 6 examples) goes through every
 stage: loading, LM scoring with the Japanese template of configs/ja_example.yaml, a short LSR fit whose
 candidates come from the FAISS index (k=5 < 10 settings), export, ``Retriever.search`` with a Japanese query and
-``replugchar.evaluate.evaluate`` (all eight methods, BM25 included). A slow test repeats fit + export + retrieval
+``replugchar.evaluation.evaluate.evaluate`` (all eight methods, BM25 included). A slow test repeats fit + export + retrieval
 on a small subset of ../shared/data/real_persona_chat when that folder exists.
 """
 
@@ -22,14 +22,15 @@ import pytest
 import torch
 import yaml
 
-from replugchar import metrics as ev
-from replugchar.data import Corpus, LSRDataModule, split_characters
-from replugchar.evaluate import evaluate
-from replugchar.export import export_retriever
-from replugchar.index import SettingIndex
-from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
-from replugchar.module import LSRModule
-from replugchar.retriever import Retriever
+from replugchar.core.data import Corpus, split_characters
+from replugchar.evaluation import metrics as ev
+from replugchar.evaluation.evaluate import evaluate
+from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
+from replugchar.retrieval.export import export_retriever
+from replugchar.retrieval.index import SettingIndex
+from replugchar.retrieval.retriever import Retriever
+from replugchar.training.datamodule import LSRDataModule
+from replugchar.training.module import LSRModule
 
 REPO = Path(__file__).resolve().parents[1]
 JA_CONFIG = REPO / "configs" / "ja_example.yaml"

@@ -24,8 +24,8 @@ import torch
 from conftest import REPO, score_requests, sigkill, start_python, subprocess_env, tiny_gpt2, wait_until
 from torch.utils.data import DataLoader
 
-from replugchar.lm_scoring import LMScorer
-from replugchar.score_cache import CachedScorer
+from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.scoring import LMScorer
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -38,13 +38,13 @@ import numpy as np
 import pyarrow.parquet as pq
 sys.path.insert(0, {str(REPO / "tests")!r})
 from conftest import score_requests  # tests/conftest.py
-from replugchar.data import Character
-from replugchar.export import export_retriever
-from replugchar.index import SettingIndex, setting_records
-from replugchar.lm_scoring import LMScorer
-from replugchar.models import load_causal_lm
-from replugchar.module import LSRModule
-from replugchar.score_cache import CachedScorer
+from replugchar.core.data import Character
+from replugchar.retrieval.export import export_retriever
+from replugchar.retrieval.index import SettingIndex, setting_records
+from replugchar.lm.scoring import LMScorer
+from replugchar.lm.models import load_causal_lm
+from replugchar.training.module import LSRModule
+from replugchar.lm.score_cache import CachedScorer
 
 root = Path(sys.argv[1])
 characters = {{"c1": Character("c1", ("I bake bread.", "I have a cat.")), "c2": Character("c2", ("I sail.",))}}
@@ -161,7 +161,7 @@ def test_damaged_shard_is_skipped_and_rescored(tmp_path, caplog):
     assert len(shards) == 2
     shards[0].write_bytes(shards[0].read_bytes()[:40])  # e.g. a copy cut short by a full disk
     lm = LMScorer(model, tok, max_length=256)
-    with caplog.at_level(logging.WARNING, logger="replugchar.score_cache"):
+    with caplog.at_level(logging.WARNING, logger="replugchar.lm.score_cache"):
         again = CachedScorer(lm, tmp_path, shard_size=6)
     assert len(again) == 6 and "skipping unreadable shard" in caplog.text
     np.testing.assert_allclose(again.score(requests).logp_sum, first.score(requests).logp_sum, rtol=1e-5)
@@ -272,7 +272,7 @@ def test_training_killed_then_resumed_from_last_ckpt(tmp_path, monkeypatch):
 def test_index_and_export_killed_while_writing_are_absent_or_whole(killed_victim):
     from sentence_transformers import SentenceTransformer
 
-    from replugchar.index import SettingIndex
+    from replugchar.retrieval.index import SettingIndex
 
     root = killed_victim
 
@@ -296,8 +296,8 @@ def test_index_and_export_killed_while_writing_are_absent_or_whole(killed_victim
 def test_scores_computed_during_training_reach_the_disk_cache(tmp_path):
     # the cache buffers shard_size=256 scores; the module must flush what an epoch/fit leaves behind,
     # or every run loses its last <256 pairs and the next run scores them again
-    from replugchar.data import Character, Example
-    from replugchar.module import LSRModule
+    from replugchar.core.data import Character, Example
+    from replugchar.training.module import LSRModule
 
     module = LSRModule(
         encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=str(tmp_path), k=2, max_length=256

@@ -3,7 +3,7 @@ settings exactly as ``Retriever.search`` does:
 
 1. plain sentence-transformers + ``faiss.read_index`` with the prior coordinate appended to the query;
 2. LangChain's ``HuggingFaceEmbeddings`` over ``encoder/`` (cosine only: compared with λ = 0);
-3. :class:`replugchar.langchain.ReplugcharRetriever` (the whole rule: prior, threshold, dialogue history).
+3. :class:`replugchar.retrieval.langchain.ReplugcharRetriever` (the whole rule: prior, threshold, dialogue history).
 
 The export is built from the tiny in-code models (no training) with non-zero priors, λ = 0.3 and an own_max
 weight of 0.5, so the prior and the history visibly move the ranking.
@@ -22,11 +22,11 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from replugchar.export import export_retriever
-from replugchar.langchain import ReplugcharRetriever
-from replugchar.module import LSRModule
-from replugchar.retriever import Retriever
-from replugchar.scoring import FEATURES, ScoringRule
+from replugchar.core.scoring import FEATURES, ScoringRule
+from replugchar.retrieval.export import export_retriever
+from replugchar.retrieval.langchain import ReplugcharRetriever
+from replugchar.retrieval.retriever import Retriever
+from replugchar.training.module import LSRModule
 
 LAMBDA = 0.3
 W_OWN = 0.5
@@ -191,7 +191,7 @@ def lc(export_dir):
 def _readme_replugchar(d: str):
     """The README snippet, verbatim but for its input (d) and the return."""
     # --- README snippet start
-    from replugchar.langchain import ReplugcharRetriever
+    from replugchar.retrieval.langchain import ReplugcharRetriever
 
     retriever = ReplugcharRetriever.from_export(d, character_id="alice")  # k, λ, τ from retriever.json
     docs = retriever.invoke("Hello! How are you?")  # alice's settings, best first, those under τ dropped
@@ -341,7 +341,7 @@ def test_minus_inf_threshold_keeps_all(lc, loaded, characters):
 
 def test_replugchar_does_not_import_langchain():
     code = (
-        "import sys, replugchar, replugchar.retriever, replugchar.export; "
+        "import sys, replugchar, replugchar.retrieval.retriever, replugchar.retrieval.export; "
         "replugchar.Retriever; "
         "assert not [m for m in sys.modules if m.startswith('langchain')], sorted(sys.modules)"
     )

@@ -3,14 +3,15 @@ policy, the LM stays frozen; PromptTemplate rendering and fingerprint."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from replugchar.data import Example, Turn
-from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
+from replugchar.core.data import Example, Turn
+from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +127,22 @@ def test_max_length_is_capped_by_the_model_positions(tiny_lm):
         LMScorer(model, tok, max_batch_tokens=0)
 
 
-def test_scoring_leaves_the_lm_frozen(tiny_lm, requests_):
-    model, tok = tiny_lm
+def test_scoring_an_lm_in_training_changes_nothing_and_builds_no_graph(tiny_lm, requests_):
+    """Fine-tuning validates with the scorer, so it may get an LM that trains: scoring must leave its weights
+    bit-identical, its requires_grad flags and train mode as they were, write no .grad, and run the forward passes
+    without autograd although the caller has grad enabled (inside a training step)."""
+    model, tok = copy.deepcopy(tiny_lm[0]).train().requires_grad_(True), tiny_lm[1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    with torch.enable_grad():
-        scores = LMScorer(model, tok, max_batch_tokens=400).score(requests_[:6])
+    grad_enabled: list[bool] = []
+    hook = model.register_forward_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            scores = LMScorer(model, tok, max_batch_tokens=400).score(requests_[:6])
+    finally:
+        hook.remove()
     assert isinstance(scores.logp_sum, np.ndarray)
+    assert grad_enabled and not any(grad_enabled)
+    assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     after = model.state_dict()
     assert before.keys() == after.keys()

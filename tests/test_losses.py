@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replugchar.losses import LSRLoss, entropy
+from replugchar.training.losses import LSRLoss, entropy
 
 GAMMA, BETA = 0.5, 0.8
 SIM = [[0.9, 0.1, -0.3], [0.2, 0.5, 0.4]]  # (batch=2, k=3) retriever similarities

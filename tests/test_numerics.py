@@ -9,10 +9,10 @@ import torch
 from conftest import character, write_jsonl
 from torch.utils.data import DataLoader
 
-from replugchar.data import Character, DataError, Example, load_characters
-from replugchar.lm_scoring import Scores
-from replugchar.losses import MIN_TEMPERATURE, LSRLoss
-from replugchar.score_cache import CachedScorer
+from replugchar.core.data import Character, DataError, Example, load_characters
+from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.scoring import Scores
+from replugchar.training.losses import MIN_TEMPERATURE, LSRLoss
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -194,7 +194,7 @@ class Record(L.Callback):
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_training_on_edge_batches_never_makes_nan_weights(direction):
-    from replugchar.module import LSRModule
+    from replugchar.training.module import LSRModule
 
     module = LSRModule(
         encoder="tiny:bert",

@@ -7,17 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from replugchar import calibration
-from replugchar.data import Character, DataError, Example
-from replugchar.index import SettingIndex, setting_records
-from replugchar.priors import (
-    Prior,
-    import_priors,
-    load_priors,
-    loo_priors,
-    prior_vector,
-    save_priors,
-)
+from replugchar.core.data import Character, DataError, Example
+from replugchar.lm.gains import loo_priors
+from replugchar.retrieval.index import SettingIndex, setting_records
+from replugchar.training import calibration
+from replugchar.training.priors import Prior, import_priors, load_priors, prior_vector, save_priors
 
 CHARS = {
     "a": Character("a", ("cheerful with everyone", "works night shifts", "has a cat")),

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from replugchar import score_cache
-from replugchar.lm_scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
-from replugchar.score_cache import CachedScorer, request_key, settings_id
+from replugchar.lm import score_cache
+from replugchar.lm.score_cache import CachedScorer, request_key, settings_id
+from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 
 
 class CountingScorer(LMScorer):

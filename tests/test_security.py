@@ -111,8 +111,8 @@ def test_package_sources_have_no_unsafe_constructs():
 
 
 def test_trust_remote_code_defaults_to_false():
-    from replugchar.models import load_causal_lm, load_encoder
-    from replugchar.module import LSRModule
+    from replugchar.lm.models import load_causal_lm, load_encoder
+    from replugchar.training.module import LSRModule
 
     for fn in (load_encoder, load_causal_lm, LSRModule.__init__):
         param = inspect.signature(fn).parameters["trust_remote_code"]
@@ -122,9 +122,9 @@ def test_trust_remote_code_defaults_to_false():
 def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from replugchar.data import Character
-    from replugchar.export import export_retriever
-    from replugchar.module import LSRModule
+    from replugchar.core.data import Character
+    from replugchar.retrieval.export import export_retriever
+    from replugchar.training.module import LSRModule
 
     module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
     module.characters = {

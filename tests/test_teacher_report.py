@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from replugchar.data import LSRDataModule
-from replugchar.finetune import CharacterLMModule, CharacterSFTDataModule, finetuned_characters
-from replugchar.priors import LMTable
-from replugchar.teacher_report import main, teacher_report
+from replugchar.evaluation.teacher_report import main, teacher_report
+from replugchar.lm.finetuned import finetuned_characters
+from replugchar.lm.gains import LMTable
+from replugchar.training.datamodule import LSRDataModule
+from replugchar.training.finetune import CharacterLMModule, CharacterSFTDataModule
 
 
 def table(none: list[float], per_setting: list[list[float]]) -> LMTable:
@@ -104,7 +105,7 @@ def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsy
     assert "median_margin" in capsys.readouterr().out
 
     # a second run reads every score from the cache: the same numbers, no pair scored again
-    logger = logging.getLogger("replugchar.teacher_report")
+    logger = logging.getLogger("replugchar.evaluation.teacher_report")
     caplog.set_level(logging.INFO, logger=logger.name)
     logger.addHandler(caplog.handler)  # direct: `replugchar` may not propagate to the root
     caplog.clear()  # only the second run's records (an earlier CLI run may have set the logger's level)

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from replugchar.data import Example
-from replugchar.lm_scoring import LMScorer, ScoreRequest, fix_tokenizer
+from replugchar.core.data import Example
+from replugchar.lm.scoring import LMScorer, ScoreRequest, fix_tokenizer
 
 WORDS = [
     "hello",

@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from replugchar.data import Character, Example, collate_examples
-from replugchar.lm_scoring import LMScorer, PromptTemplate
-from replugchar.models import byte_tokenizer, load_encoder
-from replugchar.module import LSRModule
-from replugchar.score_cache import CachedScorer
+from replugchar.core.data import Character, Example
+from replugchar.lm.models import byte_tokenizer, load_encoder
+from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.scoring import LMScorer, PromptTemplate
+from replugchar.training.datamodule import collate_examples
+from replugchar.training.module import LSRModule
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[1]
@@ -201,7 +202,7 @@ def test_fit_persists_the_lm_scores_it_computed(toy, tmp_path):
 def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from replugchar.index import SettingIndex
+    from replugchar.retrieval.index import SettingIndex
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # cache: set by conftest

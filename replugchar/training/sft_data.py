@@ -1,11 +1,11 @@
 """The data side of ``replugchar finetune-lm``: which prompts the character LM is fine-tuned on, in which order.
 
 Training requests are (example, settings) pairs of the training characters of the hash split of
-:func:`replugchar.data.split_characters` (the split ``fit`` and ``evaluate`` use), each shown with all of its
+:func:`replugchar.core.data.split_characters` (the split ``fit`` and ``evaluate`` use), each shown with all of its
 character's settings, a random subset of them or none (:func:`draw_settings`, weighted by ``data.settings_mix``).
 They come from :class:`SFTStream`, a seeded stream whose batch ``b`` is a pure function of (seed, b), so a run
 killed mid-epoch resumes on exactly the batches it had not trained on. The batches are text
-(:class:`~replugchar.lm_scoring.ScoreRequest` lists): :class:`replugchar.finetune.CharacterLMModule` tokenises
+(:class:`~replugchar.lm.scoring.ScoreRequest` lists): :class:`replugchar.training.finetune.CharacterLMModule` tokenises
 them as the scorer does.
 """
 
@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data import Character, Example, LSRDataModule
-from .lm_scoring import ScoreRequest
+from ..core.data import Character, Example
+from ..lm.scoring import ScoreRequest
+from .datamodule import LSRDataModule
 
 SETTINGS_MIX_KEYS = ("all", "subset", "none")
 DEFAULT_SETTINGS_MIX = {"all": 0.4, "subset": 0.4, "none": 0.2}
@@ -182,7 +183,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
         Args:
             data_dir: folder with characters.jsonl and dialogues.jsonl (shared schema), or "demo".
             val_fraction: share of characters held out for validation, hashed per character id exactly as in
-                ``replugchar fit`` (:func:`replugchar.data.split_of`): keep it equal to the LSR run's value so
+                ``replugchar fit`` (:func:`replugchar.core.data.split_of`): keep it equal to the LSR run's value so
                 the teacher never trains on a character LSR validates or evaluation tests on.
             test_fraction: share of characters kept out of training and validation (as in ``replugchar fit``).
             seed: seed of the character split, the caps, the example order and the settings draws.

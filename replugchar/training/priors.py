@@ -1,7 +1,7 @@
 """Generality priors g(s): how much a setting helps a character's replies regardless of the query.
 
 Why: for "Hello!" cosine similarity never surfaces "cheerful with everyone", though that trait shapes every
-reply. A per-setting prior blended into retrieval (score = cos + λ·g, see :mod:`replugchar.index`) lifts such
+reply. A per-setting prior blended into retrieval (score = cos + λ·g, see :mod:`replugchar.retrieval.index`) lifts such
 traits. Three sources, one table format:
 
 * ``lm_utility`` -- the frozen LM's mean gain log P(y | s, x) − log P(y | no setting, x) (nats/token) over a
@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .atomic import atomic_file
-from .data import Character, DataError, Example, iter_jsonl
-from .lm_scoring import NO_SETTING, ScoreRequest
-from .score_cache import CachedScorer
+from ..core.atomic import atomic_file
+from ..core.data import Character, DataError, Example, iter_jsonl
+from ..lm.gains import _znorm, lm_table
+from ..lm.score_cache import CachedScorer
 
 MAX_ABS_SCORE = 1e6
 """Imported judge scores are ratings (1-5, 0-100, ...): a larger magnitude is a broken file, and would overflow
@@ -57,12 +56,6 @@ class Prior:
     n_queries: int = 0
     method: str = ""
     provenance: str = ""
-
-
-def _znorm(values: Sequence[float]) -> list[float]:
-    v = np.asarray(values, dtype=np.float64)
-    sd = v.std()
-    return ((v - v.mean()) / sd).tolist() if sd > 1e-12 else [0.0] * len(v)
 
 
 def _table(
@@ -97,68 +90,6 @@ def _table(
 
 
 # ----------------------------------------------------------------------------------------------- LM utility
-@dataclass
-class LMTable:
-    """Per example: log-likelihood of the gold response (nats/token) with no setting and with each setting."""
-
-    none: np.ndarray  # (n,)
-    per_setting: list[np.ndarray]  # n arrays of (n_settings,)
-    sums: list[np.ndarray]  # summed log-likelihoods (n_settings,), for the ensemble
-    n_tokens: np.ndarray  # (n,)
-
-    @property
-    def gains(self) -> list[np.ndarray]:
-        return [s - z for s, z in zip(self.per_setting, self.none)]
-
-    def gain_matrix(self) -> np.ndarray:
-        """(n, max_settings) gains, NaN where a character has fewer settings."""
-        gains = self.gains
-        out = np.full((len(gains), max(len(g) for g in gains)), np.nan)
-        for row, g in enumerate(gains):
-            out[row, : len(g)] = g
-        return out
-
-
-def lm_table(
-    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer, chunk: int = 64
-) -> LMTable:
-    requests = []
-    for e in examples:
-        requests.append(ScoreRequest(e, NO_SETTING))
-        requests += [ScoreRequest(e, (s,)) for s in characters[e.character_id].settings]
-    means, sums, ntok = [], [], []
-    for i in tqdm(range(0, len(requests), chunk), desc="LM scores", unit="chunk", leave=False):
-        sc = scorer.score(requests[i : i + chunk])
-        means.append(sc.logp_mean)
-        sums.append(sc.logp_sum)
-        ntok.append(sc.n_tokens)
-        scorer.flush()
-    means, sums, ntok = np.concatenate(means), np.concatenate(sums), np.concatenate(ntok)
-    none, per, per_sum, n_tok, pos = [], [], [], [], 0
-    for e in examples:
-        n = len(characters[e.character_id].settings)
-        none.append(means[pos])
-        n_tok.append(ntok[pos])
-        per.append(means[pos + 1 : pos + 1 + n])
-        per_sum.append(sums[pos + 1 : pos + 1 + n])
-        pos += 1 + n
-    return LMTable(np.array(none), per, per_sum, np.array(n_tok))
-
-
-def loo_priors(examples: Sequence[Example], gains: list[np.ndarray]) -> list[np.ndarray]:
-    """Per example, the LM-utility prior of its character's settings from the character's other dialogues."""
-    by_char: dict[str, list[int]] = defaultdict(list)
-    for i, e in enumerate(examples):
-        by_char[e.character_id].append(i)
-    out: list[np.ndarray] = [np.zeros_like(g) for g in gains]
-    for rows in by_char.values():
-        for i in rows:
-            others = [j for j in rows if examples[j].dialogue_id != examples[i].dialogue_id]
-            if others:
-                out[i] = np.asarray(_znorm(np.mean([gains[j] for j in others], axis=0)))
-    return out
-
-
 def setting_gains(
     examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer
 ) -> np.ndarray:

@@ -95,7 +95,7 @@ def _configure_logging(command: str) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are a user's to fix: one line, no traceback."""
-    # DataError is a ValueError (importing replugchar.data here would load Lightning for a one-line error)
+    # DataError is a ValueError (the user errors are known without importing replugchar.core.data)
     return (
         ValueError,
         FileNotFoundError,
@@ -144,7 +144,7 @@ def _dispatch(command: str, rest: list[str], explicit: bool) -> None:
         # LightningCLI reads sys.argv itself when args is None (and warns when it gets both)
         run_lightning([command, *rest] if explicit else None)
     elif command == "evaluate":
-        from .evaluate import main as run
+        from ..evaluation.evaluate import main as run
 
         run(rest)
     elif command == "chat":
@@ -152,18 +152,14 @@ def _dispatch(command: str, rest: list[str], explicit: bool) -> None:
 
         run(rest)
     elif command == "finetune-lm":
-        from .finetune import main as run
+        from ..training.finetune import main as run
 
         run(rest)
     elif command == "teacher-report":
-        from .teacher_report import main as run
+        from ..evaluation.teacher_report import main as run
 
         run(rest)
     else:
         from .tools import run_tool
 
         run_tool(command, rest)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Persistent, resumable cache of LM scores in front of :class:`~replugchar.lm_scoring.LMScorer`.
+"""Persistent, resumable cache of LM scores in front of :class:`~replugchar.lm.scoring.LMScorer`.
 
 Why: frozen-LM scoring is where LSR spends its time and its inputs never change, so each (LM, template,
 example, settings) pair is scored once, ever. Scores live in Parquet shards under one folder per scorer
@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_file
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
+from ..core.atomic import atomic_file
+from .scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
 

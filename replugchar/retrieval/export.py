@@ -3,7 +3,7 @@
 Layout (all standard formats, no pickle)::
 
     encoder/          plain sentence-transformers folder (safetensors) + model card (README.md)
-    index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.index)
+    index.faiss       FAISS index over [embedding, prior] vectors (see replugchar.retrieval.index)
     settings.jsonl    setting_id <-> character_id, index_in_character, text, prior
     index.json        index metadata (kind, dim, encoder fingerprint)
     manifest.json     sha256 and size of every other file (checked by Retriever.load)
@@ -20,13 +20,12 @@ import json
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 
-from .atomic import atomic_folder
+from ..core.atomic import atomic_folder
+from ..core.scoring import FEATURES, ScoringRule
 from .export_schema import FORMAT, write_manifest
 from .index import SettingIndex, encoder_fingerprint, setting_records
-from .scoring import FEATURES, ScoringRule
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def export_retriever(
     data_dir: str | None = None,
     train_characters: list[str] | None = None,
 ) -> Path:
-    """Write the export folder for ``module`` (an :class:`~replugchar.module.LSRModule`) over its characters.
+    """Write the export folder for ``module`` (an :class:`~replugchar.training.module.LSRModule`) over its characters.
 
     ``rule`` defaults to the module's learned weights with λ = 0 and no threshold (``priors fit-weight`` fits
     those on validation characters)."""
@@ -144,65 +143,3 @@ def export_retriever(
         write_manifest(tmp)  # last: it lists every other file
     log.info("retriever exported to %s", out)
     return out
-
-
-class ExportRetriever(L.Callback):
-    """At the end of ``fit``, fit the dialogue scale α on validation characters and export the trained encoder,
-    index and scoring rule (see :func:`export_retriever`).
-
-    Why α: the head's weights are learned on training characters; α ∈ {0, …, 2} (see
-    :data:`~replugchar.calibration.DIALOGUE_SCALES`) picked by the LM's top-1 gain on validation characters
-    makes the exported rule never worse there than plain similarity of the trained encoder (α = 0). The module's
-    head is scaled in place, so the validation after ``fit`` reports the exported rule.
-
-    Args:
-        dirpath: export folder; default ``<trainer.default_root_dir>/retriever``.
-        fit_mixing: fit α on the validation split (costs one no-setting LM score per validation example).
-    """
-
-    def __init__(self, dirpath: str | None = None, fit_mixing: bool = True) -> None:
-        self.dirpath = dirpath
-        self.fit_mixing = fit_mixing
-        self.written: Path | None = None
-        self.mixing = None
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        dm = getattr(trainer, "datamodule", None)
-        val = list(getattr(dm, "val_examples", []) or [])
-        if self.fit_mixing and getattr(pl_module, "head", None) is not None and val:
-            self._fit_mixing(trainer, pl_module, val)
-        if trainer.global_rank != 0:
-            return
-        out = Path(self.dirpath or Path(trainer.default_root_dir) / "retriever")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
-        train_chars = sorted({e.character_id for e in getattr(dm, "train_examples", [])})
-        self.written = export_retriever(
-            pl_module, out, metrics=metrics, data_dir=data_dir, train_characters=train_chars
-        )
-
-    def _fit_mixing(self, trainer: L.Trainer, module, val) -> None:
-        """α on rank 0 (each validation pair scored once), broadcast so every rank holds the same head."""
-        import torch
-
-        from .calibration import fit, validation_matrices
-
-        cal = None
-        module.flush_scores()
-        trainer.strategy.barrier()  # every rank's validation scores are on disk ...
-        if trainer.global_rank == 0:
-            module.scorer.refresh()  # ... and rank 0 reads them instead of scoring those pairs again
-            sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
-            cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
-            module.flush_scores()
-        cal = trainer.strategy.broadcast(cal, src=0)
-        with torch.no_grad():
-            module.head.weights.mul_(cal.dialogue_scale)
-        self.mixing = cal
-        log.info(
-            "dialogue scale α = %s fitted on %d validation examples (top-1 gain %+.4f -> %+.4f nats/token)",
-            cal.dialogue_scale,
-            cal.n_examples,
-            cal.gain_at_zero,
-            cal.gain_fitted_weight,
-        )

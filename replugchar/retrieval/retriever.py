@@ -1,6 +1,6 @@
 """Inference: an exported retriever folder that ranks any character's settings for a dialogue turn.
 
-:meth:`Retriever.rank` is the one entry to the scoring rule of :mod:`replugchar.scoring`; ``search``, ``chat``,
+:meth:`Retriever.rank` is the one entry to the scoring rule of :mod:`replugchar.core.scoring`; ``search``, ``chat``,
 the LangChain retriever and ``evaluate`` all call it, so what was trained is what is served.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import MAX_TEXT_CHARS, Example, query_text
+from ..core.data import MAX_TEXT_CHARS, Example, query_text
+from ..core.scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
+from ..lm.scoring import PromptTemplate
 from .export_schema import FolderError
 from .index import SettingIndex, encoder_fingerprint
-from .lm_scoring import PromptTemplate
-from .scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
 
 History = Sequence  # of {"role": "user" | "character", "text": ...} dicts or data.Turn, oldest first
 
@@ -45,7 +45,7 @@ def check_text(text, what: str) -> None:
 
 
 class Retriever:
-    """An export folder (see :mod:`replugchar.export`): encoder(s), index of known characters, scoring rule."""
+    """An export folder (see :mod:`replugchar.retrieval.export`): encoder(s), index of known characters, scoring rule."""
 
     def __init__(self, encoder, index: SettingIndex | None, config: dict, query_encoder=None) -> None:
         self.encoder = encoder
@@ -67,7 +67,7 @@ class Retriever:
         """An export folder, checked before anything in it is used: retriever.json against its schema, every
         file against ``manifest.json`` (``verify=False`` skips only the manifest, for folders edited by hand),
         the encoder's modules against sentence-transformers' own. Every fault is one
-        :class:`~replugchar.export_schema.FolderError` naming the file."""
+        :class:`~replugchar.retrieval.export_schema.FolderError` naming the file."""
         from .export_schema import (
             check_retriever_config,
             load_sentence_transformer,

@@ -1,5 +1,5 @@
 """LightningModule: LM-supervised training of a sentence-transformers bi-encoder and the dialogue-aware scoring
-head of :mod:`replugchar.scoring` over character settings."""
+head of :mod:`replugchar.core.scoring` over character settings."""
 
 from __future__ import annotations
 
@@ -14,20 +14,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Character, Example, query_text
-from .index import SettingIndex, setting_records
-from .lm_scoring import PromptTemplate, ScoreRequest
+from ..core.data import Character, Example, QueryText, query_text
+from ..core.scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
+from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
+from ..lm.score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
+from ..lm.scoring import PromptTemplate, ScoreRequest
+from ..retrieval.index import SettingIndex, setting_records
 from .losses import Direction, LSRLoss, entropy
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
-from .score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
-from .scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
 
 log = logging.getLogger(__name__)
-QueryText = Literal["query", "context_and_query"]
 
 
 class DialogueHead(torch.nn.Module):
-    """The learned weights w of the scoring rule (one per :data:`~replugchar.scoring.FEATURES`), zero at start
+    """The learned weights w of the scoring rule (one per :data:`~replugchar.core.scoring.FEATURES`), zero at start
     so training begins from plain similarity."""
 
     def __init__(self) -> None:
@@ -77,7 +76,7 @@ class LSRModule(L.LightningModule):
                 a character with at most k settings has all of them as candidates.
             gamma: retriever temperature γ in softmax(sim/γ).
             beta: LM temperature β in softmax(log P_LM/β).
-            kl_direction: ``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`~replugchar.losses.LSRLoss`)
+            kl_direction: ``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`~replugchar.training.losses.LSRLoss`)
                 or ``retriever_to_lm`` = KL(P_R‖Q) as written in REPLUG.
             lm_score: LM target per candidate: mean per-token log-likelihood of the response, or the sum.
             query_text: what the encoder embeds for a query: the query alone (default), or the last context
@@ -88,7 +87,7 @@ class LSRModule(L.LightningModule):
             weight_decay: AdamW weight decay.
             warmup_steps: linear learning-rate warmup.
             refresh_every: re-encode all settings and rebuild the FAISS index every this many steps (T).
-            template: LM prompt template (see :class:`~replugchar.lm_scoring.PromptTemplate`).
+            template: LM prompt template (see :class:`~replugchar.lm.scoring.PromptTemplate`).
             lm_dtype: ``auto`` = bfloat16 on GPU, float32 on CPU.
             lm_revision: hub revision of ``lm`` (part of the score-cache key).
             max_length: token limit of prompt + response; old context is cut first, the response never.
@@ -96,7 +95,7 @@ class LSRModule(L.LightningModule):
             score_cache_dir: persistent LM-score cache folder; "auto" = $REPLUGCHAR_CACHE/scores (default
                 ~/.cache/replugchar/scores); null keeps scores in memory for this run only.
             trust_remote_code: allow model repositories to run their own code (off unless you trust them).
-            dialogue_features: learn the dialogue-evidence weights of :mod:`replugchar.scoring` (similarity of
+            dialogue_features: learn the dialogue-evidence weights of :mod:`replugchar.core.scoring` (similarity of
                 each setting to the character's own and the partner's earlier turns) beside the encoder.
             history_window: turns of the session before the query that the dialogue features read.
             freeze_encoder: train only the scoring head (the encoder stays the base model): seconds per epoch,
@@ -180,7 +179,7 @@ class LSRModule(L.LightningModule):
         return self._scorer
 
     def scorer_config(self) -> dict:
-        """The scorer options (:data:`~replugchar.score_cache.SCORER_OPTIONS`): export writes them to
+        """The scorer options (:data:`~replugchar.lm.score_cache.SCORER_OPTIONS`): export writes them to
         retriever.json so ``evaluate`` scores with the LM and template that training used."""
         return {
             k: (dataclasses.asdict(self.template) if k == "template" else self.hparams[k])
@@ -201,9 +200,9 @@ class LSRModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- encoding
     def as_retriever(self, rule: ScoringRule | None = None):
-        """A :class:`~replugchar.retriever.Retriever` over this module's encoder(s) and ``rule`` (default: as
+        """A :class:`~replugchar.retrieval.retriever.Retriever` over this module's encoder(s) and ``rule`` (default: as
         trained), without an index: calibration scores validation turns through the same path as inference."""
-        from .retriever import Retriever
+        from ..retrieval.retriever import Retriever
 
         config = {"scoring": (rule or self.rule).to_dict(), "query_text": self.hparams.query_text}
         return Retriever(self.encoder, None, config, self.query_encoder)
@@ -277,7 +276,7 @@ class LSRModule(L.LightningModule):
 
     @torch.no_grad()
     def embed_fixed(self, texts: list[str], *, queries: bool = True) -> Tensor:
-        """(n, d) embeddings without gradient, as :class:`~replugchar.retriever.Retriever` makes them (eval mode,
+        """(n, d) embeddings without gradient, as :class:`~replugchar.retrieval.retriever.Retriever` makes them (eval mode,
         normalised): history turns always (the features are inputs of the head), and everything while the
         encoder is frozen. Cached by text while frozen: a session's turns come back at every later turn, and an
         epoch over cached embeddings costs only the head."""

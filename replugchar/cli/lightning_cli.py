@@ -1,15 +1,16 @@
-"""``replugchar fit`` / ``validate``: LightningCLI over :class:`~replugchar.module.LSRModule` and
-:class:`~replugchar.data.LSRDataModule`, with a before -> after validation report and its paired interval."""
+"""``replugchar fit`` / ``validate``: LightningCLI over :class:`~replugchar.training.module.LSRModule` and
+:class:`~replugchar.training.datamodule.LSRDataModule`, with a before -> after validation report and its paired interval."""
 
 from __future__ import annotations
 
 import numpy as np
 from lightning.pytorch.cli import LightningCLI
 
-from .data import LSRDataModule
-from .metrics import bootstrap_ci
-from .module import LSRModule
-from .scoring import FEATURES
+from ..core.scoring import FEATURES
+from ..evaluation.metrics import bootstrap_ci
+from ..training.callbacks import ExportRetriever
+from ..training.datamodule import LSRDataModule
+from ..training.module import LSRModule
 
 REPORTED = ("val/top1_agreement", "val/top1_lift", "val/loss", "val/retriever_entropy", "val/lm_entropy")
 
@@ -43,7 +44,7 @@ class LSRCLI(LightningCLI):
 
     def _check_ckpt(self) -> None:
         """A bad --ckpt_path is one line naming it, before Lightning loads it (see replugchar.checkpoint)."""
-        from .checkpoint import load_checkpoint
+        from ..training.checkpoint import load_checkpoint
 
         path = self.config_init[self.subcommand].get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
@@ -75,7 +76,9 @@ class LSRCLI(LightningCLI):
         if ckpt is not None and ckpt.best_model_path:
             lines.append(f"  checkpoint: {ckpt.best_model_path}")
         for cb in self.trainer.callbacks:
-            cal = getattr(cb, "mixing", None)
+            if not isinstance(cb, ExportRetriever):
+                continue
+            cal = cb.mixing
             if cal is not None:
                 weights = ", ".join(f"{f} {w:+.3f}" for f, w in zip(FEATURES, self.model.rule.weights))
                 lines.append(
@@ -88,7 +91,7 @@ class LSRCLI(LightningCLI):
                     "  (α is chosen on these validation characters, so 'after' is optimistic for them; "
                     "`replugchar evaluate` on a test split is the measurement)"
                 )
-            if getattr(cb, "written", None):
+            if cb.written:
                 lines.append(
                     f"  exported retriever: {cb.written}  (encoder/ is a plain sentence-transformers folder)"
                 )

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data import DataError
+from ..core.data import DataError
 
 FORMAT = 1
 """Version of the export folder's layout and of retriever.json's schema."""
@@ -98,7 +98,7 @@ def check_fields(
 # ----------------------------------------------------------------------------------------------- retriever.json
 def check_template(value: Any, where: str) -> dict:
     """A PromptTemplate's fields, each a string whose ``{}`` placeholders are the ones that field fills."""
-    from .lm_scoring import PromptTemplate
+    from ..lm.scoring import PromptTemplate
 
     fields = PromptTemplate.__dataclass_fields__
     if not isinstance(value, dict):
@@ -164,7 +164,7 @@ REQUIRED = ("format", "k", "scoring", "query_text", "template", "encoder_fingerp
 
 def check_retriever_config(config: Any, path: Path) -> dict:
     """retriever.json, checked whole; returns it. Raises :class:`FolderError` naming the file and the field."""
-    from .scoring import ScoringRule
+    from ..core.scoring import ScoringRule
 
     where = str(path)
     if isinstance(config, dict) and "format" not in config:

@@ -1,9 +1,9 @@
 """``replugchar evaluate``: pick the held-out examples, score every method, save the table.
 
-Every retriever row ranks through :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path):
+Every retriever row ranks through :meth:`~replugchar.retrieval.retriever.Retriever.rank_example` (the inference path):
 ``base`` is the untrained encoder, ``trained`` the exported encoder alone, ``dialogue`` the exported scoring rule
 (dialogue evidence), each ``+prior`` with λ times the character's leave-one-dialogue-out LM-utility prior. The
-metrics live in :mod:`replugchar.metrics`; this module never imports the training module.
+metrics live in :mod:`replugchar.evaluation.metrics`; this module never imports the training module.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.data import Corpus, check_split, split_characters
+from ..core.scoring import ScoringRule
+from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
+from ..lm.score_cache import build_scorer
+from ..lm.scoring import PromptTemplate, ScoreRequest
 from . import metrics as ev
-from .data import LSRDataModule
-from .lm_scoring import PromptTemplate, ScoreRequest
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM
-from .score_cache import build_scorer
-from .scoring import ScoringRule
 
 log = logging.getLogger(__name__)
 PAIRS = (
@@ -85,12 +85,12 @@ def evaluate(
         max_length: token limit of prompt + response; None = the trained retriever's, else 512.
         lm_batch_tokens: token budget per LM forward pass.
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
-        methods: subset of :data:`~replugchar.metrics.METHODS` (default all that are available).
+        methods: subset of :data:`~replugchar.evaluation.metrics.METHODS` (default all that are available).
         trust_remote_code: let the LM's repository run its own code. Only this option (your config or command
             line) turns it on; an export folder's retriever.json never does.
     """
-    from .models import load_encoder
-    from .retriever import Retriever
+    from ..lm.models import load_encoder
+    from ..retrieval.retriever import Retriever
 
     if split not in ("val", "test", "all"):
         raise ValueError(f"split must be val, test or all, got {split!r}")
@@ -169,7 +169,7 @@ def _finetuned(lm: str) -> set[str]:
 
     if not Path(lm).expanduser().is_dir():
         return set()
-    from .finetune import finetuned_characters
+    from ..lm.finetuned import finetuned_characters
 
     return finetuned_characters(lm)
 
@@ -177,14 +177,13 @@ def _finetuned(lm: str) -> set[str]:
 def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude=None):
     """(examples, characters): the split's examples, minus characters the retriever trained on, capped."""
     everything = split == "all"
-    dm = LSRDataModule(
-        data_dir=data_dir,
-        val_fraction=0.0 if everything else val_fraction,
-        test_fraction=0.0 if everything else test_fraction,
-        seed=seed,
-    )
-    dm.setup("validate")
-    examples = {"val": dm.val_examples, "test": dm.test_examples, "all": dm.train_examples}[split]
+    if not everything:
+        check_split(val_fraction, test_fraction)
+    corpus = Corpus.load(data_dir)
+    examples = corpus.examples
+    if not everything:
+        chosen = split_characters(list(corpus.characters), val_fraction, seed, test_fraction)[split]
+        examples = [e for e in examples if e.character_id in chosen]
     seen = set(exclude or [])
     before = len(examples)
     examples = [e for e in examples if e.character_id not in seen]
@@ -195,7 +194,7 @@ def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_exam
         examples = [examples[i] for i in picked]
     if not examples:
         raise ValueError(f"no examples to evaluate in {data_dir} (split={split})")
-    return examples, dm.characters
+    return examples, corpus.characters
 
 
 def _retrievers(base, trained, prior_weight: float) -> dict:

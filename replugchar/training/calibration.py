@@ -92,16 +92,16 @@ def fit(
 
 def validation_matrices(module, examples, chars, table=None):
     """(sims, priors, gains, dialogue), each (n_val, max_settings): the inputs of α / λ / τ calibration, for
-    ``module`` (an :class:`~replugchar.module.LSRModule`) on validation ``examples``.
+    ``module`` (an :class:`~replugchar.training.module.LSRModule`) on validation ``examples``.
 
     ``dialogue`` is the learned dialogue-evidence term of each setting, scored through
-    :meth:`~replugchar.retriever.Retriever.rank_example` (the inference path). A validation character the prior
+    :meth:`~replugchar.retrieval.retriever.Retriever.rank_example` (the inference path). A validation character the prior
     table does not cover (LM-utility priors come from training dialogues, and the split is by character) gets
     its leave-one-dialogue-out LM-utility prior from its other validation dialogues, so no example's own reply
     informs its prior.
     """
-    from .priors import lm_table, loo_priors
-    from .scoring import ScoringRule
+    from ..core.scoring import ScoringRule
+    from ..lm.gains import lm_table, loo_priors
 
     width = max(len(chars[e.character_id].settings) for e in examples)
     lookup = {(p.character_id, p.setting_index): p.prior for p in table or []}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data import LSRDataModule
+from .datamodule import LSRDataModule
 from .module import LSRModule
 
 

@@ -9,7 +9,7 @@ and evaluation alike.
   query), read with the same encoder: how close ``s`` is to what the character itself already said
   (``own_max``: the closest own turn, ``own_last``: its latest turn) and to what the partner said
   (``partner_max``, ``partner_last``). 0 when there is no such turn;
-* ``g(s)``: the generality prior (z-normalised per character, see :mod:`replugchar.priors`), weight λ.
+* ``g(s)``: the generality prior (z-normalised per character, see :mod:`replugchar.training.priors`), weight λ.
 
 Why features and not history in the query text: a bi-encoder that sees the history *raises* the similarity of
 settings the character already voiced, whereas in human dialogues (ConvAI2) those are rarely what the next reply
@@ -123,7 +123,7 @@ def _number(value) -> bool:
 
 
 def window(history: Sequence, size: int) -> list:
-    """The last ``size`` turns (``{"role", "text"}`` dicts or :class:`~replugchar.data.Turn`), oldest first."""
+    """The last ``size`` turns (``{"role", "text"}`` dicts or :class:`~replugchar.core.data.Turn`), oldest first."""
     return list(history)[-size:] if size > 0 else []
 
 

@@ -1,7 +1,7 @@
 """The frozen LM as a judge: log P(gold response | setting(s), dialogue), and the tokenizer fixes it needs.
 
 One scoring function (:meth:`LMScorer.score`) serves training, priors and evaluation; :class:`ScoreCache`
-(in :mod:`replugchar.score_cache`) sits in front of it so no pair is ever scored twice.
+(in :mod:`replugchar.lm.score_cache`) sits in front of it so no pair is ever scored twice.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import Example
+from ..core.data import Example
 
 NO_SETTING: tuple[str, ...] = ()
 
@@ -113,7 +113,7 @@ def response_token_logprobs(
     ``r_max`` the longest response. Positions are counted from each row's first real token, so left padding
     does not shift them, and only the last ``r_max + 1`` positions go through the LM head (``logits_to_keep``).
     One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
-    (:meth:`replugchar.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
+    (:meth:`replugchar.training.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
     the negative of the score LSR reads.
     """
     width = ids.shape[1]

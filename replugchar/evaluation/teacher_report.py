@@ -13,7 +13,7 @@ the LM's log-likelihood per token of the gold reply (nats/token), over held-out 
 * ``agreement_with_other`` -- given a second LM, share of turns where both pick the same best setting (e.g.
   the base LM against its ``finetune-lm`` version, or two LMs of different families).
 
-It reads the shared score cache (:func:`replugchar.score_cache.build_scorer`), so after ``fit``/``evaluate``
+It reads the shared score cache (:func:`replugchar.lm.score_cache.build_scorer`), so after ``fit``/``evaluate``
 scored a split it costs no LM time. Characters a ``finetune-lm`` folder was trained on are left out.
 """
 
@@ -26,11 +26,11 @@ from typing import Literal
 
 import numpy as np
 
-from .atomic import write_text
-from .finetune import finetuned_characters
-from .lm_scoring import PromptTemplate
-from .models import EMBEDDED_ENCODER, EMBEDDED_LM
-from .priors import LMTable, lm_table
+from ..core.atomic import write_text
+from ..lm.finetuned import finetuned_characters
+from ..lm.gains import LMTable, lm_table
+from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
+from ..lm.scoring import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def teacher_report(
     table: LMTable, similarity: Sequence[np.ndarray] | None = None, other: LMTable | None = None
 ) -> dict[str, float]:
-    """The report's numbers from an :class:`~replugchar.priors.LMTable` (per example: log-likelihood/token
+    """The report's numbers from an :class:`~replugchar.lm.gains.LMTable` (per example: log-likelihood/token
     with no setting and with each setting) and, optionally, per-example similarity scores over the same
     settings and the table of a second LM over the same examples. Ties go to the first setting."""
     n = len(table.per_setting)
@@ -113,10 +113,10 @@ def report(
     """
     import torch
 
+    from ..lm.models import load_encoder
+    from ..lm.score_cache import build_scorer
+    from ..retrieval.retriever import Retriever
     from .evaluate import select_examples
-    from .models import load_encoder
-    from .retriever import Retriever
-    from .score_cache import build_scorer
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

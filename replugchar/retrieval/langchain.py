@@ -2,7 +2,7 @@
 
 ::
 
-    from replugchar.langchain import ReplugcharRetriever
+    from replugchar.retrieval.langchain import ReplugcharRetriever
 
     retriever = ReplugcharRetriever.from_export("runs/demo/retriever", character_id="pc-valid-012")
     docs = retriever.invoke("Hello!")                  # best first; the settings under the threshold dropped
@@ -10,8 +10,8 @@
     retriever.with_character("pc-valid-013").invoke("Any pets?")
 
 Every document is one setting of ``character_id`` (a character never sees another character's settings), ranked
-by the whole scoring rule of :mod:`replugchar.scoring`: cosine similarity, the dialogue evidence of ``history``
-and λ·prior, with the fitted threshold τ applied. Ranking is :meth:`replugchar.retriever.Retriever.search`
+by the whole scoring rule of :mod:`replugchar.core.scoring`: cosine similarity, the dialogue evidence of ``history``
+and λ·prior, with the fitted threshold τ applied. Ranking is :meth:`replugchar.retrieval.retriever.Retriever.search`
 itself, not a copy of it, so a LangChain pipeline retrieves what ``replugchar`` evaluated.
 
 ``replugchar`` itself never imports this module: LangChain is an optional extra.
@@ -34,11 +34,11 @@ class ReplugcharRetriever(BaseRetriever):
     """One character's settings for a query, as LangChain documents, best first.
 
     Args (pydantic fields):
-        retriever: a loaded :class:`~replugchar.retriever.Retriever` (see :meth:`from_export`).
+        retriever: a loaded :class:`~replugchar.retrieval.retriever.Retriever` (see :meth:`from_export`).
         character_id: whose settings to rank; required at query time (see :meth:`with_character`).
         k: how many settings at most; default the export's ``k`` (retriever.json).
         history: the session before the query, oldest first: ``{"role": "user" | "character", "text": ...}``
-            dicts (or :class:`~replugchar.data.Turn`); read by the rule's dialogue features, ignored when their
+            dicts (or :class:`~replugchar.core.data.Turn`); read by the rule's dialogue features, ignored when their
             weights are all 0.
         prior_weight: λ override; default the fitted value (retriever.json). ``0.0`` = no prior.
         threshold: τ override; default the fitted value. ``float("-inf")`` keeps every setting.

@@ -1,15 +1,15 @@
 """``replugchar chat``: talk to an indexed character with the trained retriever in the loop.
 
 For each user turn: the character's settings are ranked by :meth:`Retriever.search` with the dialogue so far
-(the dialogue-aware rule of :mod:`replugchar.scoring` sees it), the relevance threshold is applied, the table is
+(the dialogue-aware rule of :mod:`replugchar.core.scoring` sees it), the relevance threshold is applied, the table is
 printed (rank, score, similarity, dialogue part, prior), and the LM answers from a prompt rendered by the
-retriever's own :class:`~replugchar.lm_scoring.PromptTemplate` (the one it was trained with). Modes:
+retriever's own :class:`~replugchar.lm.scoring.PromptTemplate` (the one it was trained with). Modes:
 
 * ``concat`` -- the top-k settings as trait lines of one prompt;
 * ``top1`` -- the best setting only;
 * ``ensemble`` -- REPLUG ensemble decoding: at every step the next-token distribution is
   Σ_i softmax(score/T)_i · P_LM(token | setting_i, dialogue, reply so far)
-  (:func:`~replugchar.retriever.replug_next_token_logprobs`).
+  (:func:`~replugchar.retrieval.retriever.replug_next_token_logprobs`).
 
 Decoding is greedy, or top-p sampling with ``--seed``; it stops at eos, at a newline that starts a new turn
 ("User:" / "Character:" of the template) or after ``--max_new_tokens``. ``--compare base`` ranks the same
@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import Example, Turn, query_text
-from .lm_scoring import PromptTemplate
-from .retriever import Hit, Retriever, replug_next_token_logprobs
+from ..core.data import Example, Turn, query_text
+from ..lm.scoring import PromptTemplate
+from ..retrieval.retriever import Hit, Retriever, replug_next_token_logprobs
 
 MODES = ("concat", "top1", "ensemble")
 QUIT = "/quit"
@@ -71,7 +71,7 @@ def fit_history(
     budget: int,
 ) -> list[Turn]:
     """The most recent turns of ``history`` whose longest prompt has at most ``budget`` tokens (oldest turns go
-    first, as in :class:`~replugchar.lm_scoring.LMScorer`)."""
+    first, as in :class:`~replugchar.lm.scoring.LMScorer`)."""
     history = list(history)
     while True:
         longest = max(len(tok(p).input_ids) for p in build_prompts(template, hits, history, query, mode))
@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
-    from .models import load_causal_lm, load_encoder
+    from ..lm.models import load_causal_lm, load_encoder
 
     args = build_parser().parse_args(argv)
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the dialogue

@@ -2,14 +2,14 @@
 
 A checkpoint handed over by someone else is untrusted: ``torch.load(weights_only=True)`` refuses a pickle
 payload (nothing runs), and every way a file can fail to be a checkpoint (not one, cut off, a folder, a payload,
-no ``state_dict``) becomes one :class:`~replugchar.data.DataError` naming the file instead of a 30-line trace.
+no ``state_dict``) becomes one :class:`~replugchar.core.data.DataError` naming the file instead of a 30-line trace.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .data import DataError
+from ..core.data import DataError
 
 
 def load_checkpoint(path: str | Path, *, option: str = "--ckpt_path") -> dict:

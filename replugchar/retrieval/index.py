@@ -21,8 +21,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from .atomic import atomic_folder
-from .data import Character
+from ..core.atomic import atomic_folder
+from ..core.data import Character
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_folder
+from ..core.atomic import atomic_folder
 
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:SmolLM2-135M-Instruct"
@@ -109,7 +109,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .lm_scoring import fix_tokenizer
+    from .scoring import fix_tokenizer
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar would precede every one-line error
 

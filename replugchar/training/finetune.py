@@ -2,19 +2,19 @@
 
 Why a separate step: LSR trains the retriever towards the settings under which the LM finds the gold reply most
 likely, so the LM must be a good judge of *this* kind of character. Fine-tuning it on the training characters'
-replies, with prompts rendered by the scorer's own :class:`~replugchar.lm_scoring.PromptTemplate`, makes it one;
-the character split is the hash split of :func:`replugchar.data.split_characters`, the one ``fit`` and
+replies, with prompts rendered by the scorer's own :class:`~replugchar.lm.scoring.PromptTemplate`, makes it one;
+the character split is the hash split of :func:`replugchar.core.data.split_characters`, the one ``fit`` and
 ``evaluate`` use, so no validation/test character is ever in the teacher's training data.
 
 What makes the fine-tune stable (the failure this module exists to avoid): with ``pad_token == eos_token`` a loss
 mask built from ``input_ids != pad_token_id`` hides the eos that ends every reply, so the model never learns to
-stop. Here the tokenizer goes through :func:`~replugchar.lm_scoring.fix_tokenizer` (pad := unk or a new
-``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm_scoring.LMScorer.encode_many>`
+stop. Here the tokenizer goes through :func:`~replugchar.lm.scoring.fix_tokenizer` (pad := unk or a new
+``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm.scoring.LMScorer.encode_many>`
 (prompt + reply + eos, context dropped first when too long) and the loss mask comes from the number of reply
 tokens that method returns, never from token ids.
 
 The output is a plain Hugging Face folder (safetensors, fixed tokenizer, ``replugchar_template.json``,
-``train_characters.json``, README.md card) that :func:`replugchar.models.load_causal_lm` loads as ``model.lm``.
+``train_characters.json``, README.md card) that :func:`replugchar.lm.models.load_causal_lm` loads as ``model.lm``.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .atomic import atomic_folder
-from .lm_scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
-from .models import EMBEDDED_LM, load_causal_lm
+from ..core.atomic import atomic_folder
+from ..lm.finetuned import TRAIN_CHARACTERS_FILE
+from ..lm.models import EMBEDDED_LM, load_causal_lm
+from ..lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
 from .sft_data import CharacterSFTDataModule
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "replugchar_template.json"
-TRAIN_CHARACTERS_FILE = "train_characters.json"
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -183,7 +183,7 @@ class CharacterLMModule(L.LightningModule):
         """Per-token NLL of each reply and its eos, and the mask of those tokens: both (batch, r_max).
 
         The batch is laid out and run through the LM by the scorer's own code (:meth:`LMScorer.collate` and
-        :func:`~replugchar.lm_scoring.response_token_logprobs`: left padding, positions counted from the first
+        :func:`~replugchar.lm.scoring.response_token_logprobs`: left padding, positions counted from the first
         real token, only the reply positions through the LM head), so the loss trained here is the negative of
         the score LSR reads. The mask comes from the reply lengths that
         :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
@@ -278,7 +278,8 @@ class CharacterLMModule(L.LightningModule):
         """Write the fine-tuned LM as a Hugging Face folder, atomically (temp folder beside it, then rename).
 
         Contents: safetensors weights (LoRA merged), the fixed tokenizer, ``replugchar_template.json``,
-        ``train_characters.json`` (evaluation excludes them, see :func:`finetuned_characters`) and a README.md
+        ``train_characters.json`` (evaluation excludes them, see
+        :func:`~replugchar.lm.finetuned.finetuned_characters`) and a README.md
         card. After this the module holds the merged model, which is what was saved.
         """
         folder = Path(folder)
@@ -348,26 +349,13 @@ class CharacterLMModule(L.LightningModule):
             "",
             f"## Training characters ({len(chars)})",
             "",
-            "Evaluation must exclude them (`replugchar.finetune.finetuned_characters(folder)`; the list is also in "
+            "Evaluation must exclude them (`replugchar.lm.finetuned.finetuned_characters(folder)`; the list is also in "
             f"`{TRAIN_CHARACTERS_FILE}`):",
             "",
             ", ".join(chars),
             "",
         ]
         return "\n".join(lines)
-
-
-def finetuned_characters(folder: str | Path) -> set[str]:
-    """Ids of the characters an LM folder written by ``finetune-lm`` was trained on; empty for any other LM.
-
-    Why: an LM judged on characters whose replies it was tuned on flatters every retriever; evaluation and the
-    teacher report drop those characters.
-    """
-    path = Path(str(folder)).expanduser() / TRAIN_CHARACTERS_FILE
-    if not path.is_file():
-        return set()
-    info = json.loads(path.read_text(encoding="utf-8"))
-    return set(info.get("train_characters") or [])
 
 
 class ExportCharacterLM(L.Callback):

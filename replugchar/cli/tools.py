@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .atomic import write_text
+from ..core.atomic import write_text
 
 CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it"
 
@@ -30,8 +30,8 @@ def _config_args(args, rest: list[str]) -> list[str]:
 
 
 def load_run(config_args: list[str], ckpt_path: str | None = None):
-    """:func:`replugchar.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
-    from .run import load_run as load
+    """:func:`replugchar.training.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
+    from ..training.run import load_run as load
 
     return load(config_args, ckpt_path)
 
@@ -40,7 +40,7 @@ def cmd_score(args, rest) -> None:
     """Fill the score cache for every (example, setting) pair and the no-setting prompt."""
     from tqdm.auto import tqdm
 
-    from .lm_scoring import NO_SETTING, ScoreRequest
+    from ..lm.scoring import NO_SETTING, ScoreRequest
 
     module, dm = load_run(_config_args(args, rest))
     scorer = module.scorer
@@ -63,7 +63,7 @@ def cmd_priors(args, rest) -> None:
             raise ValueError(f"priors {args.method} needs --{name}")
         if not Path(getattr(args, name)).is_file():
             raise FileNotFoundError(f"{getattr(args, name)}: file not found (--{name})")
-    from . import calibration, priors
+    from ..training import calibration, priors
 
     if args.method == "fit-weight":
         module, dm = load_run(_config_args(args, rest), args.ckpt_path)
@@ -81,7 +81,7 @@ def cmd_priors(args, rest) -> None:
     if args.method == "lm-utility":
         table = priors.lm_utility_priors(dm.train_examples, dm.characters, module.scorer)
     elif args.method == "judge":
-        from .models import load_causal_lm
+        from ..lm.models import load_causal_lm
 
         spec = args.judge_lm or module.hparams.lm
         model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
@@ -98,8 +98,8 @@ def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
     """The exported rule: learned weights scaled by the fitted α, the fitted λ and τ (``--prior_weight`` wins)."""
     import dataclasses
 
-    from .data import DataError
-    from .scoring import ScoringRule
+    from ..core.data import DataError
+    from ..core.scoring import ScoringRule
 
     rule = module.rule
     if fitted_path:
@@ -120,7 +120,7 @@ def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
 
 
 def _prior_vector(args, dm, records):
-    from .priors import load_priors, prior_vector
+    from ..training.priors import load_priors, prior_vector
 
     if not args.priors:
         return None, None
@@ -129,7 +129,7 @@ def _prior_vector(args, dm, records):
 
 
 def cmd_index(args, rest) -> None:
-    from .index import SettingIndex, encoder_fingerprint, setting_records
+    from ..retrieval.index import SettingIndex, encoder_fingerprint, setting_records
 
     module, dm = load_run(_config_args(args, rest), args.ckpt_path)
     records = setting_records(dm.characters)
@@ -145,9 +145,9 @@ def cmd_index(args, rest) -> None:
 
 
 def cmd_export(args, rest) -> None:
-    from .export import export_retriever
-    from .index import setting_records
-    from .priors import save_priors
+    from ..retrieval.export import export_retriever
+    from ..retrieval.index import setting_records
+    from ..training.priors import save_priors
 
     module, dm = load_run(_config_args(args, rest), args.ckpt_path)
     table, priors = _prior_vector(args, dm, setting_records(dm.characters))
@@ -167,7 +167,7 @@ def cmd_export(args, rest) -> None:
 
 
 def cmd_retrieve(args, rest) -> None:
-    from .retriever import Retriever
+    from ..retrieval.retriever import Retriever
 
     retriever = Retriever.load(args.dir)
     threshold = float("-inf") if args.no_threshold else None
@@ -190,7 +190,7 @@ def cmd_retrieve(args, rest) -> None:
 
 def read_fitted(path: str) -> dict:
     """fitted.json of ``priors fit-weight``: the numbers ``export --fitted`` uses, each checked."""
-    from .export_schema import check_fields, is_number, read_json
+    from ..retrieval.export_schema import check_fields, is_number, read_json
 
     numbers = lambda v: isinstance(v, list) and all(map(is_number, v))  # noqa: E731
     number = (is_number, "a finite number")
@@ -211,8 +211,8 @@ def read_fitted(path: str) -> dict:
 
 def _read_history(path: str) -> list[dict]:
     """A JSON list of {"role", "text"} turns, oldest first (the data schema's ``context``), capped like data."""
-    from .data import MAX_TEXT_CHARS, DataError
-    from .export_schema import read_json
+    from ..core.data import MAX_TEXT_CHARS, DataError
+    from ..retrieval.export_schema import read_json
 
     turns = read_json(Path(path), what="--history")
     if not isinstance(turns, list):

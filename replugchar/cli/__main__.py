@@ -1,0 +1,5 @@
+"""``python -m replugchar.cli``."""
+
+from . import main
+
+main()

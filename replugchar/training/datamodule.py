@@ -1,0 +1,127 @@
+"""The Lightning data module of LSR training: the character-disjoint split of a data folder, capped and batched.
+
+The schema, loaders and the split itself are :mod:`replugchar.core.data` (no Lightning there).
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from ..core.data import QUERY_TYPES, Character, Corpus, DataError, Example, check_split, split_characters
+
+
+def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    picked = random.Random(seed).sample(range(len(examples)), limit)
+    return [examples[i] for i in sorted(picked)]
+
+
+def collate_examples(batch: list[Example]) -> list[Example]:
+    return list(batch)
+
+
+class LSRDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data_dir: str = "demo",
+        val_fraction: float = 0.2,
+        batch_size: int = 8,
+        max_train_examples: int | None = None,
+        max_val_examples: int | None = None,
+        query_types: list[str] | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        test_fraction: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            data_dir: folder with characters.jsonl and dialogues.jsonl, or "demo" for the bundled subset.
+            val_fraction: share of *characters* held out for validation (no character is in two splits); the
+                split hashes each character id (see :func:`split_of`), so it agrees across data sets.
+            batch_size: queries per optimisation step.
+            max_train_examples: cap on training examples (random, seeded); None keeps all. Sizes the LM budget.
+            max_val_examples: cap on validation examples.
+            query_types: keep only these query types (greeting/closing/other); None keeps all.
+            seed: seed of the character split and of the caps.
+            num_workers: DataLoader workers.
+            test_fraction: share of characters kept out of training *and* validation, for ``evaluate``
+                (``split: test``) after ``priors fit-weight`` has tuned the mixing on validation.
+        """
+        super().__init__()
+        check_split(val_fraction, test_fraction)
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        for name, value in (
+            ("max_train_examples", max_train_examples),
+            ("max_val_examples", max_val_examples),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"data.{name} must be positive or null, got {value}")
+        for qt in query_types or []:
+            if qt not in QUERY_TYPES:
+                raise ValueError(f"data.query_types: unknown query type {qt!r}; use {QUERY_TYPES}")
+        self.save_hyperparameters()
+        self.corpus: Corpus | None = None
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+        self.test_examples: list[Example] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is not None:
+            return
+        hp = self.hparams
+        self.corpus = Corpus.load(hp.data_dir)
+        split = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed, hp.test_fraction)
+        keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
+        examples = [e for e in self.corpus.examples if e.query_type in keep]
+        self.train_examples = _cap(
+            [e for e in examples if e.character_id in split["train"]], hp.max_train_examples, hp.seed
+        )
+        self.val_examples = _cap(
+            [e for e in examples if e.character_id in split["val"]], hp.max_val_examples, hp.seed
+        )
+        self.test_examples = [e for e in examples if e.character_id in split["test"]]
+
+    @property
+    def characters(self) -> dict[str, Character]:
+        if self.corpus is None:
+            self.setup()
+        return self.corpus.characters
+
+    def _require(self, examples: list[Example], split: str) -> None:
+        """An empty split would make Lightning skip training or validation with only a warning."""
+        if self.corpus is None:
+            self.setup()
+            examples = self.train_examples if split == "training" else self.val_examples
+        if not examples:
+            hp = self.hparams
+            raise DataError(
+                f"{self.corpus.source if self.corpus else hp.data_dir}: no {split} examples after the character "
+                f"split ({len(self.corpus.characters) if self.corpus else 0} characters, "
+                f"data.val_fraction={hp.val_fraction}, data.query_types={hp.query_types})"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self._require(self.train_examples, "training")
+        return DataLoader(
+            self.train_examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            collate_fn=collate_examples,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.hparams.val_fraction > 0:
+            self._require(self.val_examples, "validation")
+        return DataLoader(
+            self.val_examples,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=collate_examples,
+            num_workers=self.hparams.num_workers,
+        )
