@@ -166,6 +166,16 @@ def cmd_export(args, rest) -> None:
     print(f"retriever exported to {out} (scoring rule: {json.dumps(rule.to_dict())})")
 
 
+def cmd_add_characters(args, rest) -> None:
+    from ..core.data import load_characters
+    from ..retrieval.export import add_characters
+
+    characters = load_characters(args.characters)
+    out = add_characters(args.dir, characters, out=args.out)
+    n = sum(len(c.settings) for c in characters.values())
+    print(f"{len(characters)} character(s), {n} settings added to {out}")
+
+
 def cmd_retrieve(args, rest) -> None:
     from ..retrieval.retriever import Retriever
 
@@ -232,7 +242,7 @@ def _read_history(path: str) -> list[dict]:
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser of one tool command (``replugchar NAME --help``)."""
     p = argparse.ArgumentParser(prog=f"replugchar {name}", description=TOOL_HELP[name])
-    if name != "retrieve":
+    if name not in ("retrieve", "add-characters"):
         p.add_argument("--config", help=CONFIG_HELP)
     if name == "score":
         p.add_argument(
@@ -263,6 +273,11 @@ def build_parser(name: str) -> argparse.ArgumentParser:
             p.add_argument("--fitted", help="JSON from `priors fit-weight` (dialogue scale, λ, threshold)")
             p.add_argument("--prior_weight", type=float, help="λ (overrides --fitted)")
         p.set_defaults(func=cmd_index if name == "index" else cmd_export)
+    elif name == "add-characters":
+        p.add_argument("--dir", required=True, help="export folder to add to (replaced atomically)")
+        p.add_argument("--characters", required=True, help="characters.jsonl in the data schema")
+        p.add_argument("--out", help="write the extended folder here instead of replacing --dir")
+        p.set_defaults(func=cmd_add_characters)
     elif name == "retrieve":
         p.add_argument("--dir", required=True, help="export folder")
         p.add_argument("--character", required=True)
@@ -285,6 +300,7 @@ TOOL_HELP = {
     "index": "rebuild the FAISS index (encoder and/or priors changed); flat, ivf or hnsw",
     "export": "export encoder + index + scoring rule as one folder for other RAG stacks",
     "retrieve": "print a character's top settings for a query (and optional history)",
+    "add-characters": "add characters (characters.jsonl) to an export folder: embedded, with its learned generality",
 }
 
 
@@ -292,7 +308,7 @@ def run_tool(name: str, argv: list[str]) -> None:
     parser = build_parser(name)
     args, rest = parser.parse_known_args(argv)
     if rest and (
-        name == "retrieve"
+        name in ("retrieve", "add-characters")
         or not all(a.startswith(("--model.", "--data.")) or not a.startswith("--") for a in rest)
     ):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -21,6 +21,7 @@ history.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -43,17 +44,26 @@ class ScoringRule:
         threshold: relevance threshold τ on the score; settings under it are not retrieved (None or -inf:
             keep all).
         history_window: how many turns before the query the features look at.
+        generality: the learned generality g(s) = v·e_s as the vector v (one number per embedding dimension;
+            empty = none). It is a function of the setting's text alone, so it carries to characters the
+            retriever never saw; the index stores G(s) = prior(s) + g(s) as its prior coordinate.
+        gate: how much the query says decides how much generality counts: the prior term's weight per query is
+            ``prior_weight + gate[0]·max_s cos(q, s) + gate[1]·[no history yet]``. (0, 0) = a constant λ.
     """
 
     weights: tuple[float, ...] = field(default_factory=lambda: (0.0,) * len(FEATURES))
     prior_weight: float = 0.0
     threshold: float | None = None
     history_window: int = 16
+    generality: tuple[float, ...] = ()
+    gate: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if len(self.weights) != len(FEATURES):
             raise ValueError(f"scoring weights need {len(FEATURES)} values ({', '.join(FEATURES)})")
-        numbers = [*self.weights, self.prior_weight]
+        if len(self.gate) != 2:
+            raise ValueError(f"gate needs 2 values (best similarity, empty history), got {len(self.gate)}")
+        numbers = [*self.weights, self.prior_weight, *self.gate, *self.generality]
         if not all(np.isfinite(numbers)):
             raise ValueError(f"scoring weights and prior_weight must be finite, got {numbers}")
         if self.threshold is not None and (np.isnan(self.threshold) or self.threshold == np.inf):
@@ -100,17 +110,40 @@ class ScoringRule:
         hw = d["history_window"]
         if not isinstance(hw, int) or isinstance(hw, bool):
             raise ValueError(f"history_window must be an integer, got {hw!r:.40}")
+        extra = {}
+        for key, size in (("generality", None), ("gate", 2)):
+            if key in d:
+                vals = d[key]
+                if not isinstance(vals, list | tuple) or not all(map(_number, vals)):
+                    raise ValueError(f"{key} must be a list of numbers, got {vals!r:.60}")
+                if size is not None and len(vals) != size:
+                    raise ValueError(f"{key} must have {size} numbers, got {len(vals)}")
+                extra[key] = tuple(float(v) for v in vals)
         return cls(
             weights=tuple(float(w) for w in weights),
             prior_weight=float(d["prior_weight"]),
             threshold=None if tau is None else float(tau),
             history_window=hw,
+            **extra,
         )
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["weights"] = dict(zip(FEATURES, self.weights))
         return out
+
+    @property
+    def uses_generality(self) -> bool:
+        return any(v != 0 for v in self.generality)
+
+    @property
+    def uses_gate(self) -> bool:
+        return any(g != 0 for g in self.gate)
+
+    def without_generality(self) -> ScoringRule:
+        """Today's rule (dialogue evidence and a constant λ on the imported prior): the baseline a fitted
+        generality must never be worse than."""
+        return dataclasses.replace(self, generality=(), gate=(0.0, 0.0))
 
     @property
     def uses_history(self) -> bool:
@@ -155,13 +188,35 @@ def dialogue_features(settings: Tensor, turns: Tensor, own: Tensor) -> Tensor:
 
 
 def score_settings(
-    sim: Tensor, features: Tensor, weights: Tensor, priors: Tensor | None = None, prior_weight: float = 0.0
+    sim: Tensor,
+    features: Tensor,
+    weights: Tensor,
+    priors: Tensor | None = None,
+    prior_weight: float | Tensor = 0.0,
 ) -> Tensor:
-    """(..., n) scores from cosine similarities (..., n), features (..., n, F), weights (F,), priors (..., n)."""
+    """(..., n) scores from cosine similarities (..., n), features (..., n, F), weights (F,), priors G(s)
+    (..., n) and the prior term's weight: a number, or one per query (...,) from :func:`query_weight`."""
     score = sim + features @ weights.to(features.dtype)
-    if priors is not None and prior_weight:
-        score = score + prior_weight * priors
+    if priors is not None:
+        if isinstance(prior_weight, Tensor):
+            score = score + prior_weight.unsqueeze(-1) * priors
+        elif prior_weight:
+            score = score + prior_weight * priors
     return score
+
+
+def query_weight(
+    best_sim: Tensor, history_empty: Tensor, prior_weight: float | Tensor, gate: Tensor
+) -> Tensor:
+    """(...,) weight of the prior term per query: λ + gate[0]·(the query's best cosine) + gate[1]·[no history].
+    A greeting matches no setting well and opens a session: generality should count most there."""
+    return prior_weight + gate[0] * best_sim + gate[1] * history_empty.to(best_sim.dtype)
+
+
+def generality_of(settings: Tensor, vector: Sequence[float] | Tensor) -> Tensor:
+    """(..., n) learned generality g(s) = v·e_s of unit-norm setting embeddings (..., n, d)."""
+    v = torch.as_tensor(vector, dtype=settings.dtype, device=settings.device)
+    return settings @ v
 
 
 def rank_numpy(
@@ -171,12 +226,21 @@ def rank_numpy(
     own: Sequence[bool],
     rule: ScoringRule,
     priors: np.ndarray | None = None,
+    history_empty: bool = True,
 ) -> np.ndarray:
-    """NumPy front of the rule for inference: (n,) scores of unit-norm ``settings`` (n, d) for ``query`` (d,)."""
+    """NumPy front of the rule for inference: (n,) scores of unit-norm ``settings`` (n, d) for ``query`` (d,).
+    ``priors`` is G(s), the whole prior coordinate (imported prior + learned generality)."""
     s = torch.from_numpy(np.asarray(settings, dtype=np.float32))
     q = torch.from_numpy(np.asarray(query, dtype=np.float32).reshape(-1))
     h = torch.from_numpy(np.asarray(turns, dtype=np.float32).reshape(-1, s.shape[1]))
     feats = dialogue_features(s, h, torch.as_tensor(list(own), dtype=torch.bool))
     p = None if priors is None else torch.from_numpy(np.asarray(priors, dtype=np.float32))
     w = torch.tensor(rule.weights, dtype=torch.float32)
-    return score_settings(s @ q, feats, w, p, rule.prior_weight).double().numpy()
+    sim = s @ q  # (n,)
+    weight = query_weight(
+        sim.max(),
+        torch.tensor(history_empty),
+        rule.prior_weight,
+        torch.tensor(rule.gate, dtype=torch.float32),
+    )
+    return score_settings(sim, feats, w, p, weight).double().numpy()

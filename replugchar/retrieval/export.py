@@ -24,8 +24,8 @@ import numpy as np
 
 from ..core.atomic import atomic_folder
 from ..core.scoring import FEATURES, ScoringRule
-from .export_schema import FORMAT, write_manifest
-from .index import SettingIndex, encoder_fingerprint, setting_records
+from .export_schema import FORMAT, MANIFEST, write_manifest
+from .index import SettingIndex, SettingRecord, encoder_fingerprint, setting_records
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,59 @@ Pair it with `../index.faiss` and `../settings.jsonl` (see the replugchar README
 """
 
 
+def blended_priors(emb: np.ndarray, priors: np.ndarray | None, rule: ScoringRule) -> np.ndarray | None:
+    """The index's prior coordinate G(s) = imported prior + learned generality v·e_s (see
+    :class:`~replugchar.core.scoring.ScoringRule`): computed from each setting's text, so rebuilding the index
+    is what gives a new character its generality."""
+    if not rule.uses_generality:
+        return priors
+    g = np.asarray(emb, dtype=np.float64) @ np.asarray(rule.generality, dtype=np.float64)
+    return g if priors is None else np.asarray(priors, dtype=np.float64) + g
+
+
+def add_characters(folder: str | Path, characters: dict, *, out: str | Path | None = None) -> Path:
+    """Add ``characters`` to an export folder without retraining: their settings are embedded with the
+    folder's encoder and get the folder's learned generality; the index, settings.jsonl and the manifest are
+    rewritten, the whole folder replaced atomically (``out`` = another folder instead)."""
+    import shutil
+
+    from .retriever import Retriever
+
+    folder = Path(folder)
+    retriever = Retriever.load(folder)
+    index = retriever.index
+    clash = sorted(set(characters) & set(index.ranges))
+    if clash:
+        raise ValueError(f"{folder}: already holds character(s) {', '.join(clash[:5])}")
+    records, n0 = list(index.records), len(index.records)
+    for cid, char in characters.items():
+        for i, text in enumerate(char.settings):
+            records.append(SettingRecord(len(records), cid, i, text))
+    new = records[n0:]
+    emb_new = retriever.embed_settings([r.text for r in new])
+    emb_old = np.asarray(index.index.reconstruct_n(0, n0))[:, :-1] if n0 else emb_new[:0]
+    g_new = blended_priors(emb_new, None, retriever.rule)
+    priors = np.concatenate([index.priors, np.zeros(len(new)) if g_new is None else g_new])
+    kind = index.meta["kind"]
+    extra = {k: index.meta[k] for k in ("hnsw_m", "hnsw_ef_construction") if k in index.meta}
+    rebuilt = SettingIndex.build(
+        np.concatenate([emb_old, emb_new]),
+        records,
+        priors if (index.meta.get("has_prior") or g_new is not None) else None,
+        kind=kind,
+        encoder_fingerprint=index.meta.get("encoder_fingerprint", ""),
+        **extra,
+    )
+    target = Path(out) if out else folder
+    with atomic_folder(target) as tmp:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        (tmp / MANIFEST).unlink()
+        rebuilt.write_files(tmp)
+        write_manifest(tmp)
+    log.info("%d character(s), %d settings added to %s", len(characters), len(new), target)
+    return target
+
+
 def export_retriever(
     module,
     out_dir: str | Path,
@@ -107,12 +160,9 @@ def export_retriever(
     rule = rule or module.rule
     records = setting_records(module.characters)
     fingerprint = encoder_fingerprint(lambda t: module.encode_all(t))
+    emb = module.encode_all([r.text for r in records])
     index = SettingIndex.build(
-        module.encode_all([r.text for r in records]),
-        records,
-        priors,
-        kind=kind,
-        encoder_fingerprint=fingerprint,
+        emb, records, blended_priors(emb, priors, rule), kind=kind, encoder_fingerprint=fingerprint
     )
     hp = {**dict(module.hparams), "data_dir": data_dir}
     with atomic_folder(out) as tmp:

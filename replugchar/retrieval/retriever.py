@@ -142,7 +142,16 @@ class Retriever:
         own = [turn_role(t) == "character" for t in turns]
         emb = self.embed_queries([query, *(turn_text(t) for t in turns)])
         sims = settings_emb @ emb[0]
-        return rank_numpy(emb[0], settings_emb, emb[1:], own, rule, priors), sims.astype(np.float64)
+        empty = len(history) == 0
+        return rank_numpy(emb[0], settings_emb, emb[1:], own, rule, priors, empty), sims.astype(np.float64)
+
+    def generality(self, settings_emb: np.ndarray, priors: np.ndarray | None, rule: ScoringRule):
+        """G(s) = imported prior + learned generality g(s) = v·e_s: what the index stores as its prior
+        coordinate, computed here from the text for a character the index does not hold."""
+        if not rule.uses_generality:
+            return priors
+        g = settings_emb.astype(np.float64) @ np.asarray(rule.generality, dtype=np.float64)
+        return g if priors is None else priors + g
 
     def rank(
         self,
@@ -156,8 +165,9 @@ class Retriever:
         """One score per setting, in input order, for any character (also one not in the index).
 
         ``history`` is the session before ``query``: ``{"role": "user"|"character", "text": ...}`` turns, oldest
-        first (the data schema). ``priors`` are generality priors (z-normalised within the character); without
-        them λ has no effect. The threshold is not applied here: scores are comparable to it.
+        first (the data schema). ``priors`` are imported generality priors (z-normalised within the character);
+        the learned generality of the export (if any) is added to them from the settings' text, so a new
+        character gets it too. The threshold is not applied here: scores are comparable to it.
         """
         if not settings:
             raise ValueError("a character with no settings cannot be ranked")
@@ -165,7 +175,8 @@ class Retriever:
         p = None if priors is None else np.asarray(priors, dtype=np.float64)
         if p is not None and (p.shape != (len(settings),) or not np.isfinite(p).all()):
             raise ValueError(f"priors must be {len(settings)} finite numbers, one per setting")
-        return self._scores(query, self.embed_settings(settings), history, p, rule)[0]
+        emb = self.embed_settings(settings)
+        return self._scores(query, emb, history, self.generality(emb, p, rule), rule)[0]
 
     def rank_example(
         self, example: Example, settings: Sequence[str], priors=None, *, rule=None
@@ -184,28 +195,30 @@ class Retriever:
         threshold: float | None = None,
     ) -> list[Hit]:
         """Top-k settings of an indexed character for ``query`` after ``history``, best first, those under the
-        threshold dropped. ``prior_weight`` and ``threshold`` default to the fitted values (retriever.json);
-        ``threshold=float("-inf")`` keeps all. With an empty history this is exactly the FAISS search."""
+        threshold dropped. ``prior_weight`` and ``threshold`` default to the fitted values (retriever.json); a
+        ``prior_weight`` given here is a constant λ (the gate off; 0.0 = no prior term). ``threshold=-inf`` keeps
+        all. With an empty history and no gate this is exactly the FAISS search."""
         if self.index is None:
             raise ValueError("this retriever has no index: use rank(settings, query, history)")
         k = k or self.config.get("k", 5)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         rule = dataclasses.replace(
-            self.rule,
-            prior_weight=self.rule.prior_weight if prior_weight is None else prior_weight,
-            threshold=self.rule.threshold if threshold is None else threshold,
+            self.rule, threshold=self.rule.threshold if threshold is None else threshold
         )
+        if prior_weight is not None:
+            rule = dataclasses.replace(rule, prior_weight=prior_weight, gate=(0.0, 0.0))
         vecs = self.index.character_vectors(character_id)[:, :-1]  # (n, d): [embedding, prior] without prior
         lo, hi = self.index.ranges[character_id]
-        priors = self.index.priors[lo:hi].astype(np.float64)
+        priors = self.index.priors[lo:hi].astype(np.float64)  # G(s): imported prior + learned generality
         scores, sims = self._scores(query, vecs, history, priors, rule)
+        plain = dataclasses.replace(rule, prior_weight=0.0, gate=(0.0, 0.0))
+        blend = scores - self._scores(query, vecs, history, None, plain)[0]  # the prior term, per setting
         hits = []
         for j in np.argsort(-scores, kind="stable")[:k]:
             if rule.threshold is not None and scores[j] < rule.threshold:
                 continue
             rec = self.index.records[lo + j]
-            blend = rule.prior_weight * float(priors[j])
             hits.append(
                 Hit(
                     rec.text,
@@ -214,7 +227,7 @@ class Retriever:
                     float(sims[j]),
                     float(priors[j]),
                     float(scores[j]),
-                    float(scores[j] - sims[j] - blend),
+                    float(scores[j] - sims[j] - blend[j]),
                 )
             )
         return hits

@@ -110,12 +110,61 @@ def validation_matrices(module, examples, chars, table=None):
     learned = module.rule
     retriever = module.as_retriever(learned)
     plain = ScoringRule(history_window=learned.history_window)
+    today = learned.without_generality()  # the learned generality has its own scale, see fit_generality
     sims, prior_m, dialogue = (np.full((len(examples), width), np.nan) for _ in range(3))
     for row, e in enumerate(examples):
         settings = chars[e.character_id].settings
         n = len(settings)
         sims[row, :n] = retriever.rank_example(e, settings, rule=plain)
-        dialogue[row, :n] = retriever.rank_example(e, settings) - sims[row, :n]
+        dialogue[row, :n] = retriever.rank_example(e, settings, rule=today) - sims[row, :n]
         covered = all((e.character_id, i) in lookup for i in range(n))
         prior_m[row, :n] = [lookup[(e.character_id, i)] for i in range(n)] if covered else loo[row]
     return sims, prior_m, lm.gain_matrix(), dialogue
+
+
+def generality_matrix(module, examples, chars) -> np.ndarray:
+    """(n, max_settings) the learned generality's part of each setting's score, w(x, h)·g(s), through
+    :meth:`~replugchar.retrieval.retriever.Retriever.rank_example` (the inference path); NaN past a character's
+    settings. It is linear in g, so scaling the generality vector by β scales this matrix by β."""
+    learned = module.rule
+    retriever = module.as_retriever(learned)
+    today = learned.without_generality()
+    width = max(len(chars[e.character_id].settings) for e in examples)
+    out = np.full((len(examples), width), np.nan)
+    for row, e in enumerate(examples):
+        settings = chars[e.character_id].settings
+        out[row, : len(settings)] = retriever.rank_example(e, settings) - retriever.rank_example(
+            e, settings, rule=today
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class GeneralityFit:
+    scale: float  # β: the exported generality vector is β · (learned vector)
+    gains: dict[float, tuple[float, float]]  # β -> (mean top-1 gain on all turns, on greetings)
+    rows: np.ndarray  # (n, 3): top-1 gain with β = 0, with the fitted β, is-greeting (0/1)
+
+
+def fit_generality(
+    base: np.ndarray,
+    generality: np.ndarray,
+    gains: np.ndarray,
+    greeting: np.ndarray,
+    scales: Sequence[float] = DIALOGUE_SCALES,
+) -> GeneralityFit:
+    """β for the learned generality on validation characters: the best mean top-1 gain over all turns among
+    the β that are not worse than β = 0 (today's rule, ``base`` = its scores) on all turns *and* on the
+    greetings alone. β = 0 always qualifies, so the export is never worse than today's rule there."""
+    gen = np.nan_to_num(generality)
+    greeting = np.asarray(greeting, dtype=bool)
+    table, per = {}, {}
+    for b in scales:
+        g, _ = top1_gain(base + b * gen, np.zeros_like(base), gains, 0.0)
+        per[b] = g
+        table[b] = (float(g.mean()), float(g[greeting].mean()) if greeting.any() else 0.0)
+    zero = table[0.0]
+    ok = [b for b in scales if table[b][0] >= zero[0] - 1e-12 and table[b][1] >= zero[1] - 1e-12]
+    best = max(ok, key=lambda b: (table[b][0] - 1e-12 * b, -b))
+    rows = np.stack([per[0.0], per[best], greeting.astype(float)], axis=1)
+    return GeneralityFit(float(best), table, rows)

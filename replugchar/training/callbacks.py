@@ -4,13 +4,14 @@ export folder (the format is :mod:`replugchar.retrieval.export`)."""
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 
 from ..retrieval.export import export_retriever
-from .calibration import Calibration
+from .calibration import Calibration, GeneralityFit
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class ExportRetriever(L.Callback):
         self.fit_mixing = fit_mixing
         self.written: Path | None = None
         self.mixing: Calibration | None = None
+        self.generality_fit: GeneralityFit | None = None
+        """With ``model.generality``: the fitted β and per validation example the top-1 gain without and with
+        the learned generality (``generality_groups`` holds their dialogue hashes), for the fit report."""
+        self.generality_groups: np.ndarray | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         dm = getattr(trainer, "datamodule", None)
@@ -57,20 +62,38 @@ class ExportRetriever(L.Callback):
         """α on rank 0 (each validation pair scored once), broadcast so every rank holds the same head."""
         import torch
 
-        from .calibration import fit, validation_matrices
+        from .calibration import fit, fit_generality, generality_matrix, validation_matrices
 
-        cal = None
+        cal, gen_fit = None, None
         module.flush_scores()
         trainer.strategy.barrier()  # every rank's validation scores are on disk ...
         if trainer.global_rank == 0:
             module.scorer.refresh()  # ... and rank 0 reads them instead of scoring those pairs again
             sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
             cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
+            if module.head.generality is not None:
+                base = sims + cal.dialogue_scale * np.nan_to_num(dialogue)
+                greeting = np.array([e.query_type == "greeting" for e in val])
+                gen_fit = fit_generality(
+                    base, generality_matrix(module, val, module.characters), gains, greeting
+                )
+                self.generality_groups = np.array([zlib.crc32(e.dialogue_id.encode()) for e in val])
             module.flush_scores()
-        cal = trainer.strategy.broadcast(cal, src=0)
+        cal, gen_fit = trainer.strategy.broadcast((cal, gen_fit), src=0)
         with torch.no_grad():
             module.head.weights.mul_(cal.dialogue_scale)
+            if gen_fit is not None:
+                module.head.generality.mul_(gen_fit.scale)
         self.mixing = cal
+        self.generality_fit = gen_fit
+        if gen_fit is not None:
+            log.info(
+                "generality scale β = %s fitted on %d validation examples (all turns / greetings top-1 gain: "
+                "%s)",
+                gen_fit.scale,
+                len(gen_fit.rows),
+                ", ".join(f"β={b}: {a:+.4f}/{g:+.4f}" for b, (a, g) in gen_fit.gains.items()),
+            )
         log.info(
             "dialogue scale α = %s fitted on %d validation examples (top-1 gain %+.4f -> %+.4f nats/token)",
             cal.dialogue_scale,

@@ -36,6 +36,7 @@ class LSRDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         test_fraction: float = 0.0,
+        all_greetings: bool = False,
     ) -> None:
         """
         Args:
@@ -50,6 +51,9 @@ class LSRDataModule(L.LightningDataModule):
             num_workers: DataLoader workers.
             test_fraction: share of characters kept out of training *and* validation, for ``evaluate``
                 (``split: test``) after ``priors fit-weight`` has tuned the mixing on validation.
+            all_greetings: keep every greeting turn of the training and validation characters and apply the
+                caps to the other turns only. Greetings are 7-11% of turns but the case generality exists for:
+                a capped sample would hold too few of them to learn or to validate on.
         """
         super().__init__()
         check_split(val_fraction, test_fraction)
@@ -78,12 +82,16 @@ class LSRDataModule(L.LightningDataModule):
         split = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed, hp.test_fraction)
         keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
         examples = [e for e in self.corpus.examples if e.query_type in keep]
-        self.train_examples = _cap(
-            [e for e in examples if e.character_id in split["train"]], hp.max_train_examples, hp.seed
-        )
-        self.val_examples = _cap(
-            [e for e in examples if e.character_id in split["val"]], hp.max_val_examples, hp.seed
-        )
+        uncapped = [e for e in examples if e.query_type == "greeting"] if hp.all_greetings else []
+        capped = [e for e in examples if e.query_type != "greeting"] if hp.all_greetings else examples
+
+        def take(part: str, limit: int | None) -> list[Example]:
+            chars = split[part]
+            picked = _cap([e for e in capped if e.character_id in chars], limit, hp.seed)
+            return picked + [e for e in uncapped if e.character_id in chars]
+
+        self.train_examples = take("train", hp.max_train_examples)
+        self.val_examples = take("val", hp.max_val_examples)
         self.test_examples = [e for e in examples if e.character_id in split["test"]]
 
     @property

@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 
 from ..core.data import Character, Example, QueryText, query_text
-from ..core.scoring import FEATURES, ScoringRule, dialogue_features, score_settings, window
+from ..core.scoring import (
+    FEATURES,
+    ScoringRule,
+    dialogue_features,
+    generality_of,
+    query_weight,
+    score_settings,
+    window,
+)
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
 from ..lm.score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
@@ -26,15 +34,36 @@ log = logging.getLogger(__name__)
 
 
 class DialogueHead(torch.nn.Module):
-    """The learned weights w of the scoring rule (one per :data:`~replugchar.core.scoring.FEATURES`), zero at start
-    so training begins from plain similarity."""
+    """The learned numbers of the scoring rule: the dialogue-evidence weights w (one per
+    :data:`~replugchar.core.scoring.FEATURES`) and, with ``dim``, the generality vector v of g(s) = v·e_s with
+    its per-query weight λ + gate·(best cosine, empty history).
 
-    def __init__(self) -> None:
+    w and v start at zero, so training begins from plain similarity; λ starts at 1 so that v gets a gradient
+    (with v = 0 the score does not depend on λ or the gate, so this changes nothing at the start)."""
+
+    def __init__(self, dim: int | None = None) -> None:
         super().__init__()
         self.weights = torch.nn.Parameter(torch.zeros(len(FEATURES)))
+        self.generality = torch.nn.Parameter(torch.zeros(dim)) if dim else None
+        self.prior_weight = torch.nn.Parameter(torch.tensor(1.0)) if dim else None
+        self.gate = torch.nn.Parameter(torch.zeros(2)) if dim else None
 
-    def forward(self, sim: Tensor, features: Tensor) -> Tensor:
-        return score_settings(sim, features, self.weights)  # (batch, k)
+    def forward(
+        self,
+        sim: Tensor,
+        features: Tensor,
+        settings: Tensor | None = None,
+        mask: Tensor | None = None,
+        history_empty: Tensor | None = None,
+    ) -> Tensor:
+        """(batch, k) scores from cosines (batch, k), features (batch, k, F) and, for the generality term, the
+        candidates' embeddings (batch, k, d), their mask (batch, k) and (batch,) bools: no history yet."""
+        if self.generality is None or settings is None:
+            return score_settings(sim, features, self.weights)  # (batch, k)
+        g = generality_of(settings, self.generality)  # (batch, k)
+        best = sim.detach().masked_fill(~mask, float("-inf")).max(-1).values  # (batch,)
+        weight = query_weight(best, history_empty, self.prior_weight, self.gate)  # (batch,)
+        return score_settings(sim, features, self.weights, g, weight)
 
 
 class LSRModule(L.LightningModule):
@@ -66,6 +95,8 @@ class LSRModule(L.LightningModule):
         head_learning_rate: float = 0.05,
         min_margin: float = 0.0,
         top1_weight: float = 0.0,
+        generality: bool = False,
+        generality_l2: float = 0.05,
     ) -> None:
         """
         Args:
@@ -104,6 +135,12 @@ class LSRModule(L.LightningModule):
             min_margin: LSR trains only on turns whose LM best-vs-second margin (log-likelihood per token for
                 ``lm_score: mean``) is at least this (LLM-Embedder's filter against a weak teacher); 0 keeps all.
             top1_weight: weight of a hard cross-entropy term on the LM's best candidate beside the KL.
+            generality: also learn the generality g(s) = v·e_s of each setting from its embedding (one weight per
+                dimension, so it carries to characters never seen) and its per-query weight (a gate on the
+                query's best similarity and on an empty history): the term that can lift "cheerful with
+                everyone" for "Hello!". Needs ``dialogue_features``.
+            generality_l2: penalty on ||v||² added to the loss: v has as many weights as the embedding has
+                dimensions and learns from a few hundred greetings.
         """
         super().__init__()
         checks = {
@@ -119,6 +156,7 @@ class LSRModule(L.LightningModule):
             "head_learning_rate": head_learning_rate > 0,
             "min_margin": min_margin >= 0,
             "top1_weight": top1_weight >= 0,
+            "generality_l2": generality_l2 >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -144,7 +182,10 @@ class LSRModule(L.LightningModule):
             for enc in (self.encoder, self.query_encoder):
                 if enc is not None:
                     enc.requires_grad_(False)
-        self.head = DialogueHead() if dialogue_features else None
+        if generality and not dialogue_features:
+            raise ValueError("model.generality: true needs model.dialogue_features: true (the head holds it)")
+        dim = self.encoder.get_embedding_dimension() if generality else None
+        self.head = DialogueHead(dim) if dialogue_features else None
         self._turn_cache: dict[tuple[bool, str], Tensor] = {}
         self.loss_fn = LSRLoss(
             gamma=gamma, beta=beta, direction=kl_direction, min_margin=min_margin, top1_weight=top1_weight
@@ -189,10 +230,19 @@ class LSRModule(L.LightningModule):
     @property
     def rule(self) -> ScoringRule:
         """The scoring rule as trained so far (λ and τ are fitted later, on validation data)."""
-        weights = tuple(self.head.weights.detach().cpu().tolist()) if self.head is not None else None
-        return ScoringRule(
+        head = self.head
+        weights = tuple(head.weights.detach().cpu().tolist()) if head is not None else None
+        rule = ScoringRule(
             weights=weights or ScoringRule().weights, history_window=self.hparams.history_window
         )
+        if head is not None and head.generality is not None:
+            rule = dataclasses.replace(
+                rule,
+                generality=tuple(head.generality.detach().cpu().tolist()),
+                prior_weight=float(head.prior_weight.detach()),
+                gate=tuple(head.gate.detach().cpu().tolist()),
+            )
+        return rule
 
     def set_scorer(self, scorer: CachedScorer) -> None:
         """Share one loaded LM between modules (evaluation, notebooks, tests)."""
@@ -329,7 +379,8 @@ class LSRModule(L.LightningModule):
             mask[row, : len(ids)] = True
         sim = torch.einsum("bd,bkd->bk", q, s[gather])  # (batch, k)
         if self.head is not None:
-            sim = self.head(sim, self.features(examples, cands, s, pos))
+            empty = torch.tensor([len(e.dialogue) == 0 for e in examples], device=self.device)
+            sim = self.head(sim, self.features(examples, cands, s, pos), s[gather], mask, empty)
         return sim, mask
 
     def _step(self, examples: list[Example], prefix: str) -> Tensor:
@@ -337,6 +388,8 @@ class LSRModule(L.LightningModule):
         sim, mask = self.similarities(examples, cands)
         lm = self.lm_targets(examples, cands)
         loss = self.loss_fn(sim, lm, mask)
+        if self.head is not None and self.head.generality is not None and self.hparams.generality_l2:
+            loss = loss + self.hparams.generality_l2 * self.head.generality.pow(2).sum()
         with torch.no_grad():
             log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
             neg = torch.finfo(sim.dtype).min
@@ -402,6 +455,16 @@ class LSRModule(L.LightningModule):
         self.log("train/index_age", float(self.global_step - self._index_step))
         if self.head is not None:  # the learned evidence weights are a finding in themselves: watch them move
             self.log_dict({f"train/w_{f}": w for f, w in zip(FEATURES, self.head.weights.detach())})
+            if self.head.generality is not None:  # how far g has moved, and how much the query decides
+                gate = self.head.gate.detach()
+                self.log_dict(
+                    {
+                        "train/generality_norm": self.head.generality.detach().norm(),
+                        "train/prior_weight": self.head.prior_weight.detach(),
+                        "train/gate_best_sim": gate[0],
+                        "train/gate_empty_history": gate[1],
+                    }
+                )
         return self._step(batch, "train")
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
