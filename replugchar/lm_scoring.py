@@ -492,11 +492,12 @@ class LMScorer:
 
         Requests are grouped by prefix ids (one turn, and the same truncation). A group of one gains nothing and
         takes the per-prompt path. Other groups are run in prefix batches (left-padded, at most
-        ``max_batch_tokens`` padded prefix tokens); each prefix's last token is held back and run as the first
-        token of every continuation, so the first response token is always predicted inside the continuation
-        batch, even when the suffix is empty. Continuations (last prefix token + setting lines + marker +
-        response + eos) are left-padded, sorted by length, and batched so that rows x (cached prefix columns +
-        continuation columns) stays within ``max_batch_tokens``; each batch gets its rows' prefix KV cache
+        ``max_batch_tokens`` padded prefix tokens). The first response token is predicted at the position before
+        it, so it must lie in the continuation batch: when a member of a group has an empty suffix (no setting and
+        an empty reply marker), the group's last prefix token is held back and run as the first token of each of
+        its continuations. Continuations (setting lines + marker + response + eos) are left-padded, sorted by
+        length, and batched so that rows x (cached prefix columns + continuation columns) stays within
+        ``max_batch_tokens``; each batch gets its rows' prefix KV cache
         gathered from the prefix batch's cache (indexing on the batch dimension, all-padding leading columns
         dropped). Peak memory: the prefix batch's cache and one gathered cache, each at most
         ``max_batch_tokens`` columns of KV, plus one forward over at most that many tokens.
@@ -541,7 +542,9 @@ class LMScorer:
         """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation."""
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        heads = [list(p[:-1]) for p, _ in groups]  # each prefix but its last token
+        # hold back a prefix's last token where a member's suffix is empty (continuation = response + eos only)
+        hold = [any(len(encoded[i][1]) == encoded[i][2] for i in members) for _, members in groups]
+        heads = [list(p[:-1]) if h else list(p) for (p, _), h in zip(groups, hold)]
         past = max(len(h) for h in heads)
         ids = torch.full((len(heads), past), pad, dtype=torch.long)  # (prefixes, past), left-padded
         prefix_mask = torch.zeros((len(heads), past), dtype=torch.long)
@@ -562,9 +565,9 @@ class LMScorer:
         layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
         del out, cache
 
-        # candidates: (prefix row, request index, last prefix token + suffix + response + eos, response length)
+        # candidates: (prefix row, request index, [held-back token +] suffix + response + eos, response length)
         cands = [
-            (row, i, [p[-1], *encoded[i][1]], encoded[i][2])
+            (row, i, [*p[len(heads[row]) :], *encoded[i][1]], encoded[i][2])
             for row, (p, members) in enumerate(groups)
             for i in members
         ]

@@ -142,9 +142,8 @@ def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, charact
     prefixes = {tuple(p) for p, _, _ in encoded}
     assert len(prefixes) == len(examples)
     assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
-    assert shared.tokens_forwarded == sum(len(p) - 1 for p in prefixes) + sum(
-        1 + len(c) for _, c, _ in encoded
-    )
+    # every suffix holds the reply marker: no prefix token is held back
+    assert shared.tokens_forwarded == sum(map(len, prefixes)) + sum(len(c) for _, c, _ in encoded)
     assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
     assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
 
