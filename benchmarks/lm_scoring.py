@@ -13,17 +13,29 @@ Four ways of obtaining log P(response | setting, dialogue) for the same (example
 Prints one Markdown table (and writes every figure as JSON with ``--json``). Figures are measured in one run on
 one machine; compare ratios, not absolute numbers, across machines.
 
+``--prefix_share`` measures something else: the settings-after template
+(``PromptTemplate(settings_position="after")``) scored per prompt (``LMScorer(share_prefix=False)``) and
+prefix-shared (each turn's dialogue run once, its KV cache reused by all k + 1 candidates) on the same turns, at
+each k of ``--ks`` (default 5, 10, 60; candidates: no setting, the character's own settings, then other
+characters' settings in a seeded per-turn order). It prints the tokens through the model per scored pair, pairs/s,
+the speed-up and the largest |Δ log P| between the two paths; its last line reads
+``prefix-shared vs per-prompt at k=5: X.XXx pairs/s``.
+
     python benchmarks/lm_scoring.py --lm tiny:gpt2 --pairs 40 --naive_pairs 10       # smoke run
     python benchmarks/lm_scoring.py                                                  # SmolLM2, CPU
     python benchmarks/lm_scoring.py --lm random:SmolLM2-135M --device cuda           # GPU, random weights
+    python benchmarks/lm_scoring.py --prefix_share                                   # SmolLM2, ConvAI2 valid
+    python benchmarks/lm_scoring.py --prefix_share --lm tiny:gpt2 --data demo --pairs 24 --min_turns 2  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import random
 import tempfile
 import threading
 import time
@@ -35,11 +47,12 @@ import torch
 from replugchar.core.data import Corpus
 from replugchar.lm.models import byte_tokenizer, load_causal_lm
 from replugchar.lm.score_cache import CachedScorer, request_key
-from replugchar.lm.scoring import LMScorer, ScoreRequest, Scores, fix_tokenizer
+from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest, Scores, fix_tokenizer
 
 RANDOM_SMOLLM2 = "random:SmolLM2-135M"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "synthetic_persona_chat"
+PREFIX_SHARE_DATA = REPO_ROOT.parent / "shared" / "data" / "convai2_valid"
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -191,8 +204,19 @@ def main(argv: list[str] | None = None) -> dict:
         default="embedded:SmolLM2-135M-Instruct",
         help=f"LM spec as in replugchar.lm.models (embedded:..., tiny:gpt2, a hub id/folder) or {RANDOM_SMOLLM2}",
     )
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="data folder, or 'demo' for the bundled subset")
-    p.add_argument("--pairs", type=int, default=2000, help="(example, setting) pairs for (b), (c), (d)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"data folder, or 'demo' for the bundled subset (default {DEFAULT_DATA.name}; "
+        f"{PREFIX_SHARE_DATA.name} with --prefix_share)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="(example, setting) pairs for (b), (c), (d) (default 2000); with --prefix_share, pairs per k "
+        "(default 120): the first ceil(pairs / (k + 1)) turns, at least --min_turns",
+    )
     p.add_argument("--naive_pairs", type=int, default=200, help="the first M of those pairs for (a)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
@@ -214,7 +238,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
+    p.add_argument(
+        "--prefix_share",
+        action="store_true",
+        help="per-prompt vs prefix-shared scoring of the settings-after template, at each k of --ks",
+    )
+    p.add_argument("--ks", default="5,10,60", help="--prefix_share: settings per turn, comma-separated")
+    p.add_argument("--min_turns", type=int, default=3, help="--prefix_share: turns at each k, at least")
+    p.add_argument(
+        "--seed", type=int, default=0, help="--prefix_share: turn sample and other-character draws"
+    )
     args = p.parse_args(argv)
+    args.data = args.data or str(PREFIX_SHARE_DATA if args.prefix_share else DEFAULT_DATA)
+    args.pairs = args.pairs or (120 if args.prefix_share else 2000)
     if min(args.pairs, args.naive_pairs, args.repeats, args.max_batch_tokens) <= 0:
         raise ValueError("--pairs, --naive_pairs, --repeats and --max_batch_tokens must be positive")
     byte_level = args.lm in ("tiny:gpt2", RANDOM_SMOLLM2)
@@ -239,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
             "only speed is meaningful, the scores are not"
         )
 
+    if args.prefix_share:
+        return prefix_share(args, model, tok, device, dtype_name, max_length, load_s)
     requests, data_source = load_requests(args.data, args.pairs)
     naive_requests = requests[: args.naive_pairs]
     scorer = LMScorer(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
@@ -406,6 +444,152 @@ def print_report(r: dict) -> None:
         f"naive vs batched log P on the naive subset: max |Δ| {nb['max_abs_diff_logp_sum']:.2e}, "
         f"mean |Δ| {nb['mean_abs_diff']:.2e}, same response token counts: {nb['same_token_counts']}"
     )
+
+
+# ----------------------------------------------------------------------------------------------- --prefix_share
+def prefix_share_requests(corpus: Corpus, turns, k: int, seed: int) -> list[ScoreRequest]:
+    """Each turn's k + 1 candidates: no setting, the character's own settings, then (past its own) other
+    characters' settings in a per-turn seeded order, the same at every k (so a larger k extends a smaller one)."""
+    pool = [(cid, s) for cid, ch in corpus.characters.items() for s in ch.settings]
+    requests = []
+    for ex in turns:
+        own = list(corpus.characters[ex.character_id].settings)
+        others = [s for cid, s in pool if cid != ex.character_id]
+        random.Random(f"{seed}:{ex.example_id}").shuffle(others)
+        chosen = (own + others)[:k]
+        if len(chosen) < k:
+            print(f"NOTICE: only {len(chosen)} settings in {corpus.source} (asked for k={k})")
+        requests.append(ScoreRequest(ex, NO_SETTING))
+        requests += [ScoreRequest(ex, (s,)) for s in chosen]
+    return requests
+
+
+def prefix_share(
+    args, model, tok, device: torch.device, dtype_name: str, max_length: int, load_s: float
+) -> dict:
+    """Per-prompt vs prefix-shared :meth:`LMScorer.score` on the same turns and the same settings-after template,
+    at each k; the two paths alternate ``--repeats`` times and the fastest of each is kept."""
+    ks = [int(k) for k in args.ks.split(",")]
+    if min(ks) <= 0 or args.min_turns <= 0:
+        raise ValueError("--ks and --min_turns must be positive")
+    data = args.data
+    if data != "demo" and not Path(data).is_dir():
+        print(f"NOTICE: data folder {data} not found; using the bundled demo data instead")
+        data = "demo"
+    corpus = Corpus.load(data)
+    sample = random.Random(args.seed).sample(corpus.examples, len(corpus.examples))  # one seeded turn order
+    template = PromptTemplate(settings_position="after")
+    kwargs = dict(max_length=max_length, max_batch_tokens=args.max_batch_tokens)
+    shared = LMScorer(model, tok, template, **kwargs)
+    per_prompt = LMScorer(model, tok, template, share_prefix=False, **kwargs)
+    warm = prefix_share_requests(corpus, sample[:2], min(ks), args.seed)
+    shared.score(warm)
+    per_prompt.score(warm)
+
+    rows = []
+    for k in ks:
+        turns = sample[: max(args.min_turns, math.ceil(args.pairs / (k + 1)))]
+        requests = prefix_share_requests(corpus, turns, k, args.seed)
+        encoded = shared.encode_split_many(requests)
+        best: dict[str, tuple[Meter, Scores, int, int]] = {}
+        for _ in range(args.repeats):
+            for name, scorer in (("per_prompt", per_prompt), ("shared", shared)):
+                tokens0, passes0 = scorer.tokens_forwarded, scorer.forward_passes
+                with Meter(device) as meter:
+                    scores = scorer.score(requests)
+                run = (meter, scores, scorer.tokens_forwarded - tokens0, scorer.forward_passes - passes0)
+                if name not in best or meter.seconds < best[name][0].seconds:
+                    best[name] = run
+        a, b = best["per_prompt"][1], best["shared"][1]
+        row = {
+            "k": k,
+            "turns": len(turns),
+            "pairs": len(requests),
+            "mean_prefix_tokens": float(np.mean([len(p) for p, _, _ in encoded[:: k + 1]])),
+            "mean_continuation_tokens": float(np.mean([len(c) for _, c, _ in encoded])),
+            "max_abs_diff_logp_sum": float(np.abs(a.logp_sum - b.logp_sum).max()),
+            "same_token_counts": bool(np.array_equal(a.n_tokens, b.n_tokens)),
+        }
+        for name, (meter, _, tokens, passes) in best.items():
+            row[name] = {
+                "seconds": meter.seconds,
+                "pairs_per_s": len(requests) / meter.seconds,
+                "tokens": tokens,
+                "tokens_per_pair": tokens / len(requests),
+                "tokens_per_s": tokens / meter.seconds,
+                "forward_passes": passes,
+                "rss_peak_delta_mib": meter.rss_peak_mib,
+                "cuda_peak_delta_mib": meter.cuda_peak_mib,
+            }
+        row["speedup_pairs_per_s"] = row["shared"]["pairs_per_s"] / row["per_prompt"]["pairs_per_s"]
+        row["tokens_ratio"] = row["per_prompt"]["tokens_per_pair"] / row["shared"]["tokens_per_pair"]
+        rows.append(row)
+        print(
+            f"k={k}: {row['pairs']} pairs, speed-up {row['speedup_pairs_per_s']:.2f}x, "
+            f"max |Δ log P| {row['max_abs_diff_logp_sum']:.2e}",
+            flush=True,
+        )
+    results = {
+        "config": {
+            **vars(args),
+            "max_length": max_length,
+            "device": str(device),
+            "dtype": dtype_name,
+            "data_source": corpus.source,
+            "template": "settings_position=after",
+        },
+        "random_weights": args.lm == RANDOM_SMOLLM2,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "model_load_s": load_s,
+        "rows": rows,
+    }
+    print_prefix_share_report(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+    head = next((r for r in rows if r["k"] == 5), rows[0])
+    print(
+        f"prefix-shared vs per-prompt at k={head['k']}: {head['speedup_pairs_per_s']:.2f}x pairs/s"
+    )  # last line
+    return results
+
+
+def print_prefix_share_report(r: dict) -> None:
+    c, mach = r["config"], r["machine"]
+    where = mach["gpu"] or f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads"
+    print(
+        f"\n## Prefix-shared LM scoring: {c['lm']} ({c['dtype']}) on {c['device']} ({where}), torch {mach['torch']}"
+    )
+    if r["random_weights"]:
+        print("**Random weights, byte tokenizer: speed only; scores and token counts are not SmolLM2's.**")
+    print(
+        f"data: {c['data_source']}; template settings_position=after; max_length {c['max_length']}, "
+        f"max_batch_tokens {c['max_batch_tokens']}; fastest of {c['repeats']} alternating run(s) per path\n"
+    )
+    mem = "CUDA peak Δ MiB" if c["device"].startswith("cuda") else "RSS peak Δ MiB"
+    print(
+        "| k | turns | pairs | prefix tokens | tokens/pair per-prompt | tokens/pair prefix-shared | pairs/s per-prompt "
+        f"| pairs/s prefix-shared | speed-up (pairs/s) | tokens ratio | max abs Δ log P | {mem} per-prompt / shared |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for x in r["rows"]:
+        a, b = x["per_prompt"], x["shared"]
+        key = "cuda_peak_delta_mib" if c["device"].startswith("cuda") else "rss_peak_delta_mib"
+        m = "n/a" if a[key] is None else f"{a[key]:.0f} / {b[key]:.0f}"
+        print(
+            f"| {x['k']} | {x['turns']} | {x['pairs']} | {x['mean_prefix_tokens']:.0f} | {a['tokens_per_pair']:.1f} "
+            f"| {b['tokens_per_pair']:.1f} | {a['pairs_per_s']:.2f} | {b['pairs_per_s']:.2f} "
+            f"| {x['speedup_pairs_per_s']:.2f}x | {x['tokens_ratio']:.2f}x | {x['max_abs_diff_logp_sum']:.1e} | {m} |"
+        )
+    same = all(x["same_token_counts"] for x in r["rows"])
+    print(f"\nsame response token counts on both paths: {same}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,30 @@ def test_lm_scoring_smoke_run_prints_the_four_methods(tmp_path):
         "(d) CachedScorer 2nd epoch",
     ):
         assert f"| {label}" in proc.stdout
+    assert "demo_data" in result["config"]["data_source"]
+
+
+def test_lm_scoring_prefix_share_smoke_run_prints_both_paths_at_every_k(tmp_path):
+    out_json = tmp_path / "prefix.json"
+    proc = run_script(
+        "lm_scoring.py", "--prefix_share", "--lm", "tiny:gpt2", "--data", "demo", "--pairs", "24",
+        "--min_turns", "2", "--threads", "1", "--json", out_json,
+    )  # fmt: skip
+    result = json.loads(out_json.read_text())
+    rows = {r["k"]: r for r in result["rows"]}
+    assert list(rows) == [5, 10, 60]
+    assert rows[5]["turns"] == 4 and rows[5]["pairs"] == 4 * 6 and rows[60]["pairs"] == 2 * 61
+    for row in rows.values():
+        assert (
+            row["same_token_counts"] and row["max_abs_diff_logp_sum"] < 1e-3
+        )  # the same scores on both paths
+        # the dialogue goes through the model once per turn, not k + 1 times
+        assert row["shared"]["tokens_per_pair"] < row["per_prompt"]["tokens_per_pair"]
+        assert f"| {row['k']} | {row['turns']} | {row['pairs']} |" in proc.stdout
+    assert rows[60]["tokens_ratio"] > rows[5]["tokens_ratio"]  # the saving grows with k
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"prefix-shared vs per-prompt at k=5: \d+\.\d\dx pairs/s", last), last
+    assert f"{rows[5]['speedup_pairs_per_s']:.2f}x" in last
     assert "demo_data" in result["config"]["data_source"]
 
 

@@ -7,9 +7,11 @@ One scoring function (:meth:`LMScorer.score`) serves training, priors and evalua
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,11 +51,19 @@ def fix_tokenizer(tokenizer, model=None):
 
 
 # ----------------------------------------------------------------------------------------------- prompt
+SETTINGS_POSITIONS = ("before", "after")
+
+_ADDED_TEMPLATE_FIELDS = {"settings_position": "before"}
+"""Fields added to :class:`PromptTemplate` after score caches existed, with the value that reproduces the template
+as it was. :meth:`PromptTemplate.fingerprint` leaves a field out of the hash while it holds that value, so every
+template that could be written before the field existed keeps its fingerprint, and with it its Parquet cache."""
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """How settings, dialogue and query become the LM prompt; the response follows it.
 
-    Rendered prompt (defaults)::
+    Rendered prompt (defaults, ``settings_position="before"``)::
 
         Character trait: <setting 1>
         Character trait: <setting 2>
@@ -64,6 +74,19 @@ class PromptTemplate:
 
     and the scored continuation is ``" <response><eos>"``. With no setting the trait lines are absent, which is
     what "no setting" means for priors and the relevance threshold.
+
+    With ``settings_position="after"`` the trait lines sit between the query's line and the reply marker (the
+    part of ``query_line`` after its last newline)::
+
+        User: <context turn>
+        Character: <context turn>
+        User: <query>
+        Character trait: <setting 1>
+        Character:
+
+    so all candidates of a turn (every setting, and none) share the dialogue as a prefix, which
+    :meth:`LMScorer.score` runs once per turn (see :meth:`render_split`). The no-setting prompt is the same text
+    in both positions.
     """
 
     setting_line: str = "Character trait: {setting}\n"
@@ -71,8 +94,33 @@ class PromptTemplate:
     character_line: str = "Character: {text}\n"
     query_line: str = "User: {text}\nCharacter:"
     response: str = " {text}"
+    settings_position: Literal["before", "after"] = "before"
+    """Where the setting lines go: ``"before"`` the dialogue (the original layout), or ``"after"`` the query's line,
+    just before the reply marker, so that a turn's candidates share a prefix. At ``"before"`` it is left out of
+    :meth:`fingerprint`, so caches filled before the option existed stay valid."""
+
+    def __post_init__(self) -> None:
+        if self.settings_position not in SETTINGS_POSITIONS:
+            raise ValueError(
+                f"template.settings_position must be one of {', '.join(SETTINGS_POSITIONS)}, "
+                f"got {self.settings_position!r}"
+            )
+        if self.settings_position == "after":
+            self._query_parts()  # validates query_line now, not at the first prompt
+
+    def _query_parts(self) -> tuple[str, str]:
+        """``query_line`` cut after its last newline: (the query's own line, newline included; the reply marker)."""
+        cut = self.query_line.rfind("\n") + 1
+        if cut == 0 or "{text}" not in self.query_line[:cut]:
+            raise ValueError(
+                "template.query_line must have a newline after {text} (the reply marker follows it) when "
+                f"template.settings_position is 'after', got {self.query_line!r}"
+            )
+        return self.query_line[:cut], self.query_line[cut:]
 
     def render(self, settings: Sequence[str], context: Sequence, query: str) -> str:
+        if self.settings_position == "after":
+            return "".join(self.render_split(settings, context, query))
         parts = [self.setting_line.format(setting=s) for s in settings]
         for turn in context:
             line = self.user_line if turn.role == "user" else self.character_line
@@ -80,8 +128,37 @@ class PromptTemplate:
         parts.append(self.query_line.format(text=query))
         return "".join(parts)
 
+    def render_split(self, settings: Sequence[str], context: Sequence, query: str) -> tuple[str, str]:
+        """(prefix, suffix) of the prompt of a settings-after template; ``prefix + suffix == render(...)``.
+
+        The prefix is the dialogue through the query's line and its newline; the suffix is the setting lines and
+        the reply marker. Why the cut sits right after that newline: it is the longest prefix shared by every
+        candidate of a turn (each suffix starts with a setting line or the marker), and byte-level BPE
+        tokenizers (GPT-2, SmolLM2) pre-split text at a newline followed by a letter, so tokenising the two parts
+        separately gives the same ids as tokenising the whole prompt. :class:`LMScorer` tokenises them separately
+        on both of its paths anyway, so the two always score the same token sequence, whatever the tokenizer.
+        """
+        if self.settings_position != "after":
+            raise ValueError(
+                "render_split needs template.settings_position='after' (the settings come first)"
+            )
+        head, marker = self._query_parts()
+        parts = []
+        for turn in context:
+            line = self.user_line if turn.role == "user" else self.character_line
+            parts.append(line.format(text=turn.text))
+        parts.append(head.format(text=query))
+        suffix = "".join(self.setting_line.format(setting=s) for s in settings) + marker.format(text=query)
+        return "".join(parts), suffix
+
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        for name, original in _ADDED_TEMPLATE_FIELDS.items():
+            if fields[name] == original:
+                del fields[
+                    name
+                ]  # a template that could exist before the field keeps its hash (and its cache)
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -104,7 +181,11 @@ class Scores:
 
 # ----------------------------------------------------------------------------------------------- scorer
 def response_token_logprobs(
-    model, ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    model,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    cache=None,
 ) -> torch.Tensor:
     """log p of each response token (eos included) given everything before it: (batch, r_max), 0 off the response.
 
@@ -115,17 +196,26 @@ def response_token_logprobs(
     One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
     (:meth:`replugchar.training.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
     the negative of the score LSR reads.
+
+    With ``cache`` (a transformers ``DynamicCache`` holding a prefix of ``past`` columns per row, see
+    :meth:`LMScorer.score`), ``ids`` is the continuation after that prefix and ``attention_mask`` covers both,
+    (batch, past + width): masked columns may then sit inside the prefix and between prefix and continuation,
+    and positions still count real tokens only, so a row scores as if it had been run in one piece.
     """
     width = ids.shape[1]
     r_max = int(response_mask.sum(1).max())
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions unaffected by left padding
+    # positions unaffected by padding; with a cache, those of the continuation's columns only: (batch, width)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+    cache_kwargs = (
+        {"use_cache": False} if cache is None else {_cache_argument(model): cache, "use_cache": True}
+    )
     logits = (
         model(
             input_ids=ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=r_max + 1,
-            use_cache=False,
+            **cache_kwargs,
         )
         .logits[:, :-1]
         .float()
@@ -135,6 +225,49 @@ def response_token_logprobs(
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     token_logp = target_logit - torch.logsumexp(logits, -1)
     return token_logp.masked_fill(~response_mask[:, width - r_max :].to(ids.device), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- KV cache
+def _cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each (batch, kv_heads, seq, head_dim), of a ``DynamicCache`` (any version)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
+
+
+def _expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, start: int):
+    """A fresh ``DynamicCache`` whose row i is prefix ``rows[i]``, columns from ``start`` on (leading columns that
+    are padding for every selected row are dropped). Fresh because the forward appends to the cache it is given,
+    and the prefix serves several candidate batches."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer_idx, (keys, values) in enumerate(layers):
+        # (prefixes, kv_heads, past, head_dim) -> (len(rows), kv_heads, past - start, head_dim)
+        # slice, then index_select: ~25x faster on CPU than one advanced-indexing expression (keys[rows, :, start:])
+        out.update(
+            keys[:, :, start:].index_select(0, rows), values[:, :, start:].index_select(0, rows), layer_idx
+        )
+    return out
+
+
+def supports_prefix_sharing(model) -> bool:
+    """Whether every attention layer is full (global) attention, so a prefix's plain KV cache can be reused.
+
+    Sliding-window or linear-attention layers keep a different cache; such models take the per-prompt path.
+    """
+    cfg = model.config
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return all(t == "full_attention" for t in layer_types)
+    return not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True))
 
 
 def _weights_key(model) -> str:
@@ -150,6 +283,13 @@ class LMScorer:
     oldest context turns are dropped first; if it still does not fit, :class:`ValueError` names the example.
     Only the response positions go through the LM head (``logits_to_keep``): a full-vocabulary log-softmax at
     every prompt position costs several times the forward pass on CPU.
+
+    Prefix sharing: with a settings-after template (``PromptTemplate(settings_position="after")``) the k + 1
+    candidates of a turn differ only after the dialogue, so :meth:`score` runs each distinct prefix once, keeps
+    its KV cache, and runs only ``setting line(s) + reply marker + response`` per candidate against it: ~k times
+    fewer tokens through the model per turn. Scores equal the per-prompt path's (same token ids, fp noise only).
+    ``share_prefix=False`` forces the per-prompt path (benchmarks, checks); it does not change what a score is,
+    so it is not part of :attr:`fingerprint`.
     """
 
     def __init__(
@@ -161,6 +301,7 @@ class LMScorer:
         max_length: int = 512,
         max_batch_tokens: int = 4096,
         lm_key: str = "",
+        share_prefix: bool = True,
     ) -> None:
         if max_length <= 0 or max_batch_tokens <= 0:
             raise ValueError(
@@ -175,8 +316,12 @@ class LMScorer:
         self.max_length = min(max_length, limit) if limit else max_length
         self.max_batch_tokens = max_batch_tokens
         self.lm_key = lm_key or getattr(model.config, "_name_or_path", "") or _weights_key(model)
+        self.share_prefix = share_prefix
         self.forward_passes = 0
         self.pairs_scored = 0
+        self.tokens_forwarded = (
+            0  # real (non-padding) input tokens through the model, cached prefixes not re-counted
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -186,6 +331,9 @@ class LMScorer:
 
     def encode(self, request: ScoreRequest) -> tuple[list[int], int]:
         """Token ids of prompt + response + eos, and the number of response tokens at the end."""
+        if self.template.settings_position == "after":
+            prefix, continuation, n_resp = self.encode_split(request)
+            return prefix + continuation, n_resp
         tok, ex = self.tokenizer, request.example
         response = tok(self.template.response.format(text=ex.response), add_special_tokens=False).input_ids
         response = [*response, tok.eos_token_id]
@@ -207,6 +355,8 @@ class LMScorer:
         (per-pair calls cost a third of the scoring time on a GPU); over-long pairs take the truncating path."""
         if not requests:
             return []
+        if self.template.settings_position == "after":
+            return [(prefix + cont, n) for prefix, cont, n in self.encode_split_many(requests)]
         tok = self.tokenizer
         responses = tok(
             [self.template.response.format(text=r.example.response) for r in requests],
@@ -222,6 +372,67 @@ class LMScorer:
                 out.append((prompt + response, len(response)))
             else:
                 out.append(self.encode(request))
+        return out
+
+    def _response_ids(self, responses: Sequence[str]) -> list[list[int]]:
+        tok = self.tokenizer
+        ids = tok(
+            [self.template.response.format(text=r) for r in responses], add_special_tokens=False
+        ).input_ids
+        return [[*r, tok.eos_token_id] for r in ids]
+
+    def encode_split(self, request: ScoreRequest) -> tuple[list[int], list[int], int]:
+        """Settings-after templates: (prefix ids, continuation ids, number of response tokens at the end).
+
+        The prefix is :meth:`PromptTemplate.render_split`'s dialogue part tokenised on its own (with the
+        tokenizer's special tokens, e.g. a bos); the continuation is the suffix tokenised without special tokens,
+        then the response and eos. Both paths of :meth:`score` score ``prefix + continuation``, so they see the
+        same ids. Truncation as in :meth:`encode`: oldest context turns first, never the response. The suffix
+        (settings) differs per candidate, so candidates of one turn can keep different numbers of turns: they
+        then have different prefixes, and :meth:`score` groups them apart.
+        """
+        tok, ex = self.tokenizer, request.example
+        [response] = self._response_ids([ex.response])
+        context = list(ex.context)
+        suffix: list[int] | None = None
+        while True:
+            prefix_text, suffix_text = self.template.render_split(request.settings, context, ex.query)
+            if suffix is None:
+                suffix = tok(suffix_text, add_special_tokens=False).input_ids
+            prefix = tok(prefix_text).input_ids
+            if len(prefix) + len(suffix) + len(response) <= self.max_length:
+                return prefix, suffix + response, len(response)
+            if not context:
+                raise ValueError(
+                    f"example '{ex.example_id}': prompt ({len(prefix) + len(suffix)} tokens) + response "
+                    f"({len(response)}) exceed model.max_length={self.max_length} even without dialogue context; "
+                    "the response is never truncated: raise max_length or shorten the settings/query/response"
+                )
+            context.pop(0)
+
+    def encode_split_many(self, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], list[int], int]]:
+        """:meth:`encode_split` for many requests: each distinct prefix, suffix and response text is tokenised once
+        (one batched call each; a turn's k + 1 candidates share one prefix); over-long pairs are truncated."""
+        if not requests:
+            return []
+        tok = self.tokenizer
+        splits = [
+            self.template.render_split(r.settings, r.example.context, r.example.query) for r in requests
+        ]
+        prefix_texts = list(dict.fromkeys(p for p, _ in splits))
+        suffix_texts = list(dict.fromkeys(x for _, x in splits))
+        response_texts = list(dict.fromkeys(r.example.response for r in requests))
+        prefixes = dict(zip(prefix_texts, tok(prefix_texts).input_ids))
+        suffixes = dict(zip(suffix_texts, tok(suffix_texts, add_special_tokens=False).input_ids))
+        responses = dict(zip(response_texts, self._response_ids(response_texts)))
+        out = []
+        for request, (prefix_text, suffix_text) in zip(requests, splits):
+            prefix, suffix = prefixes[prefix_text], suffixes[suffix_text]
+            response = responses[request.example.response]
+            if len(prefix) + len(suffix) + len(response) <= self.max_length:
+                out.append((prefix, suffix + response, len(response)))
+            else:
+                out.append(self.encode_split(request))
         return out
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
@@ -256,14 +467,135 @@ class LMScorer:
 
     @torch.inference_mode()
     def score(self, requests: Sequence[ScoreRequest]) -> Scores:
-        encoded = self.encode_many(requests)
-        logp_sum = np.zeros(len(requests), dtype=np.float64)
-        n_tokens = np.array([n for _, n in encoded], dtype=np.int64)
+        """Summed log P(response + eos | prompt) per request: prefix-shared for settings-after templates (when
+        ``share_prefix`` and the model's attention allows it), one padded prompt per request otherwise."""
+        after = self.template.settings_position == "after"
+        if after and self.share_prefix and supports_prefix_sharing(self.model):
+            scores = self._score_shared(self.encode_split_many(requests))
+        else:
+            encoded = self.encode_many(requests)
+            scores = Scores(self._score_prompts(encoded), np.array([n for _, n in encoded], dtype=np.int64))
+        self.pairs_scored += len(requests)
+        return scores
+
+    def _score_prompts(self, encoded: Sequence[tuple[list[int], int]]) -> np.ndarray:
+        """The per-prompt path: summed response log P of each (ids, n_response), in token-budgeted batches."""
+        logp_sum = np.zeros(len(encoded), dtype=np.float64)
         device = next(self.model.parameters()).device
         for batch in self.batches([len(ids) for ids, _ in encoded]):
             ids, mask, resp_mask = self.collate([encoded[i] for i in batch])
             token_logp = response_token_logprobs(self.model, ids.to(device), mask.to(device), resp_mask)
             logp_sum[batch] = token_logp.sum(-1).double().cpu().numpy()
             self.forward_passes += 1
-        self.pairs_scored += len(requests)
+            self.tokens_forwarded += int(mask.sum())
+        return logp_sum
+
+    def _score_shared(self, encoded: Sequence[tuple[list[int], list[int], int]]) -> Scores:
+        """The prefix-shared path over :meth:`encode_split_many`'s output.
+
+        Requests are grouped by prefix ids (one turn, and the same truncation). A group of one gains nothing and
+        takes the per-prompt path. Other groups are run in prefix batches (left-padded, at most
+        ``max_batch_tokens`` padded prefix tokens). The first response token is predicted at the position before
+        it, so it must lie in the continuation batch: when a member of a group has an empty suffix (no setting and
+        an empty reply marker), the group's last prefix token is held back and run as the first token of each of
+        its continuations. Continuations (setting lines + marker + response + eos) are left-padded, sorted by
+        length, and batched so that rows x (cached prefix columns + continuation columns) stays within
+        ``max_batch_tokens``; each batch gets its rows' prefix KV cache
+        gathered from the prefix batch's cache (indexing on the batch dimension, all-padding leading columns
+        dropped). Peak memory: the prefix batch's cache and one gathered cache, each at most
+        ``max_batch_tokens`` columns of KV, plus one forward over at most that many tokens.
+        """
+        logp_sum = np.zeros(len(encoded), dtype=np.float64)
+        n_tokens = np.array([r for _, _, r in encoded], dtype=np.int64)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (prefix, _, _) in enumerate(encoded):
+            groups.setdefault(tuple(prefix), []).append(i)
+        alone, shared = [], []
+        for prefix, members in groups.items():
+            if len(members) > 1 and len(prefix) >= 2:
+                shared.append((prefix, members))
+            else:  # nothing to share, or no prefix token to hold back
+                alone.extend(members)
+        if alone:
+            logp_sum[alone] = self._score_prompts(
+                [(encoded[i][0] + encoded[i][1], encoded[i][2]) for i in alone]
+            )
+        # longest first, so that a prefix batch holds prefixes of similar length (little padding)
+        shared.sort(key=lambda g: -len(g[0]))
+        prefix_batches, current, width = [], [], 0
+        for group in shared:
+            w = max(width, len(group[0]) - 1)
+            if current and w * (len(current) + 1) > self.max_batch_tokens:
+                prefix_batches.append(current)
+                current, w = [], len(group[0]) - 1
+            current.append(group)
+            width = w
+        if current:
+            prefix_batches.append(current)
+        for batch in prefix_batches:
+            self._score_prefix_batch(batch, encoded, logp_sum)
         return Scores(logp_sum, n_tokens)
+
+    def _score_prefix_batch(
+        self,
+        groups: Sequence[tuple[tuple[int, ...], list[int]]],
+        encoded: Sequence[tuple[list[int], list[int], int]],
+        logp_sum: np.ndarray,
+    ) -> None:
+        """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation."""
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        # hold back a prefix's last token where a member's suffix is empty (continuation = response + eos only)
+        hold = [any(len(encoded[i][1]) == encoded[i][2] for i in members) for _, members in groups]
+        heads = [list(p[:-1]) if h else list(p) for (p, _), h in zip(groups, hold)]
+        past = max(len(h) for h in heads)
+        ids = torch.full((len(heads), past), pad, dtype=torch.long)  # (prefixes, past), left-padded
+        prefix_mask = torch.zeros((len(heads), past), dtype=torch.long)
+        for row, head in enumerate(heads):
+            ids[row, past - len(head) :] = torch.tensor(head)
+            prefix_mask[row, past - len(head) :] = 1
+        prefix_mask = prefix_mask.to(device)
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=prefix_mask,
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,  # the prefix's own predictions are not scored: one position through the LM head
+        )
+        self.forward_passes += 1
+        self.tokens_forwarded += int(prefix_mask.sum())
+        cache = getattr(out, "cache", None)
+        layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
+        del out, cache
+
+        # candidates: (prefix row, request index, [held-back token +] suffix + response + eos, response length)
+        cands = [
+            (row, i, [*p[len(heads[row]) :], *encoded[i][1]], encoded[i][2])
+            for row, (p, members) in enumerate(groups)
+            for i in members
+        ]
+        cands.sort(key=lambda c: -len(c[2]))
+        head_len = [len(h) for h in heads]
+        batches, current, cols, prefix_cols = [], [], 0, 0
+        for cand in cands:  # rows x (cached prefix columns + continuation columns) <= max_batch_tokens
+            c, pc = max(cols, len(cand[2])), max(prefix_cols, head_len[cand[0]])
+            if current and (len(current) + 1) * (c + pc) > self.max_batch_tokens:
+                batches.append(current)
+                current, c, pc = [], len(cand[2]), head_len[cand[0]]
+            current.append(cand)
+            cols, prefix_cols = c, pc
+        if current:
+            batches.append(current)
+        for batch in batches:
+            rows = torch.tensor([row for row, _, _, _ in batch], device=device)
+            # the first `start` cached columns are padding for every row of this batch: not gathered
+            start = past - max(head_len[row] for row, _, _, _ in batch)
+            cont, cont_mask, resp_mask = self.collate([(seq, n) for _, _, seq, n in batch])  # (rows, width)
+            cont_mask = cont_mask.to(device)
+            mask = torch.cat([prefix_mask[rows, start:], cont_mask], dim=1)  # (rows, past - start + width)
+            token_logp = response_token_logprobs(
+                self.model, cont.to(device), mask, resp_mask, cache=_expanded_cache(layers, rows, start)
+            )
+            logp_sum[[i for _, i, _, _ in batch]] = token_logp.sum(-1).double().cpu().numpy()
+            self.forward_passes += 1
+            self.tokens_forwarded += int(cont_mask.sum())

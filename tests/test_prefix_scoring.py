@@ -1,0 +1,244 @@
+"""Prefix-shared LM scoring: the settings-after template, its fingerprint (the default's is pinned: Parquet caches
+are keyed by it), and scores of the prefix-shared path equal to the per-prompt path's for the same template, with
+mixed examples, varied lengths, the no-setting candidate, token-budget batching and truncation."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from replugchar.core.data import Example, Turn
+from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.scoring import (
+    NO_SETTING,
+    LMScorer,
+    PromptTemplate,
+    ScoreRequest,
+    supports_prefix_sharing,
+)
+
+AFTER = PromptTemplate(settings_position="after")
+JA = dict(
+    setting_line="人物設定: {setting}\n",
+    user_line="相手: {text}\n",
+    character_line="本人: {text}\n",
+    query_line="相手: {text}\n本人:",
+)  # configs/ja_example.yaml
+ATOL = 5e-5  # fp32: the two paths differ only in batch layout (padding, reduction order), sums of ~50 log p
+
+
+def candidates(examples, characters, *, pairs: bool = True) -> list[ScoreRequest]:
+    """Every turn's k + 1 candidates (each own setting, and none), plus a two-setting candidate, shuffled so that
+    turns and candidates arrive interleaved."""
+    out = []
+    for ex in examples:
+        settings = characters[ex.character_id].settings
+        out.append(ScoreRequest(ex, NO_SETTING))
+        out += [ScoreRequest(ex, (s,)) for s in settings]
+        if pairs:
+            out.append(ScoreRequest(ex, settings[:2]))
+    random.Random(0).shuffle(out)
+    return out
+
+
+def both_paths(model, tok, requests, template=AFTER, **kwargs):
+    shared = LMScorer(model, tok, template, **kwargs)
+    per_prompt = LMScorer(model, tok, template, share_prefix=False, **kwargs)
+    return shared, shared.score(requests), per_prompt, per_prompt.score(requests)
+
+
+def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
+    """Sum of log P(response tokens + eos | prompt) from one unpadded full forward pass, in float64."""
+    resp = [*tok(response, add_special_tokens=False).input_ids, tok.eos_token_id]
+    ids = prompt_ids + resp
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]  # (seq, vocab)
+    logp = torch.log_softmax(logits.double()[:-1], -1)  # position t predicts token t+1
+    return float(logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)[-len(resp) :].sum())
+
+
+# ----------------------------------------------------------------------------------------------- template
+def test_default_template_fingerprints_are_pinned(tiny_lm):
+    """Values computed before settings_position existed: a changed hash would orphan every score cache."""
+    assert PromptTemplate().fingerprint() == "ca4a1283cef8"
+    assert PromptTemplate(settings_position="before").fingerprint() == "ca4a1283cef8"
+    assert PromptTemplate(**JA).fingerprint() == "f2ec484302cb"
+    # a template dict written before the field existed (retriever.json, hparams) loads to the same hash
+    assert PromptTemplate(**{**JA, "response": " {text}"}).fingerprint() == "f2ec484302cb"
+    model, tok = tiny_lm
+    assert LMScorer(model, tok, lm_key="tiny").fingerprint == "tiny|float32|ca4a1283cef8|512"
+    # the settings-after template scores other prompts: it must not share the default's cache
+    assert AFTER.fingerprint() != PromptTemplate().fingerprint()
+    assert PromptTemplate(**JA, settings_position="after").fingerprint() != "f2ec484302cb"
+    assert (
+        LMScorer(model, tok, lm_key="tiny", share_prefix=False).fingerprint == "tiny|float32|ca4a1283cef8|512"
+    )
+
+
+def test_settings_after_renders_trait_lines_before_the_reply_marker():
+    context = (Turn("user", "Hi."), Turn("character", "Hello!"))
+    dialogue = "User: Hi.\nCharacter: Hello!\nUser: How are you?\n"
+    assert AFTER.render(("I bake.", "I run."), context, "How are you?") == (
+        dialogue + "Character trait: I bake.\nCharacter trait: I run.\nCharacter:"
+    )
+    assert AFTER.render_split(("I bake.",), context, "How are you?") == (
+        dialogue,
+        "Character trait: I bake.\nCharacter:",
+    )
+    # the no-setting prompt is the same text in both positions
+    assert AFTER.render(NO_SETTING, context, "How are you?") == PromptTemplate().render(
+        (), context, "How are you?"
+    )
+    ja = PromptTemplate(**JA, settings_position="after")
+    assert ja.render(("猫が好き。",), (), "元気?") == "相手: 元気?\n人物設定: 猫が好き。\n本人:"
+    with pytest.raises(ValueError, match="render_split"):
+        PromptTemplate().render_split((), (), "q")
+
+
+def test_settings_after_validates_its_options():
+    with pytest.raises(ValueError, match="settings_position"):
+        PromptTemplate(settings_position="middle")
+    with pytest.raises(ValueError, match="query_line"):  # no newline between the query and the reply marker
+        PromptTemplate(query_line="Q: {text} A:", settings_position="after")
+    PromptTemplate(query_line="Q: {text} A:")  # fine where the settings come first
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def test_per_prompt_path_of_settings_after_equals_a_manual_forward(tiny_lm, examples, characters):
+    """The per-prompt path scores tokenize(prefix) + tokenize(suffix) + response; for the byte tokenizer that is
+    the tokenisation of the whole prompt, and the score is the plain log-likelihood."""
+    model, tok = tiny_lm
+    ex = examples[5]  # three context turns
+    scorer = LMScorer(model, tok, AFTER, share_prefix=False)
+    for settings in (NO_SETTING, characters["bob"].settings[:1], characters["bob"].settings[:2]):
+        prompt = AFTER.render(settings, ex.context, ex.query)
+        prefix, suffix = AFTER.render_split(settings, ex.context, ex.query)
+        ids, n = scorer.encode(ScoreRequest(ex, settings))
+        assert ids[:-n] == tok(prompt).input_ids == tok(prefix).input_ids + tok(suffix).input_ids
+        got = scorer.score([ScoreRequest(ex, settings)]).logp_sum[0]
+        assert got == pytest.approx(
+            manual_logp(model, tok, tok(prompt).input_ids, " " + ex.response), abs=ATOL
+        )
+
+
+def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters):
+    model, tok = tiny_lm
+    requests = candidates(examples, characters)
+    shared, a, per_prompt, b = both_paths(model, tok, requests, max_batch_tokens=400)
+    assert (
+        len(requests) == 12 * 2 + 4 * 4 + 4 * 3 + 4 * 5
+        and len({r.example.example_id for r in requests[:10]}) > 3
+    )
+    np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+    assert a.n_tokens.tolist() == b.n_tokens.tolist()
+    assert np.all(a.logp_sum < 0)
+    assert len(set(np.round(a.logp_sum, 3))) > len(requests) * 0.9  # settings change the scores
+    # each turn's dialogue went through the model once, not k + 1 times
+    encoded = shared.encode_split_many(requests)
+    prefixes = {tuple(p) for p, _, _ in encoded}
+    assert len(prefixes) == len(examples)
+    assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
+    # every suffix holds the reply marker: no prefix token is held back
+    assert shared.tokens_forwarded == sum(map(len, prefixes)) + sum(len(c) for _, c, _ in encoded)
+    assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
+    assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
+
+
+@pytest.mark.parametrize("budget", [120, 700, 100_000])
+def test_prefix_shared_scores_do_not_depend_on_the_token_budget(tiny_lm, examples, characters, budget):
+    """Tiny budgets split a turn's candidates over several continuation batches (each gathers the cache again),
+    large ones mix prefixes of different lengths in one batch (left padding inside the cached prefix)."""
+    model, tok = tiny_lm
+    requests = candidates(examples[:6], characters, pairs=False)
+    want = LMScorer(model, tok, AFTER, share_prefix=False, max_batch_tokens=100_000).score(requests)
+    scorer = LMScorer(model, tok, AFTER, max_batch_tokens=budget)
+    got = scorer.score(requests)
+    np.testing.assert_allclose(got.logp_sum, want.logp_sum, atol=ATOL, rtol=0)
+    if budget == 120:
+        assert scorer.forward_passes > len({r.example.example_id for r in requests})
+
+
+def test_empty_suffix_and_single_candidates(tiny_lm, examples):
+    """A reply marker-less template gives the no-setting candidate an empty suffix (the held-back prefix token
+    predicts the first response token); a turn with one candidate takes the per-prompt path."""
+    model, tok = tiny_lm
+    template = PromptTemplate(query_line="User: {text}\n", settings_position="after")
+    requests = [ScoreRequest(ex, NO_SETTING) for ex in examples[:4]]
+    requests += [ScoreRequest(ex, ("I like tea.",)) for ex in examples[:3]]  # examples[3] is alone
+    shared, a, _, b = both_paths(model, tok, requests, template=template)
+    np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+    assert a.n_tokens.tolist() == b.n_tokens.tolist()
+    assert shared.forward_passes == 3  # the lone turn's prompt, then one prefix and one continuation batch
+
+
+def test_truncation_gives_candidates_of_one_turn_different_prefixes(tiny_lm):
+    """A long setting needs more room than a short one, so at a tight max_length its candidate drops the oldest
+    turn and the others keep it: prefixes differ within the turn; each group is scored against its own prefix."""
+    model, tok = tiny_lm
+    turns = (
+        Turn("user", "FIRST turn: good morning to you."),
+        Turn("character", "SECOND turn: morning! Lovely day."),
+        Turn("user", "THIRD turn: it is indeed."),
+    )
+    ex = Example(
+        "ex-long", "c", "d", query="Shall we walk?", response="Yes, let us walk by the sea.", context=turns
+    )
+    other = Example("ex-other", "c", "d2", query="Tea?", response="Gladly.", context=turns[2:])
+    short, long = ("I swim.",), ("I grew up by the sea, in a small town with a lighthouse and a harbour.",)
+    wide = LMScorer(model, tok, AFTER, max_length=1000)
+    n_short = sum(map(len, wide.encode_split(ScoreRequest(ex, short))[:2]))
+    limit = n_short + 5  # the short candidate keeps every turn; the long one loses at least the first
+    requests = [ScoreRequest(ex, s) for s in (NO_SETTING, short, long, long + short)]
+    requests += [ScoreRequest(other, s) for s in (NO_SETTING, short, long)]
+    scorer = LMScorer(model, tok, AFTER, max_length=limit)
+    encoded = scorer.encode_split_many(requests)
+    prefixes = [tok.decode(p) for p, _, _ in encoded]
+    assert "FIRST" in prefixes[1] and "FIRST" not in prefixes[2]  # one turn, two prefixes
+    assert len({tuple(p) for p, _, _ in encoded[:4]}) >= 2
+    assert [scorer.encode(r) for r in requests] == scorer.encode_many(
+        requests
+    )  # same ids, one by one or many
+    resp = len(tok(" " + ex.response).input_ids) + 1
+    assert [n for _, _, n in encoded[:4]] == [resp] * 4  # the response is never cut
+    assert all(len(p) + len(c) <= limit for p, c, _ in encoded)
+
+    a = scorer.score(requests)
+    b = LMScorer(model, tok, AFTER, max_length=limit, share_prefix=False).score(requests)
+    np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+
+    # not even the context-free prompt fits: both paths raise, naming the example
+    too_small = len(scorer.encode_split(ScoreRequest(ex, long))[1]) + 2
+    for share in (True, False):
+        with pytest.raises(ValueError, match="ex-long"):
+            LMScorer(model, tok, AFTER, max_length=too_small, share_prefix=share).score(requests[2:3])
+
+
+def test_cache_in_front_of_the_prefix_shared_scorer(tiny_lm, examples, characters, tmp_path):
+    model, tok = tiny_lm
+    requests = candidates(examples[:3], characters, pairs=False)
+    scorer = LMScorer(model, tok, AFTER)
+    cached = CachedScorer(scorer, tmp_path)
+    first = cached.score(requests)
+    cached.flush()
+    passes = scorer.forward_passes
+    again = CachedScorer(scorer, tmp_path).score(requests)
+    assert scorer.forward_passes == passes  # all hits
+    np.testing.assert_array_equal(again.logp_sum, first.logp_sum)
+    default_folder = CachedScorer(LMScorer(model, tok), tmp_path).folder
+    assert cached.folder != default_folder  # another template, another cache
+
+
+def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_lm):
+    model, _ = tiny_lm
+    assert supports_prefix_sharing(model)
+    cfg = SimpleNamespace
+    assert not supports_prefix_sharing(
+        SimpleNamespace(config=cfg(layer_types=["full_attention", "sliding_attention"]))
+    )
+    assert supports_prefix_sharing(SimpleNamespace(config=cfg(layer_types=["full_attention"])))
+    assert not supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096)))
+    assert supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096, use_sliding_window=False)))
