@@ -656,7 +656,8 @@ def test_help_lists_every_command():
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^  (\S+)  ", proc.stdout, flags=re.MULTILINE)
     expected = [
-        "fit", "validate", "score", "priors", "index", "export", "retrieve", "evaluate", "chat", "finetune-lm",
+        "fit", "validate", "score", "priors", "index", "export", "retrieve", "add-characters", "evaluate", "chat",
+        "finetune-lm",
         "teacher-report",
     ]  # fmt: skip
     assert listed == expected, proc.stdout

@@ -106,7 +106,7 @@ BAD_CONFIGS = [
     BadConfig("weights-abc", _set(("scoring", "weights"), "abc"), "weights must be 4 numbers"),
     BadConfig("weights-too-few", _set(("scoring", "weights"), [0.1, 0.2]), "weights must be 4 numbers"),
     BadConfig("weight-bool", _set(("scoring", "prior_weight"), True), "prior_weight must be a number"),
-    BadConfig("scoring-unknown-key", _set(("scoring", "gate"), 1.0), "unknown key(s) 'gate'"),
+    BadConfig("scoring-unknown-key", _set(("scoring", "colour"), 1.0), "unknown key(s) 'colour'"),
     BadConfig(
         "threshold-string", _set(("scoring", "threshold"), "0.5"), "threshold must be a number or null"
     ),

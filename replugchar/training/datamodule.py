@@ -82,8 +82,9 @@ class LSRDataModule(L.LightningDataModule):
         split = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed, hp.test_fraction)
         keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
         examples = [e for e in self.corpus.examples if e.query_type in keep]
-        uncapped = [e for e in examples if e.query_type == "greeting"] if hp.all_greetings else []
-        capped = [e for e in examples if e.query_type != "greeting"] if hp.all_greetings else examples
+        all_greetings = hp.get("all_greetings", False)  # subclasses (the SFT data) may not declare it
+        uncapped = [e for e in examples if e.query_type == "greeting"] if all_greetings else []
+        capped = [e for e in examples if e.query_type != "greeting"] if all_greetings else examples
 
         def take(part: str, limit: int | None) -> list[Example]:
             chars = split[part]
