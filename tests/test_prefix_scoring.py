@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -293,3 +294,28 @@ def test_padded_partition_trades_padding_against_forwards():
     check(tight, 300)
     assert tight == [(0, 3), (3, 6), (6, 10)]  # (5, 10) would pad less but exceeds the budget
     assert _padded_partition([], [], 300, overhead=64) == []
+
+
+def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypatch):
+    """``model.template.settings_position`` is an option of ``replugchar fit``, so a config can switch the teacher
+    to the prefix-shared layout; a wrong value fails when the template is built, naming the option."""
+    from test_configs import ParseOnlyCLI
+
+    from replugchar.data import LSRDataModule
+    from replugchar.module import LSRModule
+
+    monkeypatch.setattr("sys.argv", ["replugchar"])
+    debug = str(Path(__file__).parents[1] / "configs" / "debug.yaml")
+
+    def template(value: str) -> dict:
+        args = ["--config", debug, "--model.template.settings_position", value]
+        return dict(ParseOnlyCLI(LSRModule, LSRDataModule, run=False, args=args).config.model.template)
+
+    after = template("after")
+    assert after["settings_position"] == "after"
+    assert (
+        PromptTemplate(**after).render(("I bake.",), (), "Hi")
+        == "User: Hi\nCharacter trait: I bake.\nCharacter:"
+    )
+    with pytest.raises(ValueError, match=r"settings_position.*'middle'"):
+        PromptTemplate(**template("middle"))
