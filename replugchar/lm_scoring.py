@@ -154,10 +154,8 @@ class PromptTemplate:
     def fingerprint(self) -> str:
         fields = asdict(self)
         for name, original in _ADDED_TEMPLATE_FIELDS.items():
-            if fields[name] == original:
-                del fields[
-                    name
-                ]  # a template that could exist before the field keeps its hash (and its cache)
+            if fields[name] == original:  # a template that could exist before the field keeps its hash
+                del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -260,9 +258,8 @@ def _expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch
         # slice, then index_select: ~25x faster on CPU than one advanced-indexing expression (keys[rows, :, start:])
         keys = keys[:, :, start:].index_select(0, rows)
         values = values[:, :, start:].index_select(0, rows)
-        out.update(
-            keys[:, :, :0], values[:, :, :0], layer_idx
-        )  # creates layer `layer_idx` (dtype, device), empty
+        # an empty update creates layer `layer_idx` (dtype, device); the gathered tensors then become its content
+        out.update(keys[:, :, :0], values[:, :, :0], layer_idx)
         layer = out.layers[layer_idx] if hasattr(out, "layers") else None
         if layer is not None and hasattr(layer, "keys") and layer.keys.shape[-2] == 0:
             layer.keys, layer.values = keys, values
@@ -369,9 +366,8 @@ class LMScorer:
         self.share_prefix = share_prefix
         self.forward_passes = 0
         self.pairs_scored = 0
-        self.tokens_forwarded = (
-            0  # real (non-padding) input tokens through the model, cached prefixes not re-counted
-        )
+        # real (non-padding) input tokens through the model; a cached prefix is counted once
+        self.tokens_forwarded = 0
 
     @property
     def fingerprint(self) -> str:
@@ -543,17 +539,20 @@ class LMScorer:
     def _score_shared(self, encoded: Sequence[tuple[list[int], list[int], int]]) -> Scores:
         """The prefix-shared path over :meth:`encode_split_many`'s output.
 
-        Requests are grouped by prefix ids (one turn, and the same truncation). A group of one gains nothing and
-        takes the per-prompt path. Other groups are run in prefix batches (left-padded, at most
-        ``max_batch_tokens`` padded prefix tokens). The first response token is predicted at the position before
-        it, so it must lie in the continuation batch: when a member of a group has an empty suffix (no setting and
-        an empty reply marker), the group's last prefix token is held back and run as the first token of each of
-        its continuations. Continuations (setting lines + marker + response + eos) are left-padded, sorted by
-        length, and batched so that rows x (cached prefix columns + continuation columns) stays within
-        ``max_batch_tokens``; each batch gets its rows' prefix KV cache
-        gathered from the prefix batch's cache (indexing on the batch dimension, all-padding leading columns
-        dropped). Peak memory: the prefix batch's cache and one gathered cache, each at most
-        ``max_batch_tokens`` columns of KV, plus one forward over at most that many tokens.
+        1. Requests are grouped by prefix ids (one turn, and the same truncation); a group of one gains nothing
+           and takes the per-prompt path.
+        2. Groups are run in prefix batches (left-padded, longest first, cut by :func:`_padded_partition`
+           within ``max_batch_tokens``). A group's cached prefix also takes the suffix tokens all its members
+           start with. The first response token is predicted at the position before it, which must lie in the
+           continuation batch: where a member's suffix is all cached, the last cached token is held back and run
+           in front of each continuation instead.
+        3. Continuations (the rest of the suffix + response + eos) are left-padded, longest first, cut by
+           :func:`_padded_partition` so that rows x (cached columns + continuation columns) stays within
+           ``max_batch_tokens``; each batch gets its rows' prefix KV cache gathered from the prefix batch's
+           (:func:`_expanded_cache`), and the attention mask covers the cached columns, padding included.
+
+        Peak memory: the prefix batch's cache and one gathered cache, each at most ``max_batch_tokens`` columns
+        of KV, plus one forward over at most that many tokens.
         """
         logp_sum = np.zeros(len(encoded), dtype=np.float64)
         n_tokens = np.array([r for _, _, r in encoded], dtype=np.int64)
@@ -573,14 +572,17 @@ class LMScorer:
         # longest first, cut as continuations are (_padded_partition), counting two forwards per prefix batch:
         # a cut there also splits the continuation batches that follow it
         shared.sort(key=lambda g: -len(g[0]))
-        device = next(self.model.parameters()).device
-        overhead = _FORWARD_OVERHEAD_TOKENS.get(device.type, _FORWARD_OVERHEAD_TOKENS["default"])
         widths = [len(p) for p, _ in shared]
-        cuts = _padded_partition(widths, [0] * len(shared), self.max_batch_tokens, 2 * overhead)
-        prefix_batches = [shared[i:j] for i, j in cuts]
-        for batch in prefix_batches:
-            self._score_prefix_batch(batch, encoded, logp_sum)
+        cuts = _padded_partition(
+            widths, [0] * len(shared), self.max_batch_tokens, 2 * self._forward_overhead()
+        )
+        for i, j in cuts:
+            self._score_prefix_batch(shared[i:j], encoded, logp_sum)
         return Scores(logp_sum, n_tokens)
+
+    def _forward_overhead(self) -> int:
+        device = next(self.model.parameters()).device
+        return _FORWARD_OVERHEAD_TOKENS.get(device.type, _FORWARD_OVERHEAD_TOKENS["default"])
 
     def _score_prefix_batch(
         self,
@@ -628,7 +630,8 @@ class LMScorer:
         layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
         del out, cache
 
-        # candidates: (prefix row, request index, [held-back token +] rest of suffix + response + eos, response length)
+        # candidates: (prefix row, request index, continuation, response length), the continuation being
+        # [held-back token +] the rest of the suffix + response + eos
         cands = [
             (row, i, [*full[row][len(heads[row]) :], *encoded[i][1][common[row] :]], encoded[i][2])
             for row, (_, members) in enumerate(groups)
@@ -637,14 +640,9 @@ class LMScorer:
         # longest continuation first, cut where padding costs more than another forward (see _padded_partition)
         cands.sort(key=lambda c: -len(c[2]))
         head_len = [len(h) for h in heads]
-        cuts = _padded_partition(
-            [len(c[2]) for c in cands],
-            [head_len[c[0]] for c in cands],
-            self.max_batch_tokens,
-            _FORWARD_OVERHEAD_TOKENS.get(device.type, _FORWARD_OVERHEAD_TOKENS["default"]),
-        )
-        batches = [cands[i:j] for i, j in cuts]
-        for batch in batches:
+        widths, cached = [len(c[2]) for c in cands], [head_len[c[0]] for c in cands]
+        for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
+            batch = cands[lo:hi]
             rows = torch.tensor([row for row, _, _, _ in batch], device=device)
             # the first `start` cached columns are padding for every row of this batch: not gathered
             start = past - max(head_len[row] for row, _, _, _ in batch)
