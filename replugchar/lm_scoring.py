@@ -190,8 +190,7 @@ def response_token_logprobs(
     Takes a batch as :meth:`LMScorer.collate` lays it out (left padding, so the responses of all rows end at the
     last column; ``ids`` and ``attention_mask`` on the model's device) and returns its last ``r_max`` columns,
     ``r_max`` the longest response. Positions are counted from each row's first real token, so left padding
-    does not shift them, and only the ``r_max`` positions before the last go through the LM head
-    (``logits_to_keep``).
+    does not shift them, and only the last ``r_max + 1`` positions go through the LM head (``logits_to_keep``).
     One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
     (:meth:`replugchar.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
     the negative of the score LSR reads.
@@ -208,17 +207,22 @@ def response_token_logprobs(
     cache_kwargs = (
         {"use_cache": False} if cache is None else {_cache_argument(model): cache, "use_cache": True}
     )
-    # the positions that predict the last r_max tokens, as an index tensor rather than an int: transformers then
-    # gathers a contiguous (batch, r_max, hidden) copy, where an int slices a strided view that the LM head
-    # multiplies by a broadcast bmm at half the speed of a plain matmul (measured on CPU, SmolLM2)
-    keep = torch.arange(width - r_max - 1, width - 1, device=ids.device)
+    if cache is None:  # any LM that takes an int logits_to_keep (fakes in tests, remote code)
+        keep, drop_last = r_max + 1, True
+    else:
+        # a transformers model (it takes a DynamicCache): the positions that predict the last r_max tokens, as an
+        # index tensor, so that it gathers a contiguous (batch, r_max, hidden) copy; an int slices a strided view,
+        # which the LM head multiplies by a broadcast bmm at half the speed of a matmul (CPU, SmolLM2)
+        keep, drop_last = torch.arange(width - r_max - 1, width - 1, device=ids.device), False
     logits = model(
         input_ids=ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=keep,
         **cache_kwargs,
-    ).logits.float()  # (batch, r_max, vocab): predictions of the last r_max tokens
+    ).logits
+    # (batch, r_max, vocab): the predictions of the last r_max tokens
+    logits = (logits[:, :-1] if drop_last else logits).float()
     targets = ids[:, width - r_max :]  # (batch, r_max)
     # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -306,11 +310,15 @@ def _padded_partition(
 
 
 def supports_prefix_sharing(model) -> bool:
-    """Whether every attention layer is full (global) attention, so a prefix's plain KV cache can be reused.
+    """Whether ``model`` is a transformers model whose attention layers are all full (global) attention, so that
+    a prefix's plain ``DynamicCache`` can be reused. Other LMs, and sliding-window or linear-attention layers
+    (which keep a different cache), take the per-prompt path."""
+    from transformers import PreTrainedModel
 
-    Sliding-window or linear-attention layers keep a different cache; such models take the per-prompt path.
-    """
-    cfg = model.config
+    return isinstance(model, PreTrainedModel) and _full_attention_only(model.config)
+
+
+def _full_attention_only(cfg) -> bool:
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
         return all(t == "full_attention" for t in layer_types)

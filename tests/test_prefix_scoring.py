@@ -19,6 +19,7 @@ from replugchar.lm_scoring import (
     LMScorer,
     PromptTemplate,
     ScoreRequest,
+    _full_attention_only,
     _padded_partition,
     supports_prefix_sharing,
 )
@@ -265,13 +266,12 @@ def test_cache_in_front_of_the_prefix_shared_scorer(tiny_lm, examples, character
 def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_lm):
     model, _ = tiny_lm
     assert supports_prefix_sharing(model)
+    assert not supports_prefix_sharing(SimpleNamespace(config=model.config))  # not a transformers model
     cfg = SimpleNamespace
-    assert not supports_prefix_sharing(
-        SimpleNamespace(config=cfg(layer_types=["full_attention", "sliding_attention"]))
-    )
-    assert supports_prefix_sharing(SimpleNamespace(config=cfg(layer_types=["full_attention"])))
-    assert not supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096)))
-    assert supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096, use_sliding_window=False)))
+    assert not _full_attention_only(cfg(layer_types=["full_attention", "sliding_attention"]))
+    assert _full_attention_only(cfg(layer_types=["full_attention"]))
+    assert not _full_attention_only(cfg(sliding_window=4096))
+    assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
 
 
 def test_padded_partition_trades_padding_against_forwards():
