@@ -4,7 +4,9 @@ mixed examples, varied lengths, the no-setting candidate, token-budget batching 
 
 from __future__ import annotations
 
+import itertools
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +20,8 @@ from replugchar.lm.scoring import (
     LMScorer,
     PromptTemplate,
     ScoreRequest,
+    _full_attention_only,
+    _padded_partition,
     supports_prefix_sharing,
 )
 
@@ -49,6 +53,27 @@ def both_paths(model, tok, requests, template=AFTER, **kwargs):
     shared = LMScorer(model, tok, template, **kwargs)
     per_prompt = LMScorer(model, tok, template, share_prefix=False, **kwargs)
     return shared, shared.score(requests), per_prompt, per_prompt.score(requests)
+
+
+def shared_tokens(encoded) -> int:
+    """Tokens the prefix-shared path runs: a lone candidate's whole prompt; per group of a turn, its prefix and the
+    suffix tokens all members start with once (the last held back when a member's suffix is all shared), then each
+    member's remaining suffix, response and eos."""
+    groups: dict[tuple[int, ...], list] = {}
+    for prefix, cont, n in encoded:
+        groups.setdefault(tuple(prefix), []).append((cont, n))
+    total = 0
+    for prefix, members in groups.items():
+        if len(members) == 1:
+            total += len(prefix) + len(members[0][0])
+            continue
+        suffixes = [cont[: len(cont) - n] for cont, n in members]
+        common = next(
+            (i for i, ids in enumerate(zip(*suffixes)) if len(set(ids)) > 1), min(map(len, suffixes))
+        )
+        hold = int(any(len(x) == common for x in suffixes))
+        total += len(prefix) + common - hold + sum(hold + len(cont) - common for cont, _ in members)
+    return total
 
 
 def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
@@ -142,8 +167,8 @@ def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, charact
     prefixes = {tuple(p) for p, _, _ in encoded}
     assert len(prefixes) == len(examples)
     assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
-    # every suffix holds the reply marker: no prefix token is held back
-    assert shared.tokens_forwarded == sum(map(len, prefixes)) + sum(len(c) for _, c, _ in encoded)
+    assert shared.tokens_forwarded == shared_tokens(encoded)
+    assert shared.tokens_forwarded < per_prompt.tokens_forwarded - sum(len(p) for p in prefixes) * 3
     assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
     assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
 
@@ -172,7 +197,13 @@ def test_empty_suffix_and_single_candidates(tiny_lm, examples):
     shared, a, _, b = both_paths(model, tok, requests, template=template)
     np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
     assert a.n_tokens.tolist() == b.n_tokens.tolist()
-    assert shared.forward_passes == 3  # the lone turn's prompt, then one prefix and one continuation batch
+    # the lone turn's whole prompt; each other turn's prefix once, its last token held back (the no-setting
+    # candidate has an empty suffix) and run again in front of each candidate's continuation
+    encoded = shared.encode_split_many(requests)
+    lone = len(encoded[3][0]) + len(encoded[3][1])
+    held = sum(len(encoded[g][0]) - 1 for g in (0, 1, 2))
+    continuations = sum(1 + len(c) for i, (_, c, _) in enumerate(encoded) if i != 3)
+    assert shared.tokens_forwarded == lone + held + continuations == shared_tokens(encoded)
 
 
 def test_truncation_gives_candidates_of_one_turn_different_prefixes(tiny_lm):
@@ -235,10 +266,56 @@ def test_cache_in_front_of_the_prefix_shared_scorer(tiny_lm, examples, character
 def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_lm):
     model, _ = tiny_lm
     assert supports_prefix_sharing(model)
+    assert not supports_prefix_sharing(SimpleNamespace(config=model.config))  # not a transformers model
     cfg = SimpleNamespace
-    assert not supports_prefix_sharing(
-        SimpleNamespace(config=cfg(layer_types=["full_attention", "sliding_attention"]))
+    assert not _full_attention_only(cfg(layer_types=["full_attention", "sliding_attention"]))
+    assert _full_attention_only(cfg(layer_types=["full_attention"]))
+    assert not _full_attention_only(cfg(sliding_window=4096))
+    assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
+
+
+def test_padded_partition_trades_padding_against_forwards():
+    widths = [40, 40, 39, 30, 30, 12, 12, 12, 11, 5]
+    cached = [60] * len(widths)
+
+    def check(cuts, budget):
+        assert cuts[0][0] == 0 and cuts[-1][1] == len(widths)
+        assert all(
+            a[1] == b[0] for a, b in itertools.pairwise(cuts)
+        )  # consecutive, nothing skipped or repeated
+        assert all(j - i == 1 or (j - i) * (widths[i] + 60) <= budget for i, j in cuts)
+
+    free = _padded_partition(widths, cached, 10_000, overhead=0)  # forwards cost nothing: no padding at all
+    check(free, 10_000)
+    assert all(len({widths[x] for x in range(i, j)}) == 1 for i, j in free)
+    costly = _padded_partition(widths, cached, 10_000, overhead=10_000)  # forwards cost everything: one batch
+    assert costly == [(0, len(widths))]
+    tight = _padded_partition(widths, cached, 300, overhead=64)  # the budget caps rows x (width + cached)
+    check(tight, 300)
+    assert tight == [(0, 3), (3, 6), (6, 10)]  # (5, 10) would pad less but exceeds the budget
+    assert _padded_partition([], [], 300, overhead=64) == []
+
+
+def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypatch):
+    """``model.template.settings_position`` is an option of ``replugchar fit``, so a config can switch the teacher
+    to the prefix-shared layout; a wrong value fails when the template is built, naming the option."""
+    from test_configs import ParseOnlyCLI
+
+    from replugchar.data import LSRDataModule
+    from replugchar.module import LSRModule
+
+    monkeypatch.setattr("sys.argv", ["replugchar"])
+    debug = str(Path(__file__).parents[1] / "configs" / "debug.yaml")
+
+    def template(value: str) -> dict:
+        args = ["--config", debug, "--model.template.settings_position", value]
+        return dict(ParseOnlyCLI(LSRModule, LSRDataModule, run=False, args=args).config.model.template)
+
+    after = template("after")
+    assert after["settings_position"] == "after"
+    assert (
+        PromptTemplate(**after).render(("I bake.",), (), "Hi")
+        == "User: Hi\nCharacter trait: I bake.\nCharacter:"
     )
-    assert supports_prefix_sharing(SimpleNamespace(config=cfg(layer_types=["full_attention"])))
-    assert not supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096)))
-    assert supports_prefix_sharing(SimpleNamespace(config=cfg(sliding_window=4096, use_sliding_window=False)))
+    with pytest.raises(ValueError, match=r"settings_position.*'middle'"):
+        PromptTemplate(**template("middle"))

@@ -154,10 +154,8 @@ class PromptTemplate:
     def fingerprint(self) -> str:
         fields = asdict(self)
         for name, original in _ADDED_TEMPLATE_FIELDS.items():
-            if fields[name] == original:
-                del fields[
-                    name
-                ]  # a template that could exist before the field keeps its hash (and its cache)
+            if fields[name] == original:  # a template that could exist before the field keeps its hash
+                del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -209,17 +207,22 @@ def response_token_logprobs(
     cache_kwargs = (
         {"use_cache": False} if cache is None else {_cache_argument(model): cache, "use_cache": True}
     )
-    logits = (
-        model(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=r_max + 1,
-            **cache_kwargs,
-        )
-        .logits[:, :-1]
-        .float()
-    )  # (batch, r_max, vocab): predictions of the last r_max tokens
+    if cache is None:  # any LM that takes an int logits_to_keep (fakes in tests, remote code)
+        keep, drop_last = r_max + 1, True
+    else:
+        # a transformers model (it takes a DynamicCache): the positions that predict the last r_max tokens, as an
+        # index tensor, so that it gathers a contiguous (batch, r_max, hidden) copy; an int slices a strided view,
+        # which the LM head multiplies by a broadcast bmm at half the speed of a matmul (CPU, SmolLM2)
+        keep, drop_last = torch.arange(width - r_max - 1, width - 1, device=ids.device), False
+    logits = model(
+        input_ids=ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        **cache_kwargs,
+    ).logits
+    # (batch, r_max, vocab): the predictions of the last r_max tokens
+    logits = (logits[:, :-1] if drop_last else logits).float()
     targets = ids[:, width - r_max :]  # (batch, r_max)
     # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -245,25 +248,77 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, start: int):
     """A fresh ``DynamicCache`` whose row i is prefix ``rows[i]``, columns from ``start`` on (leading columns that
     are padding for every selected row are dropped). Fresh because the forward appends to the cache it is given,
-    and the prefix serves several candidate batches."""
+    and the prefix serves several candidate batches.
+
+    Copies are what this path pays for on CPU (fresh pages for every large tensor), so the gathered tensors are
+    handed to the cache layers as they are: ``update`` on an empty layer would concatenate, i.e. copy them again.
+    Transformers versions without per-layer objects take the ``update`` route.
+    """
     from transformers import DynamicCache
 
     out = DynamicCache()
     for layer_idx, (keys, values) in enumerate(layers):
-        # (prefixes, kv_heads, past, head_dim) -> (len(rows), kv_heads, past - start, head_dim)
+        # (prefixes, kv_heads, past, head_dim) -> (len(rows), kv_heads, past - start, head_dim);
         # slice, then index_select: ~25x faster on CPU than one advanced-indexing expression (keys[rows, :, start:])
-        out.update(
-            keys[:, :, start:].index_select(0, rows), values[:, :, start:].index_select(0, rows), layer_idx
-        )
+        keys = keys[:, :, start:].index_select(0, rows)
+        values = values[:, :, start:].index_select(0, rows)
+        # an empty update creates layer `layer_idx` (dtype, device); the gathered tensors then become its content
+        out.update(keys[:, :, :0], values[:, :, :0], layer_idx)
+        layer = out.layers[layer_idx] if hasattr(out, "layers") else None
+        if layer is not None and hasattr(layer, "keys") and layer.keys.shape[-2] == 0:
+            layer.keys, layer.values = keys, values
+        else:
+            out.update(keys, values, layer_idx)
     return out
 
 
-def supports_prefix_sharing(model) -> bool:
-    """Whether every attention layer is full (global) attention, so a prefix's plain KV cache can be reused.
+_FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "default": 2048}
+"""What one more forward pass costs, in padded tokens, by device type: measured with SmolLM2-135M, a 2-row
+continuation forward takes as long as ~70 padded tokens on 2 CPU cores; on a GPU a forward's kernel launches
+cost thousands of tokens' worth of compute. :func:`_padded_partition` trades padding against forwards with it."""
 
-    Sliding-window or linear-attention layers keep a different cache; such models take the per-prompt path.
+
+def _padded_partition(
+    widths: Sequence[int], cached: Sequence[int], budget: int, overhead: int
+) -> list[tuple[int, int]]:
+    """Cut items sorted by decreasing ``widths`` into runs ``[i, j)`` that minimise the modelled cost
+    sum(overhead + rows x width), each run within ``budget`` (rows x (width + max ``cached`` columns), a run of
+    one always allowed).
+
+    Why not the greedy fill of :meth:`LMScorer.batches`: a turn's continuations are few and of widely varying
+    length (the response is the turn's), so filling batches to the budget pads a lot, while cutting at every
+    length step makes forwards too small to be efficient. Exact dynamic programme, O(n x rows per batch).
     """
-    cfg = model.config
+    n = len(widths)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of items[:j]
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        cols = 0
+        for i in range(j - 1, -1, -1):  # the run items[i:j], as wide as items[i]
+            cols = max(cols, cached[i])
+            rows = j - i
+            if rows > 1 and rows * (widths[i] + cols) > budget:
+                break  # widening further only adds rows and width
+            cost = best[i] + overhead + rows * widths[i]
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    cuts, j = [], n
+    while j > 0:
+        cuts.append((start[j], j))
+        j = start[j]
+    return cuts[::-1]
+
+
+def supports_prefix_sharing(model) -> bool:
+    """Whether ``model`` is a transformers model whose attention layers are all full (global) attention, so that
+    a prefix's plain ``DynamicCache`` can be reused. Other LMs, and sliding-window or linear-attention layers
+    (which keep a different cache), take the per-prompt path."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and _full_attention_only(model.config)
+
+
+def _full_attention_only(cfg) -> bool:
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types:
         return all(t == "full_attention" for t in layer_types)
@@ -319,9 +374,8 @@ class LMScorer:
         self.share_prefix = share_prefix
         self.forward_passes = 0
         self.pairs_scored = 0
-        self.tokens_forwarded = (
-            0  # real (non-padding) input tokens through the model, cached prefixes not re-counted
-        )
+        # real (non-padding) input tokens through the model; a cached prefix is counted once
+        self.tokens_forwarded = 0
 
     @property
     def fingerprint(self) -> str:
@@ -493,17 +547,20 @@ class LMScorer:
     def _score_shared(self, encoded: Sequence[tuple[list[int], list[int], int]]) -> Scores:
         """The prefix-shared path over :meth:`encode_split_many`'s output.
 
-        Requests are grouped by prefix ids (one turn, and the same truncation). A group of one gains nothing and
-        takes the per-prompt path. Other groups are run in prefix batches (left-padded, at most
-        ``max_batch_tokens`` padded prefix tokens). The first response token is predicted at the position before
-        it, so it must lie in the continuation batch: when a member of a group has an empty suffix (no setting and
-        an empty reply marker), the group's last prefix token is held back and run as the first token of each of
-        its continuations. Continuations (setting lines + marker + response + eos) are left-padded, sorted by
-        length, and batched so that rows x (cached prefix columns + continuation columns) stays within
-        ``max_batch_tokens``; each batch gets its rows' prefix KV cache
-        gathered from the prefix batch's cache (indexing on the batch dimension, all-padding leading columns
-        dropped). Peak memory: the prefix batch's cache and one gathered cache, each at most
-        ``max_batch_tokens`` columns of KV, plus one forward over at most that many tokens.
+        1. Requests are grouped by prefix ids (one turn, and the same truncation); a group of one gains nothing
+           and takes the per-prompt path.
+        2. Groups are run in prefix batches (left-padded, longest first, cut by :func:`_padded_partition`
+           within ``max_batch_tokens``). A group's cached prefix also takes the suffix tokens all its members
+           start with. The first response token is predicted at the position before it, which must lie in the
+           continuation batch: where a member's suffix is all cached, the last cached token is held back and run
+           in front of each continuation instead.
+        3. Continuations (the rest of the suffix + response + eos) are left-padded, longest first, cut by
+           :func:`_padded_partition` so that rows x (cached columns + continuation columns) stays within
+           ``max_batch_tokens``; each batch gets its rows' prefix KV cache gathered from the prefix batch's
+           (:func:`_expanded_cache`), and the attention mask covers the cached columns, padding included.
+
+        Peak memory: the prefix batch's cache and one gathered cache, each at most ``max_batch_tokens`` columns
+        of KV, plus one forward over at most that many tokens.
         """
         logp_sum = np.zeros(len(encoded), dtype=np.float64)
         n_tokens = np.array([r for _, _, r in encoded], dtype=np.int64)
@@ -520,21 +577,20 @@ class LMScorer:
             logp_sum[alone] = self._score_prompts(
                 [(encoded[i][0] + encoded[i][1], encoded[i][2]) for i in alone]
             )
-        # longest first, so that a prefix batch holds prefixes of similar length (little padding)
+        # longest first, cut as continuations are (_padded_partition), counting two forwards per prefix batch:
+        # a cut there also splits the continuation batches that follow it
         shared.sort(key=lambda g: -len(g[0]))
-        prefix_batches, current, width = [], [], 0
-        for group in shared:
-            w = max(width, len(group[0]) - 1)
-            if current and w * (len(current) + 1) > self.max_batch_tokens:
-                prefix_batches.append(current)
-                current, w = [], len(group[0]) - 1
-            current.append(group)
-            width = w
-        if current:
-            prefix_batches.append(current)
-        for batch in prefix_batches:
-            self._score_prefix_batch(batch, encoded, logp_sum)
+        widths = [len(p) for p, _ in shared]
+        cuts = _padded_partition(
+            widths, [0] * len(shared), self.max_batch_tokens, 2 * self._forward_overhead()
+        )
+        for i, j in cuts:
+            self._score_prefix_batch(shared[i:j], encoded, logp_sum)
         return Scores(logp_sum, n_tokens)
+
+    def _forward_overhead(self) -> int:
+        device = next(self.model.parameters()).device
+        return _FORWARD_OVERHEAD_TOKENS.get(device.type, _FORWARD_OVERHEAD_TOKENS["default"])
 
     def _score_prefix_batch(
         self,
@@ -545,9 +601,23 @@ class LMScorer:
         """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation."""
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        # hold back a prefix's last token where a member's suffix is empty (continuation = response + eos only)
-        hold = [any(len(encoded[i][1]) == encoded[i][2] for i in members) for _, members in groups]
-        heads = [list(p[:-1]) if h else list(p) for (p, _), h in zip(groups, hold)]
+        # a group's cached prefix also takes the tokens that all its members' suffixes start with (with the default
+        # template, "Character" of both "Character trait:" and "Character:"): the same ids, run once
+        full, common = [], []
+        for prefix, members in groups:
+            suffixes = [encoded[i][1][: len(encoded[i][1]) - encoded[i][2]] for i in members]
+            n = 0
+            while all(len(x) > n for x in suffixes) and len({x[n] for x in suffixes}) == 1:
+                n += 1
+            full.append([*prefix, *suffixes[0][:n]])
+            common.append(n)
+        # hold back the last cached token where a member's suffix is all cached (so its continuation would be the
+        # response alone, whose first token is predicted at the position before it)
+        hold = [
+            any(len(encoded[i][1]) - encoded[i][2] == n for i in members)
+            for (_, members), n in zip(groups, common)
+        ]
+        heads = [f[:-1] if h else f for f, h in zip(full, hold)]
         past = max(len(h) for h in heads)
         ids = torch.full((len(heads), past), pad, dtype=torch.long)  # (prefixes, past), left-padded
         prefix_mask = torch.zeros((len(heads), past), dtype=torch.long)
@@ -568,25 +638,19 @@ class LMScorer:
         layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
         del out, cache
 
-        # candidates: (prefix row, request index, [held-back token +] suffix + response + eos, response length)
+        # candidates: (prefix row, request index, continuation, response length), the continuation being
+        # [held-back token +] the rest of the suffix + response + eos
         cands = [
-            (row, i, [*p[len(heads[row]) :], *encoded[i][1]], encoded[i][2])
-            for row, (p, members) in enumerate(groups)
+            (row, i, [*full[row][len(heads[row]) :], *encoded[i][1][common[row] :]], encoded[i][2])
+            for row, (_, members) in enumerate(groups)
             for i in members
         ]
+        # longest continuation first, cut where padding costs more than another forward (see _padded_partition)
         cands.sort(key=lambda c: -len(c[2]))
         head_len = [len(h) for h in heads]
-        batches, current, cols, prefix_cols = [], [], 0, 0
-        for cand in cands:  # rows x (cached prefix columns + continuation columns) <= max_batch_tokens
-            c, pc = max(cols, len(cand[2])), max(prefix_cols, head_len[cand[0]])
-            if current and (len(current) + 1) * (c + pc) > self.max_batch_tokens:
-                batches.append(current)
-                current, c, pc = [], len(cand[2]), head_len[cand[0]]
-            current.append(cand)
-            cols, prefix_cols = c, pc
-        if current:
-            batches.append(current)
-        for batch in batches:
+        widths, cached = [len(c[2]) for c in cands], [head_len[c[0]] for c in cands]
+        for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
+            batch = cands[lo:hi]
             rows = torch.tensor([row for row, _, _, _ in batch], device=device)
             # the first `start` cached columns are padding for every row of this batch: not gathered
             start = past - max(head_len[row] for row, _, _, _ in batch)
