@@ -301,8 +301,8 @@ def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypa
     to the prefix-shared layout; a wrong value fails when the template is built, naming the option."""
     from test_configs import ParseOnlyCLI
 
-    from replugchar.data import LSRDataModule
-    from replugchar.module import LSRModule
+    from replugchar.training.datamodule import LSRDataModule
+    from replugchar.training.module import LSRModule
 
     monkeypatch.setattr("sys.argv", ["replugchar"])
     debug = str(Path(__file__).parents[1] / "configs" / "debug.yaml")
