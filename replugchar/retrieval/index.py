@@ -5,7 +5,8 @@ each query is sent as [e_q, λ/α], so the inner product is the blended score fo
 is a query-time knob (λ = 0 is plain cosine retrieval). α = 1/√d puts the prior coordinate on the scale of one
 embedding coordinate: with α = 1 a z-normalised prior dominates IVF's k-means (lists 17x unbalanced at 10^4
 settings in benchmarks/index_scale.py) and HNSW's graph. Settings of one character have contiguous ids, so a
-search restricted to one character scores its few stored vectors exactly (read back with ``reconstruct_n``). One builder serves the training refresh,
+search restricted to one character is a FAISS search with an id selector (``IDSelectorRange``): exact for Flat,
+for IVF (all lists probed) and for HNSW (its flat storage); the ANN structures pay for searches across characters. One builder serves the training refresh,
 ``replugchar index`` and export.
 """
 
@@ -167,16 +168,26 @@ class SettingIndex:
             return self.index.search(qv, k)
         if len(character_ids) != len(qv):
             raise ValueError(f"{len(qv)} queries but {len(character_ids)} character ids")
-        # One character has a handful of settings: search them exactly (an IVF probe or an HNSW walk restricted
-        # to a few ids can miss some of them), with the same stored vectors as the FAISS search.
+        # A character's settings have contiguous ids: FAISS searches only them (an id selector). IVF probes every
+        # list then, and HNSW's restricted graph walk can miss some of a few ids, so it searches its flat storage
+        # of the same vectors: exact, and what `index --kind` builds still serves every search.
         scores = np.full((len(qv), k), -np.inf, dtype=np.float32)
         ids = np.full((len(qv), k), -1, dtype=np.int64)
         for row, cid in enumerate(character_ids):
-            vecs = self.character_vectors(cid)  # (n_char, d+1)
-            sims = vecs @ qv[row]
-            top = np.argsort(-sims, kind="stable")[:k]
-            scores[row, : len(top)] = sims[top]
-            ids[row, : len(top)] = self.ranges[cid][0] + top
+            if cid not in self.ranges:
+                raise KeyError(f"unknown character '{cid}' (not in the index)")
+            lo, hi = self.ranges[cid]
+            sel = faiss.IDSelectorRange(lo, hi)
+            kind = self.meta["kind"]
+            if kind == "ivf":
+                index, params = self.index, faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nlist)
+            elif kind == "hnsw":
+                index, params = faiss.downcast_index(self.index.storage), faiss.SearchParameters(sel=sel)
+            else:
+                index, params = self.index, faiss.SearchParameters(sel=sel)
+            n = min(k, hi - lo)
+            d, i = index.search(qv[row : row + 1], n, params=params)  # (1, n)
+            scores[row, :n], ids[row, :n] = d[0], i[0]
         return scores, ids
 
     # ------------------------------------------------------------------------------------------- files

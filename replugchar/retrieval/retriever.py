@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..core.data import MAX_TEXT_CHARS, Example, query_text
-from ..core.scoring import ScoringRule, rank_numpy, turn_role, turn_text, window
+from ..core.scoring import ScoringRule, query_weight, rank_numpy, turn_role, turn_text, window
 from ..lm.scoring import PromptTemplate
 from .export_schema import FolderError
 from .index import SettingIndex, encoder_fingerprint
@@ -208,12 +208,31 @@ class Retriever:
         )
         if prior_weight is not None:
             rule = dataclasses.replace(rule, prior_weight=prior_weight, gate=(0.0, 0.0))
-        vecs = self.index.character_vectors(character_id)[:, :-1]  # (n, d): [embedding, prior] without prior
+        if character_id not in self.index.ranges:
+            raise KeyError(f"unknown character '{character_id}' (not in the index)")
+        check_text(query, "query")
         lo, hi = self.index.ranges[character_id]
+        q = self.embed_queries([query])  # (1, d)
+        weight = rule.prior_weight
+        if rule.uses_gate:  # the gate reads the query's best cosine: one FAISS search with the prior off
+            best = float(self.index.search(q, 1, character_ids=[character_id])[0][0, 0])
+            weight = float(
+                query_weight(torch.tensor(best), torch.tensor(len(history) == 0), rule.prior_weight,
+                             torch.tensor(rule.gate))
+            )  # fmt: skip
+        # FAISS scores cos + w·G(s) over the prior-blended vectors of this character's settings
+        found, ids = self.index.search(q, hi - lo, character_ids=[character_id], prior_weight=weight)
+        order = ids[0] - lo  # positions within the character, best first by FAISS
+        vecs = self.index.character_vectors(character_id)[:, :-1]  # (n, d) the stored embeddings
+        sims = (vecs @ q[0]).astype(np.float64)
         priors = self.index.priors[lo:hi].astype(np.float64)  # G(s): imported prior + learned generality
-        scores, sims = self._scores(query, vecs, history, priors, rule)
-        plain = dataclasses.replace(rule, prior_weight=0.0, gate=(0.0, 0.0))
-        blend = scores - self._scores(query, vecs, history, None, plain)[0]  # the prior term, per setting
+        scores = np.empty(hi - lo)
+        scores[order] = found[0]
+        dialogue = np.zeros(hi - lo)
+        if rule.uses_history and len(history):  # the dialogue evidence, the one part FAISS cannot hold
+            plain = dataclasses.replace(rule, prior_weight=0.0, gate=(0.0, 0.0))
+            dialogue = self._scores(query, vecs, history, None, plain)[0] - sims
+            scores = scores + dialogue
         hits = []
         for j in np.argsort(-scores, kind="stable")[:k]:
             if rule.threshold is not None and scores[j] < rule.threshold:
@@ -227,7 +246,7 @@ class Retriever:
                     float(sims[j]),
                     float(priors[j]),
                     float(scores[j]),
-                    float(scores[j] - sims[j] - blend[j]),
+                    float(dialogue[j]),
                 )
             )
         return hits
