@@ -1,6 +1,6 @@
 """``replugchar chat``: the settings table and reply (one-shot, interactive with history, --compare base), the
 threshold leaving no setting, REPLUG ensemble decoding against top-1 decoding and a hand-computed mixture
-(:func:`replugchar.retrieval.retriever.replug_next_token_logprobs`), and one-line user errors. Tiny models only."""
+(:func:`replugchar.lm.decoding.replug_next_token_logprobs`), and one-line user errors. Tiny models only."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from replugchar.cli import chat
 from replugchar.cli import main as cli_main
 from replugchar.core.data import Turn
 from replugchar.core.scoring import ScoringRule
+from replugchar.lm import decoding
+from replugchar.lm.decoding import replug_next_token_logprobs
 from replugchar.lm.scoring import PromptTemplate
-from replugchar.retrieval.retriever import Hit, Retriever, replug_next_token_logprobs
+from replugchar.retrieval.retriever import Hit, Retriever
 
 TEMPLATE = PromptTemplate()
 QUICK = ["--max_new_tokens", "6"]
@@ -128,8 +129,8 @@ def test_threshold_can_leave_no_setting(strict_export_dir, capsys):
 
     retriever = Retriever.load(strict_export_dir)
     assert retriever.search("bob", "Hi!") == []
-    for mode in chat.MODES:
-        assert chat.build_prompts(retriever.template, [], [], "Hi!", mode) == ["User: Hi!\nCharacter:"]
+    for mode in decoding.MODES:
+        assert decoding.build_prompts(retriever.template, [], [], "Hi!", mode) == ["User: Hi!\nCharacter:"]
 
 
 def test_interactive_keeps_history(export_dir, monkeypatch, capsys):
@@ -186,17 +187,17 @@ def test_ensemble_with_one_hit_equals_top1_decoding(ascii_lm):
     model, tok = ascii_lm
     hits = [_hit("I am a cheerful baker.", 0.9)]
     history = [Turn("user", "Hi."), Turn("character", "Hello there!")]
-    top1 = chat.generate_tokens(
+    top1 = decoding.generate_tokens(
         model, tok, TEMPLATE, hits, history, "Do you bake?", "top1", max_new_tokens=24
     )
-    ens = chat.generate_tokens(
+    ens = decoding.generate_tokens(
         model, tok, TEMPLATE, hits, history, "Do you bake?", "ensemble", max_new_tokens=24
     )
     assert len(set(top1)) > 3  # a real sequence, not one repeated token
     assert ens == top1
     # same for seeded sampling, and the same seed gives the same reply
     sampled = [
-        chat.generate_tokens(
+        decoding.generate_tokens(
             model, tok, TEMPLATE, hits, history, "Do you bake?", mode, max_new_tokens=24,
             generator=torch.Generator().manual_seed(7),
         )
@@ -204,9 +205,27 @@ def test_ensemble_with_one_hit_equals_top1_decoding(ascii_lm):
     ]  # fmt: skip
     assert sampled[0] == sampled[1] == sampled[2] != top1
     # concat with one hit is top-1
-    assert chat.generate_reply(
+    assert decoding.generate_reply(
         model, tok, TEMPLATE, hits, history, "Do you bake?", "concat", max_new_tokens=24
     ) == (tok.decode(top1).strip())
+
+
+def test_ensemble_continues_token_ids_even_inside_a_utf8_character(tiny_lm):
+    """The ensemble appends the reply's token ids to each prompt: a byte token that is only part of a UTF-8
+    character (which decode -> encode would turn into U+FFFD) continues exactly as top-1 decoding does."""
+    model, tok = tiny_lm
+    model = copy.deepcopy(model)
+    hits = [_hit("I live in Zürich.", 0.9)]
+
+    def sample(mode: str) -> list[int]:  # near-uniform over the byte tokens: most replies split a character
+        gen = torch.Generator().manual_seed(3)
+        return decoding.generate_tokens(
+            model, tok, TEMPLATE, hits, [], "Où vis-tu?", mode, max_new_tokens=12, generator=gen, top_p=1.0
+        )
+
+    top1, ens = sample("top1"), sample("ensemble")
+    assert "\ufffd" in tok.decode(top1)  # some byte token is only part of a UTF-8 character
+    assert ens == top1
 
 
 def _hand_mixture(model, tok, prompts: list[str], scores: list[float], temperature: float) -> torch.Tensor:
@@ -227,8 +246,11 @@ def test_ensemble_first_token_is_the_hand_computed_mixture(ascii_lm, prefix):
     hits = [_hit("I have two cats named Miso and Tofu.", 0.8, 0), _hit("I grew up by the sea.", 0.6, 1)]
     history = [Turn("user", "Nice weather.")]
     query, temperature = "Do you have pets?", 0.25
+    reply_ids = (
+        tok(TEMPLATE.response.format(text=prefix), add_special_tokens=False).input_ids if prefix else []
+    )
     got = replug_next_token_logprobs(
-        model, tok, TEMPLATE, hits, history, query, prefix, temperature=temperature
+        model, tok, TEMPLATE, hits, history, query, reply_ids, temperature=temperature
     )
     tail = TEMPLATE.response.format(text=prefix) if prefix else ""
     prompts = [TEMPLATE.render((h.setting,), history, query) + tail for h in hits]
@@ -241,7 +263,7 @@ def test_ensemble_first_token_is_the_hand_computed_mixture(ascii_lm, prefix):
     assert not torch.allclose(one[0], one[1], atol=1e-3)  # the two settings really predict differently
 
     if not prefix:  # the ensemble's first decoded token is the mixture's argmax
-        first = chat.generate_tokens(
+        first = decoding.generate_tokens(
             model, tok, TEMPLATE, hits, history, query, "ensemble", max_new_tokens=1,
             ensemble_temperature=temperature,
         )  # fmt: skip
@@ -249,11 +271,11 @@ def test_ensemble_first_token_is_the_hand_computed_mixture(ascii_lm, prefix):
 
 
 def test_reply_stops_at_a_new_turn_and_drops_special_tokens(tiny_lm):
-    assert chat.reply_text(" Sure, I bake.\nUser: and you?", TEMPLATE) == ("Sure, I bake.", True)
-    assert chat.reply_text(" Sure.\nCharacter: more", TEMPLATE) == ("Sure.", True)
-    assert chat.reply_text(" Sure.\nUs", TEMPLATE) == ("Sure.", False)  # a turn head in the making
-    assert chat.reply_text(" Two lines\nof reply", TEMPLATE) == ("Two lines\nof reply", False)
-    assert chat.reply_text(" Hi\n", TEMPLATE) == ("Hi", False)
+    assert decoding.reply_text(" Sure, I bake.\nUser: and you?", TEMPLATE) == ("Sure, I bake.", True)
+    assert decoding.reply_text(" Sure.\nCharacter: more", TEMPLATE) == ("Sure.", True)
+    assert decoding.reply_text(" Sure.\nUs", TEMPLATE) == ("Sure.", False)  # a turn head in the making
+    assert decoding.reply_text(" Two lines\nof reply", TEMPLATE) == ("Two lines\nof reply", False)
+    assert decoding.reply_text(" Hi\n", TEMPLATE) == ("Hi", False)
 
     model, tok = tiny_lm
     eos, script = tok.eos_token_id, tok(" Sure!\nUser: more words", add_special_tokens=False).input_ids
@@ -273,11 +295,12 @@ def test_reply_stops_at_a_new_turn_and_drops_special_tokens(tiny_lm):
             logits[0, -1, nxt] = 10.0
             return SimpleNamespace(logits=logits, past_key_values=object())
 
-    stops_at_turn = chat.generate_tokens(
+    stops_at_turn = decoding.generate_tokens(
         Scripted(script), tok, TEMPLATE, [], [], "Hi", "concat", max_new_tokens=40
     )
     assert tok.decode(stops_at_turn).startswith(" Sure!\nUser:") and len(stops_at_turn) < len(script)
     special = [tok.bos_token_id, *tok(" ok", add_special_tokens=False).input_ids]
     assert (
-        chat.generate_reply(Scripted(special), tok, TEMPLATE, [], [], "Hi", "top1", max_new_tokens=40) == "ok"
+        decoding.generate_reply(Scripted(special), tok, TEMPLATE, [], [], "Hi", "top1", max_new_tokens=40)
+        == "ok"
     )

@@ -250,35 +250,3 @@ class Retriever:
                 )
             )
         return hits
-
-
-@torch.inference_mode()
-def replug_next_token_logprobs(
-    model,
-    tokenizer,
-    template: PromptTemplate,
-    hits: Sequence[Hit],
-    context: Sequence,
-    query: str,
-    response_prefix: str = "",
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """REPLUG ensemble: log Σ_i softmax(score/temperature)_i · P_LM(next token | setting_i, dialogue, prefix).
-
-    One forward pass per retrieved setting (batched); returns (vocab,) log-probabilities. With no hits it is
-    the LM's own next-token distribution without settings.
-    """
-    groups = [(h.setting,) for h in hits] or [()]
-    weights = torch.softmax(torch.tensor([h.score for h in hits] or [0.0]) / temperature, 0)
-    prefix = template.response.format(text=response_prefix) if response_prefix else ""
-    texts = [template.render(s, context, query) + prefix for s in groups]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
-    finally:
-        tokenizer.padding_side = side
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()  # (k, vocab)
-    logp = torch.log_softmax(logits, -1)
-    return torch.logsumexp(logp + weights.log().to(logp.device)[:, None], dim=0)
