@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..core.atomic import write_text
+from .commands import COMMANDS
 
 CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it"
 
@@ -241,7 +242,7 @@ def _read_history(path: str) -> list[dict]:
 
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser of one tool command (``replugchar NAME --help``)."""
-    p = argparse.ArgumentParser(prog=f"replugchar {name}", description=TOOL_HELP[name])
+    p = argparse.ArgumentParser(prog=f"replugchar {name}", description=COMMANDS[name])
     if name not in ("retrieve", "add-characters"):
         p.add_argument("--config", help=CONFIG_HELP)
     if name == "score":
@@ -292,16 +293,6 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         )
         p.set_defaults(func=cmd_retrieve)
     return p
-
-
-TOOL_HELP = {
-    "score": "precompute frozen-LM scores of a data set into the persistent cache",
-    "priors": "generality priors (lm-utility | judge | import) and fit-weight (dialogue scale, λ, threshold)",
-    "index": "rebuild the FAISS index (encoder and/or priors changed); flat, ivf or hnsw",
-    "export": "export encoder + index + scoring rule as one folder for other RAG stacks",
-    "retrieve": "print a character's top settings for a query (and optional history)",
-    "add-characters": "add characters (characters.jsonl) to an export folder: embedded, with its learned generality",
-}
 
 
 def run_tool(name: str, argv: list[str]) -> None:

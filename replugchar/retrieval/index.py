@@ -1,9 +1,9 @@
 """The FAISS index of settings, with the generality prior blended in exactly.
 
-score(q, s) = cos(q, s) + λ·g(s) is computed *inside* FAISS: each setting vector is stored as [e_s, α·g(s)] and
-each query is sent as [e_q, λ/α], so the inner product is the blended score for Flat, IVF and HNSW alike, and λ
-is a query-time knob (λ = 0 is plain cosine retrieval). α = 1/√d puts the prior coordinate on the scale of one
-embedding coordinate: with α = 1 a z-normalised prior dominates IVF's k-means (lists 17x unbalanced at 10^4
+score(q, s) = cos(q, s) + λ·G(s) is computed *inside* FAISS: each setting vector is stored as [e_s, c·G(s)] and
+each query is sent as [e_q, λ/c], so the inner product is the blended score for Flat, IVF and HNSW alike, and λ
+is a query-time knob (λ = 0 is plain cosine retrieval). The prior scale c = 1/√d (``prior_scale`` in index.json) puts the prior coordinate on the scale of one
+embedding coordinate: with c = 1 a z-normalised prior dominates IVF's k-means (lists 17x unbalanced at 10^4
 settings in benchmarks/index_scale.py) and HNSW's graph. Settings of one character have contiguous ids, so a
 search restricted to one character is a FAISS search with an id selector (``IDSelectorRange``): exact for Flat,
 for IVF (all lists probed) and for HNSW (its flat storage); the ANN structures pay for searches across characters. One builder serves the training refresh,
