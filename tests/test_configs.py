@@ -172,10 +172,18 @@ def test_eval_demo_uses_the_split_of_the_demo_run():
         pytest.skip("configs/eval_demo.yaml not shipped")
     evaluation = parse_evaluate(configs / "eval_demo.yaml")
     fit = parse(configs / "demo.yaml")
+    from replugchar.evaluation.evaluate import resolve_split
+    from replugchar.training.datamodule import LSRDataModule
+
     assert evaluation["data_dir"] == fit.data.data_dir
-    assert evaluation["val_fraction"] == fit.data.val_fraction
-    assert evaluation["seed"] == fit.data.seed
     assert evaluation["trained"] == f"{fit.trainer.default_root_dir}/retriever"
+    # the split is not re-declared: evaluate reads what the demo's export stores (retriever.json "split")
+    assert evaluation["val_fraction"] is None and evaluation["seed"] is None
+    stored = {"split": LSRDataModule(**fit.data.as_dict()).split_spec()}
+    data = fit.data
+    assert resolve_split(stored, None, None, None) == (data.val_fraction, data.test_fraction, data.seed)
+    assert resolve_split(stored, 0.5, None, 7) == (0.5, data.test_fraction, 7)
+    assert resolve_split({}, None, None, None) == (0.2, 0.0, 0)
 
 
 def test_evaluate_config_with_unknown_key_fails(tmp_path, capsys):

@@ -3,6 +3,7 @@ configs/debug.yaml trains, reports, exports a plain sentence-transformers folder
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -225,6 +226,12 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
         ), out
     export = run_dir / "retriever"
     assert f"exported retriever: {export}" in out
+    stored = json.loads((export / "retriever.json").read_text())
+    assert stored["split"] == {
+        "val_fraction": 0.2,
+        "test_fraction": 0.0,
+        "seed": 0,
+    }  # debug.yaml's data split
 
     # the export is a plain sentence-transformers folder + an index that belongs to it
     encoder = SentenceTransformer(str(export / "encoder"), device="cpu")

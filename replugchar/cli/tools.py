@@ -161,6 +161,7 @@ def cmd_export(args, rest) -> None:
         kind=args.kind,
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
+        split=dm.split_spec(),
     )
     if table:
         save_priors(table, out / "priors.jsonl")

@@ -41,9 +41,9 @@ def evaluate(
     template: PromptTemplate | None = None,
     query_text: str = "query",
     split: str = "val",
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
-    seed: int = 0,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int | None = None,
     max_examples: int | None = 200,
     k: int = 5,
     prior_weight: float | None = None,
@@ -71,9 +71,9 @@ def evaluate(
         query_text: "query" or "context_and_query" for the base encoder (the trained retriever uses its own).
         split: "val" / "test" = that character split of (val_fraction, test_fraction, seed), as in the fit
             config; "all" = every example.
-        val_fraction: as in the training data config.
-        test_fraction: as in the training data config.
-        seed: split seed, also of sampling, random baseline and bootstrap.
+        val_fraction: None = the trained export's (retriever.json "split", what training used), else 0.2.
+        test_fraction: None = the trained export's, else 0.
+        seed: split seed, also of sampling, random baseline and bootstrap; None = the trained export's, else 0.
         max_examples: cap on evaluated examples (LM cost: 1 + settings pairs per example).
         k: ranking depth for nDCG@k, the ensemble and recall of shown settings.
         prior_weight: λ for the "+prior" methods; None = the trained export's fitted value, else 0.1.
@@ -102,6 +102,7 @@ def evaluate(
     log.info("frozen LM: %s%s", lm, "" if own_lm or not retriever else " (from the export's retriever.json)")
     # neither the retriever's nor a fine-tuned teacher's training characters are evaluated
     exclude = set(config.get("train_characters") or []) | _finetuned(lm)
+    val_fraction, test_fraction, seed = resolve_split(config, val_fraction, test_fraction, seed)
     examples, chars = select_examples(
         data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
@@ -172,6 +173,19 @@ def _finetuned(lm: str) -> set[str]:
     from ..lm.finetuned import finetuned_characters
 
     return finetuned_characters(lm)
+
+
+def resolve_split(
+    config: dict, val_fraction: float | None, test_fraction: float | None, seed: int | None
+) -> tuple[float, float, int]:
+    """The character split to evaluate on: what is given, else the trained export's (retriever.json "split",
+    written from the fit config's data section), else (0.2, 0.0, 0)."""
+    stored = config.get("split") or {}
+    return (
+        stored.get("val_fraction", 0.2) if val_fraction is None else val_fraction,
+        stored.get("test_fraction", 0.0) if test_fraction is None else test_fraction,
+        int(stored.get("seed", 0)) if seed is None else seed,
+    )
 
 
 def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude=None):

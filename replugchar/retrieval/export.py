@@ -151,6 +151,7 @@ def export_retriever(
     metrics: dict[str, float] | None = None,
     data_dir: str | None = None,
     train_characters: list[str] | None = None,
+    split: dict | None = None,
 ) -> Path:
     """Write the export folder for ``module`` (an :class:`~replugchar.training.module.LSRModule`) over its characters.
 
@@ -185,6 +186,7 @@ def export_retriever(
             "encoder_fingerprint": fingerprint,
             "metrics": metrics or {},
             "train_characters": train_characters or [],
+            "split": split or {},  # the character split of training: evaluate reads it, never re-declares it
             "versions": _versions(),
         }
         (tmp / "retriever.json").write_text(

@@ -155,8 +155,14 @@ _RETRIEVER_SPEC: dict[str, tuple[Check, str]] = {
     "encoder_fingerprint": (_STR, "a string"),
     "metrics": (lambda v: isinstance(v, dict) and all(is_number(x) for x in v.values()), "numbers by name"),
     "train_characters": (lambda v: isinstance(v, list) and all(map(_STR, v)), "a list of strings"),
-    "split": (lambda v: isinstance(v, dict), "an object"),
-    "generality": (lambda v: isinstance(v, dict), "an object"),
+    "split": (
+        lambda v: (
+            isinstance(v, dict)
+            and set(v) <= {"val_fraction", "test_fraction", "seed"}
+            and all(is_number(x) for x in v.values())
+        ),
+        "an object of val_fraction, test_fraction, seed",
+    ),
     "versions": (lambda v: isinstance(v, dict) and all(map(_STR, v.values())), "strings by package"),
 }
 REQUIRED = ("format", "k", "scoring", "query_text", "template", "encoder_fingerprint")

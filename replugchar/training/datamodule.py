@@ -95,6 +95,11 @@ class LSRDataModule(L.LightningDataModule):
         self.val_examples = take("val", hp.max_val_examples)
         self.test_examples = [e for e in examples if e.character_id in split["test"]]
 
+    def split_spec(self) -> dict:
+        """What decides which character is in which split: stored in retriever.json, read back by evaluate."""
+        hp = self.hparams
+        return {"val_fraction": hp.val_fraction, "test_fraction": hp.test_fraction, "seed": hp.seed}
+
     @property
     def characters(self) -> dict[str, Character]:
         if self.corpus is None:
