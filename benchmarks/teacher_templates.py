@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
         tables[position] = lm_table(examples, chars, module.scorer).gains
         module.flush_scores()
     retriever = module.as_retriever(ScoringRule())
-    sim_best = np.array([int(np.argmax(retriever.rank_example(e, chars[e.character_id].settings))) for e in examples])
+    sim_best = np.array(
+        [int(np.argmax(retriever.rank_example(e, chars[e.character_id].settings))) for e in examples]
+    )
     groups = np.array([zlib.crc32(e.dialogue_id.encode()) for e in examples])
     best = {pos: np.array([int(np.argmax(g)) for g in t]) for pos, t in tables.items()}
     agree = (best["before"] == best["after"]).astype(float)
