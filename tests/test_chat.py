@@ -273,6 +273,7 @@ def test_ensemble_first_token_is_the_hand_computed_mixture(ascii_lm, prefix):
 def test_reply_stops_at_a_new_turn_and_drops_special_tokens(tiny_lm):
     assert decoding.reply_text(" Sure, I bake.\nUser: and you?", TEMPLATE) == ("Sure, I bake.", True)
     assert decoding.reply_text(" Sure.\nCharacter: more", TEMPLATE) == ("Sure.", True)
+    assert decoding.reply_text(" Sure.\nCharacter trait: I bake.", TEMPLATE) == ("Sure.", True)
     assert decoding.reply_text(" Sure.\nUs", TEMPLATE) == ("Sure.", False)  # a turn head in the making
     assert decoding.reply_text(" Two lines\nof reply", TEMPLATE) == ("Two lines\nof reply", False)
     assert decoding.reply_text(" Hi\n", TEMPLATE) == ("Hi", False)

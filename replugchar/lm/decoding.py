@@ -71,8 +71,13 @@ def fit_history(
 
 
 def _turn_heads(template: PromptTemplate) -> tuple[str, ...]:
-    """How a new turn line starts ("User:", "Character:"): a reply stops at a newline followed by one."""
-    heads = (template.user_line.split("{text}")[0], template.character_line.split("{text}")[0])
+    """How a new prompt line starts ("User:", "Character:", "Character trait:"): a reply stops at a newline
+    followed by one."""
+    heads = (
+        template.user_line.split("{text}")[0],
+        template.character_line.split("{text}")[0],
+        template.setting_line.split("{setting}")[0],  # a small LM may go on writing trait lines
+    )
     return tuple(h.strip() for h in heads if h.strip())
 
 
