@@ -443,7 +443,7 @@ def test_evaluate_on_japanese_runs_every_method(fitted, ja_dir, ja_template, tmp
         base_encoder="tiny:bert",
         lm="tiny:gpt2",
         template=ja_template,
-        trained=str(fitted.export),
+        retriever=str(fitted.export),
         split="val",
         val_fraction=VAL_FRACTION,
         max_examples=None,
