@@ -124,7 +124,9 @@ def lookup(name: str, argv: list[str]) -> tuple[str, Command, list[str]]:
         )
         raise SystemExit(0)
     if argv[0] not in command.subcommands:
-        raise ValueError(f"{name}: unknown method '{argv[0]}' (choose from {choices})")
+        raise ValueError(
+            f"{name}: unknown method '{argv[0]}' (choose from {choices}; it comes first: replugchar {name} METHOD ...)"
+        )
     return f"replugchar {name} {argv[0]}", command.subcommands[argv[0]], argv[1:]
 
 
@@ -171,7 +173,9 @@ def build_parser(prog: str, fn: Callable, reads_fit: bool = False):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     intro = (inspect.getdoc(fn) or "").split("\nArgs:")[0].strip()
-    parser = ArgumentParser(prog=prog, description=intro, exit_on_error=False)
+    flags = any(hint is bool for hint in typing.get_type_hints(fn).values())
+    epilog = "A true/false option given alone (--name) means true." if flags else None
+    parser = ArgumentParser(prog=prog, description=intro, epilog=epilog, exit_on_error=False)
     if reads_fit:
         parser.add_argument("--config", type=str | None, default=None, help=CONFIG_HELP)
     else:
