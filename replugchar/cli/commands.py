@@ -101,7 +101,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 FIT_CONFIG = "fit"  # the parameter of a tool that reads the fit YAML (a FitConfig, filled from --config)
-CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it (replugchar fit --help lists them)"
+CONFIG_HELP = (
+    "fit config (configs/*.yaml); later --model.X / --data.X options override it "
+    "(replugchar fit --help lists them)"
+)
 
 
 def resolve(target: str) -> Callable:
@@ -124,9 +127,8 @@ def lookup(name: str, argv: list[str]) -> tuple[str, Command, list[str]]:
         )
         raise SystemExit(0)
     if argv[0] not in command.subcommands:
-        raise ValueError(
-            f"{name}: unknown method '{argv[0]}' (choose from {choices}; it comes first: replugchar {name} METHOD ...)"
-        )
+        first = f"it comes first: replugchar {name} METHOD ..."
+        raise ValueError(f"{name}: unknown method '{argv[0]}' (choose from {choices}; {first})")
     return f"replugchar {name} {argv[0]}", command.subcommands[argv[0]], argv[1:]
 
 
