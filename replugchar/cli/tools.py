@@ -226,10 +226,13 @@ def export(
     """Export the encoder, the index and the scoring rule as one folder for other RAG stacks.
 
     Args:
-        out: export folder to write.
-        ckpt_path: trained checkpoint (default: the config's untrained encoder).
-        priors: priors.jsonl from ``replugchar priors`` (its prior coordinate; default none).
-        kind: flat (exact), ivf or hnsw (approximate, for large characters or cross-character pools).
+        out: export folder to write (replaced whole or not at all).
+        ckpt_path: the checkpoint whose encoder and dialogue head are exported (default: the config's untrained
+            ones).
+        priors: priors.jsonl from ``replugchar priors``: copied into the folder and blended into index.faiss
+            (default: no imported prior).
+        kind: index.faiss's kind: flat (exact) or ivf / hnsw (approximate: pays for large characters or pools
+            across characters).
         fitted: JSON from ``priors fit-weight`` (dialogue scale, λ, threshold).
         prior_weight: λ (overrides --fitted).
     """
