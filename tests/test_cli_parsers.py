@@ -118,10 +118,12 @@ def test_the_old_folder_flags_still_work_for_one_release(capsys):
     assert kwargs["retriever"] == "r"
     _, kwargs = parse("add-characters", ["--dir=r", "--characters", "c.jsonl"])
     assert kwargs["retriever"] == "r"
-    _, kwargs = parse("evaluate", ["--trained", "r"])
-    assert kwargs["retriever"] == "r"
+    _, kwargs = parse("evaluate", ["--trained", "r", "--out_dir", "o"])
+    assert kwargs["retriever"] == "r" and kwargs["out"] == "o"
     err = capsys.readouterr().err
-    assert err.count("is deprecated, use --retriever") == 3, err
+    assert err.count("is deprecated, use --retriever") == 3 and err.count("is deprecated, use --out") == 1, (
+        err
+    )
 
 
 def test_bare_bool_flags_and_explicit_values():

@@ -313,7 +313,7 @@ def test_retriever_json_never_turns_remote_code_on(remote_code_export, tmp_path)
     ReplugcharRetriever.from_export(folder, character_id=cid).invoke("Hello!")
     evaluate(
         data_dir="demo",
-        out_dir=str(tmp_path / "eval"),
+        out=str(tmp_path / "eval"),
         retriever=str(folder),
         max_examples=2,
         n_boot=10,

@@ -450,7 +450,7 @@ def test_evaluate_on_japanese_runs_every_method(fitted, ja_dir, ja_template, tmp
         distractors=5,
         n_boot=50,
         score_cache_dir=None,
-        out_dir=str(out_dir),
+        out=str(out_dir),
         max_length=512,
     )
     for name in ("results.json", "results.md", "results.png"):

@@ -1,4 +1,5 @@
-"""The one entry point, ``replugchar COMMAND``: LightningCLI ``fit`` / ``validate`` and the tool commands.
+"""The one entry point, ``replugchar COMMAND``: LightningCLI ``fit`` / ``validate`` and the tool commands, each
+a typed function of the command table (:mod:`replugchar.cli.commands`) whose signature is its parser.
 
 Imports are lazy so ``replugchar --help`` answers at once. A user error (bad data, a bad option value, a missing
 file, an unknown character) prints one line, ``replugchar: error: <file>:<line>: <message>``, and exits with 2;

@@ -83,7 +83,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         "compare retrievers on held-out characters by the frozen LM's likelihood of gold replies",
         "replugchar.evaluation.evaluate:evaluate",
-        renamed={"--trained": "--retriever"},
+        renamed={"--trained": "--retriever", "--out_dir": "--out"},
     ),
     "chat": Command(
         "talk to a character: retrieved settings (score, similarity, prior) and the LM's reply",

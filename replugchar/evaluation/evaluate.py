@@ -35,7 +35,7 @@ PAIRS = (
 
 def evaluate(
     data_dir: str = "demo",
-    out_dir: str = "runs/eval",
+    out: str = "runs/eval",
     retriever: str | None = None,
     base_encoder: str = EMBEDDED_ENCODER,
     lm: str | None = None,
@@ -63,7 +63,7 @@ def evaluate(
 
     Args:
         data_dir: data folder (shared schema) or "demo".
-        out_dir: where results.json, results.md and results.png go.
+        out: folder to write results.json, results.md and results.png to.
         retriever: export folder of the LSR-trained retriever (``replugchar export`` / end of ``fit``);
             None skips the trained and dialogue methods. Its training characters are excluded from evaluation.
         base_encoder: the untrained encoder (the "base" methods).
@@ -138,9 +138,9 @@ def evaluate(
         "score_cache": str(scorer.folder),
         "lm_pairs_scored_now": scorer.misses,
     }
-    out = ev.save_result(result, out_dir)
+    folder = ev.save_result(result, out)
     print(ev.markdown_table(result))
-    print(f"\nevaluation written to {out}/results.json, results.md, results.png")
+    print(f"\nevaluation written to {folder}/results.json, results.md, results.png")
     return result
 
 
