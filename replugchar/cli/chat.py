@@ -83,6 +83,24 @@ def format_hits(hits: Sequence[Hit]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- session
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How the replies are decoded: greedy, or top-p sampling when ``seed`` is set (a seed per turn)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None
+    top_p: float = 0.9
+    ensemble_temperature: float = DEFAULT_ENSEMBLE_TEMPERATURE
+    max_length: int = 512
+
+    def options(self, turn: int) -> dict:
+        """The keyword options of :func:`~replugchar.lm.decoding.generate_tokens` for the ``turn``-th reply."""
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed + turn)
+        options = dataclasses.asdict(self)
+        del options["seed"]
+        return {**options, "generator": generator}
+
+
 @dataclasses.dataclass
 class ChatSession:
     """One dialogue with ``character_id``: the history (user turns and the trained retriever's replies)."""
@@ -96,11 +114,7 @@ class ChatSession:
     threshold: float | None = None  # None = retriever.json's; -inf = none
     base: Retriever | None = None
     base_name: str = "base"
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None
-    top_p: float = 0.9
-    ensemble_temperature: float = DEFAULT_ENSEMBLE_TEMPERATURE
-    max_length: int = 512
+    decoding: Decoding = dataclasses.field(default_factory=Decoding)
     show_prompt: bool = False
     history: list[Turn] = dataclasses.field(default_factory=list)
     turns: int = 0
@@ -110,25 +124,14 @@ class ChatSession:
         if self.show_prompt:
             for prompt in build_prompts(template, hits, self.history, query, self.mode):
                 print(f"--- prompt ({label}) ---\n{prompt}\n---")
-        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed + self.turns)
+        options = self.decoding.options(self.turns)
         reply = generate_reply(
-            self.model,
-            self.tok,
-            template,
-            hits,
-            self.history,
-            query,
-            self.mode,
-            max_new_tokens=self.max_new_tokens,
-            generator=generator,
-            top_p=self.top_p,
-            ensemble_temperature=self.ensemble_temperature,
-            max_length=self.max_length,
+            self.model, self.tok, template, hits, self.history, query, self.mode, **options
         )
         used = len(setting_groups(hits, self.mode)[0]) if self.mode != "ensemble" else len(hits)
         how = f"{self.mode}, {used} setting{'s' if used != 1 else ''}"
         if self.mode == "ensemble" and hits:
-            w = ensemble_weights(hits, self.ensemble_temperature)
+            w = ensemble_weights(hits, self.decoding.ensemble_temperature)
             how += ", weights " + "/".join(f"{x:.2f}" for x in w)
         print(f"Character [{label}; {how}]: {reply}")
         return reply
@@ -220,23 +223,12 @@ def chat(
     _check_character(loaded, retriever, character)
     model, tok, lm_spec = _load_lm(loaded, retriever, lm, device, trust_remote_code)
     base, base_name = _base_retriever(loaded, retriever) if compare == "base" else (None, "base")
-    stored = loaded.config.get("scorer", {})
+    max_length = int(loaded.config.get("scorer", {}).get("max_length", 512))
+    decoding = Decoding(max_new_tokens, seed, top_p, ensemble_temperature, max_length)
+    threshold = float("-inf") if no_threshold else None
+    k = k or int(loaded.config.get("k", 5))
     session = ChatSession(
-        loaded,
-        model,
-        tok,
-        character,
-        k or int(loaded.config.get("k", 5)),
-        mode,
-        threshold=float("-inf") if no_threshold else None,
-        base=base,
-        base_name=base_name,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        top_p=top_p,
-        ensemble_temperature=ensemble_temperature,
-        max_length=int(stored.get("max_length", 512)),
-        show_prompt=show_prompt,
+        loaded, model, tok, character, k, mode, threshold, base, base_name, decoding, show_prompt
     )
     lo, hi = loaded.index.ranges[character]
     source = "" if lm else " (retriever.json's; --lm to change)"
