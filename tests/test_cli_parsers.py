@@ -99,6 +99,11 @@ RETRIEVE = ["retrieve", "--retriever", "/nowhere", "--character", "c", "--query"
         (["export", "--out", "x", "--prior_weight", "much"], "export: --prior_weight:"),
         (["evaluate", "--k", "five"], "evaluate: --k: expected int, got 'five'"),
         (["teacher-report", "--splitt", "val"], "teacher-report: unrecognized arguments: --splitt val"),
+        (["score", "--config", "/nowhere.yaml"], "score: --config: File does not exist: '/nowhere.yaml'"),
+        (
+            ["evaluate", "--config", "/nowhere.yaml"],
+            "evaluate: --config: File does not exist: '/nowhere.yaml'",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import re
 import sys
 import typing
@@ -160,6 +161,10 @@ def parse(name: str, argv: list[str]) -> tuple[Callable, dict]:
     if reads_fit:
         from .tools import FitConfig
 
+        if init.config and not os.path.isfile(init.config):  # said now, not after importing torch
+            raise FileNotFoundError(
+                f"{prog.removeprefix('replugchar ')}: --config: File does not exist: '{init.config}'"
+            )
         kwargs[FIT_CONFIG] = FitConfig(init.config, tuple(overrides))
     return fn, kwargs
 
