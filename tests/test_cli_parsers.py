@@ -92,7 +92,10 @@ RETRIEVE = ["retrieve", "--retriever", "/nowhere", "--character", "c", "--query"
         ([*RETRIEVE, "--bogus", "1"], "retrieve: unrecognized arguments: --bogus 1"),
         (RETRIEVE[:3], "retrieve needs --character, --query"),
         (["chat", "--retriever", "r", "--character", "c", "--mode", "beam"], "chat: --mode:"),
-        (["score", "--split", "nope"], "score: --split:"),
+        (
+            ["score", "--split", "nope"],
+            "score: --split: expected one of 'train', 'val', 'test', 'all', 'every'",
+        ),
         (["priors", "fit-weight", "--out", "x.json"], "priors fit-weight needs --priors"),
         (["priors", "guess", "--out", "x"], "priors: unknown method 'guess' (choose from lm-utility"),
         (["index", "--out", "x", "--kind", "lsh"], "index: --kind:"),

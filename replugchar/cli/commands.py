@@ -246,5 +246,6 @@ def one_line(message: str) -> str:
         expected = re.search(r"Expected a (.*?)(?:\. Got value|$)", key.group(2), flags=re.MULTILINE)
         what = f"expected {expected.group(1).strip()}" if expected else key.group(2).splitlines()[0].strip()
         line = f"--{key.group(1)}: {what}" + (f", got {given.group(1).strip()!r}" if given else "")
+        line = re.sub(r"(?:typing\.)?Literal\[([^\]]*)\]", r"one of \1", line)
         return re.sub(r"<class '([\w.]+)'>", r"\1", line)
     return " ".join(text.split())

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def evaluate(
     lm: str | None = None,
     template: PromptTemplate | None = None,
     query_text: str = "query",
-    split: str = "val",
+    split: Literal["val", "test", "all"] = "val",
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     seed: int | None = None,
