@@ -615,7 +615,9 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_retrieve_from_a_missing_folder_prints_one_line():
-    line = one_error_line(replugchar("retrieve", "--dir", "/missing", "--character", "x", "--query", "hi"))
+    line = one_error_line(
+        replugchar("retrieve", "--retriever", "/missing", "--character", "x", "--query", "hi")
+    )
     assert "/missing" in line, line
 
 

@@ -4,7 +4,6 @@ configs naming hub or embedded models need neither network nor weights. Unknown 
 
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from replugchar.cli.commands import parse as parse_command
 from replugchar.cli.lightning_cli import LSRCLI
-from replugchar.evaluation import evaluate as harness
+from replugchar.evaluation.evaluate import evaluate
 from replugchar.training.datamodule import LSRDataModule
 from replugchar.training.finetune import CharacterLMModule, FinetuneCLI
 from replugchar.training.module import LSRModule
@@ -50,18 +50,10 @@ def parse_finetune(path: Path):
 
 
 def parse_evaluate(path: Path) -> dict:
-    """Run ``replugchar evaluate --config path`` up to the call of ``evaluate`` and return its arguments."""
-    calls = []
-
-    @functools.wraps(harness.evaluate)  # same signature, so the parser is built exactly as for the real one
-    def record(**kwargs):
-        calls.append(kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harness, "evaluate", record)
-        harness.main(["--config", str(path)])
-    assert len(calls) == 1
-    return calls[0]
+    """The arguments ``replugchar evaluate --config path`` calls ``evaluate`` with (the command's own parser)."""
+    fn, kwargs = parse_command("evaluate", ["--config", str(path)])
+    assert fn is evaluate
+    return kwargs
 
 
 def command_of(path: Path) -> str:
@@ -176,7 +168,7 @@ def test_eval_demo_uses_the_split_of_the_demo_run():
     from replugchar.training.datamodule import LSRDataModule
 
     assert evaluation["data_dir"] == fit.data.data_dir
-    assert evaluation["trained"] == f"{fit.trainer.default_root_dir}/retriever"
+    assert evaluation["retriever"] == f"{fit.trainer.default_root_dir}/retriever"
     # the split is not re-declared: evaluate reads what the demo's export stores (retriever.json "split")
     assert evaluation["val_fraction"] is None and evaluation["seed"] is None
     stored = {"split": LSRDataModule(**fit.data.as_dict()).split_spec()}
@@ -186,9 +178,8 @@ def test_eval_demo_uses_the_split_of_the_demo_run():
     assert resolve_split({}, None, None, None) == (0.2, 0.0, 0)
 
 
-def test_evaluate_config_with_unknown_key_fails(tmp_path, capsys):
+def test_evaluate_config_with_unknown_key_fails(tmp_path):
     path = tmp_path / "eval.yaml"
     path.write_text("data_dir: demo\nk: 5\nkk: 3\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match=r"evaluate: .*'kk'"):
         parse_evaluate(path)
-    assert "kk" in capsys.readouterr().err

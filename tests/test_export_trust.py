@@ -313,8 +313,8 @@ def test_retriever_json_never_turns_remote_code_on(remote_code_export, tmp_path)
     ReplugcharRetriever.from_export(folder, character_id=cid).invoke("Hello!")
     evaluate(
         data_dir="demo",
-        out_dir=str(tmp_path / "eval"),
-        trained=str(folder),
+        out=str(tmp_path / "eval"),
+        retriever=str(folder),
         max_examples=2,
         n_boot=10,
         base_encoder="tiny:bert",
@@ -482,18 +482,22 @@ def test_console_script_faults_are_one_line(export, other_export, tmp_path):
     cid = _character(export)
     bad_schema = copy_of(export, tmp_path / "a")
     edit_config(bad_schema, _set(("scoring", "weights"), {"ownmax": -1.0}))
-    line = one_error_line(replugchar("retrieve", "--dir", bad_schema, "--character", cid, "--query", "hi"))
+    line = one_error_line(
+        replugchar("retrieve", "--retriever", bad_schema, "--character", cid, "--query", "hi")
+    )
     assert f"{bad_schema / 'retriever.json'}: scoring: weights must name exactly the features" in line
 
     swapped = copy_of(export, tmp_path / "b")
     _truncate_weights(swapped, other_export)
-    line = one_error_line(replugchar("retrieve", "--dir", swapped, "--character", cid, "--query", "hi"))
+    line = one_error_line(replugchar("retrieve", "--retriever", swapped, "--character", cid, "--query", "hi"))
     assert "model.safetensors" in line and "truncated or replaced" in line
 
     history = tmp_path / "history.json"
     history.write_bytes(b"\xff\xfe")
     line = one_error_line(
-        replugchar("retrieve", "--dir", export, "--character", cid, "--query", "hi", "--history", history)
+        replugchar(
+            "retrieve", "--retriever", export, "--character", cid, "--query", "hi", "--history", history
+        )
     )
     assert f"{history}: not valid UTF-8" in line
 

@@ -200,7 +200,7 @@ def test_add_characters_command(export, tmp_path):
     chars = tmp_path / "characters.jsonl"
     chars.write_text(json.dumps({"character_id": "dora", "settings": list(NEW["dora"].settings)}) + "\n")
     out = tmp_path / "extended"
-    proc = replugchar("add-characters", "--dir", export, "--characters", chars, "--out", out)
+    proc = replugchar("add-characters", "--retriever", export, "--characters", chars, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = replugchar("retrieve", "--dir", out, "--character", "dora", "--query", "Hello!")
+    proc = replugchar("retrieve", "--retriever", out, "--character", "dora", "--query", "Hello!")
     assert proc.returncode == 0 and "I am cheerful with everyone." in proc.stdout.splitlines()[2]

@@ -443,14 +443,14 @@ def test_evaluate_on_japanese_runs_every_method(fitted, ja_dir, ja_template, tmp
         base_encoder="tiny:bert",
         lm="tiny:gpt2",
         template=ja_template,
-        trained=str(fitted.export),
+        retriever=str(fitted.export),
         split="val",
         val_fraction=VAL_FRACTION,
         max_examples=None,
         distractors=5,
         n_boot=50,
         score_cache_dir=None,
-        out_dir=str(out_dir),
+        out=str(out_dir),
         max_length=512,
     )
     for name in ("results.json", "results.md", "results.png"):

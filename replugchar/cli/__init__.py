@@ -1,4 +1,5 @@
-"""The one entry point, ``replugchar COMMAND``: LightningCLI ``fit`` / ``validate`` and the tool commands.
+"""The one entry point, ``replugchar COMMAND``: LightningCLI ``fit`` / ``validate`` and the tool commands, each
+a typed function of the command table (:mod:`replugchar.cli.commands`) whose signature is its parser.
 
 Imports are lazy so ``replugchar --help`` answers at once. A user error (bad data, a bad option value, a missing
 file, an unknown character) prints one line, ``replugchar: error: <file>:<line>: <message>``, and exits with 2;
@@ -15,9 +16,7 @@ import os
 import sys
 import warnings
 
-from .commands import COMMANDS
-
-LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+from .commands import COMMANDS, resolve, run
 
 
 def _help() -> str:
@@ -127,28 +126,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _dispatch(command: str, rest: list[str], explicit: bool) -> None:
-    if command in LIGHTNING_SUBCOMMANDS:
+    kind = COMMANDS[command].kind
+    if kind == "lightning":
         from .lightning_cli import run_lightning
 
         # LightningCLI reads sys.argv itself when args is None (and warns when it gets both)
         run_lightning([command, *rest] if explicit else None)
-    elif command == "evaluate":
-        from ..evaluation.evaluate import main as run
-
-        run(rest)
-    elif command == "chat":
-        from .chat import main as run
-
-        run(rest)
-    elif command == "finetune-lm":
-        from ..training.finetune import main as run
-
-        run(rest)
-    elif command == "teacher-report":
-        from ..evaluation.teacher_report import main as run
-
-        run(rest)
+    elif kind == "argv":  # a command with its own LightningCLI (finetune-lm)
+        resolve(COMMANDS[command].target)(rest)
     else:
-        from .tools import run_tool
-
-        run_tool(command, rest)
+        run(command, rest)

@@ -22,10 +22,10 @@ Interactive (lines on stdin until EOF or ``/quit``) or one-shot (``--query``)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from ..core.data import Example, Turn, query_text
 from ..lm.decoding import (
     DEFAULT_ENSEMBLE_TEMPERATURE,
     DEFAULT_MAX_NEW_TOKENS,
-    MODES,
     build_prompts,
     ensemble_weights,
     generate_reply,
@@ -84,6 +83,24 @@ def format_hits(hits: Sequence[Hit]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- session
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How the replies are decoded: greedy, or top-p sampling when ``seed`` is set (a seed per turn)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int | None = None
+    top_p: float = 0.9
+    ensemble_temperature: float = DEFAULT_ENSEMBLE_TEMPERATURE
+    max_length: int = 512
+
+    def options(self, turn: int) -> dict:
+        """The keyword options of :func:`~replugchar.lm.decoding.generate_tokens` for the ``turn``-th reply."""
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed + turn)
+        options = dataclasses.asdict(self)
+        del options["seed"]
+        return {**options, "generator": generator}
+
+
 @dataclasses.dataclass
 class ChatSession:
     """One dialogue with ``character_id``: the history (user turns and the trained retriever's replies)."""
@@ -97,11 +114,7 @@ class ChatSession:
     threshold: float | None = None  # None = retriever.json's; -inf = none
     base: Retriever | None = None
     base_name: str = "base"
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    seed: int | None = None
-    top_p: float = 0.9
-    ensemble_temperature: float = DEFAULT_ENSEMBLE_TEMPERATURE
-    max_length: int = 512
+    decoding: Decoding = dataclasses.field(default_factory=Decoding)
     show_prompt: bool = False
     history: list[Turn] = dataclasses.field(default_factory=list)
     turns: int = 0
@@ -111,25 +124,14 @@ class ChatSession:
         if self.show_prompt:
             for prompt in build_prompts(template, hits, self.history, query, self.mode):
                 print(f"--- prompt ({label}) ---\n{prompt}\n---")
-        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed + self.turns)
+        options = self.decoding.options(self.turns)
         reply = generate_reply(
-            self.model,
-            self.tok,
-            template,
-            hits,
-            self.history,
-            query,
-            self.mode,
-            max_new_tokens=self.max_new_tokens,
-            generator=generator,
-            top_p=self.top_p,
-            ensemble_temperature=self.ensemble_temperature,
-            max_length=self.max_length,
+            self.model, self.tok, template, hits, self.history, query, self.mode, **options
         )
         used = len(setting_groups(hits, self.mode)[0]) if self.mode != "ensemble" else len(hits)
         how = f"{self.mode}, {used} setting{'s' if used != 1 else ''}"
         if self.mode == "ensemble" and hits:
-            w = ensemble_weights(hits, self.ensemble_temperature)
+            w = ensemble_weights(hits, self.decoding.ensemble_temperature)
             how += ", weights " + "/".join(f"{x:.2f}" for x in w)
         print(f"Character [{label}; {how}]: {reply}")
         return reply
@@ -176,120 +178,133 @@ def _lines(stream):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="replugchar chat",
-        description="talk to a character: retrieved settings (score, similarity, dialogue, prior) and the LM's "
-        "reply; interactive (stdin until EOF or /quit) unless --query",
-    )
-    p.add_argument("--retriever", required=True, help="export folder (retriever.json, encoder/, index)")
-    p.add_argument("--lm", help="causal LM spec (default: the LM the retriever was trained with)")
-    p.add_argument("--character", required=True, help="character id (one in the retriever's index)")
-    p.add_argument("--query", help="one-shot: answer this and exit")
-    p.add_argument(
-        "--k", type=int, default=None, help="settings retrieved per turn (default: retriever.json)"
-    )
-    p.add_argument("--mode", choices=MODES, default="concat", help="how the settings reach the LM")
-    p.add_argument("--compare", choices=("base",), help="also rank and answer with the untrained encoder")
-    p.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--no_threshold", action="store_true", help="keep the top k even under the threshold")
-    p.add_argument("--seed", type=int, default=None, help="sample (top-p) with this seed instead of greedy")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus mass when sampling (--seed)")
-    p.add_argument(
-        "--ensemble_temperature",
-        type=float,
-        default=DEFAULT_ENSEMBLE_TEMPERATURE,
-        help="T of the ensemble weights softmax(score/T)",
-    )
-    p.add_argument("--show_prompt", action="store_true", help="print the rendered LM prompt(s)")
-    p.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="let the LM's repository run its own code (never read from the export folder)",
-    )
-    p.add_argument("--device", default=None, help="LM device (default: cuda when available, else cpu)")
-    return p
+def chat(
+    retriever: str,
+    character: str,
+    lm: str | None = None,
+    query: str | None = None,
+    k: int | None = None,
+    mode: Literal["concat", "top1", "ensemble"] = "concat",
+    compare: Literal["base"] | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    no_threshold: bool = False,
+    seed: int | None = None,
+    top_p: float = 0.9,
+    ensemble_temperature: float = DEFAULT_ENSEMBLE_TEMPERATURE,
+    show_prompt: bool = False,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> None:
+    """Talk to a character: each turn prints the retrieved settings (score, similarity, dialogue part, prior) and
+    the LM's reply; interactive (stdin until EOF or /quit) unless --query.
 
-
-def main(argv: list[str]) -> None:
+    Args:
+        retriever: export folder (retriever.json, encoder/, index).
+        character: character id (one in the retriever's index).
+        lm: causal LM spec (default: the LM the retriever was trained with).
+        query: one-shot: answer this and exit.
+        k: settings retrieved per turn (default: retriever.json).
+        mode: how the settings reach the LM: concat (top k in one prompt), top1, ensemble (REPLUG decoding).
+        compare: base = also rank and answer with the untrained encoder.
+        max_new_tokens: reply length limit.
+        no_threshold: keep the top k even under the relevance threshold.
+        seed: sample (top-p) with this seed instead of greedy.
+        top_p: nucleus mass when sampling (--seed).
+        ensemble_temperature: T of the ensemble weights softmax(score/T).
+        show_prompt: print the rendered LM prompt(s).
+        trust_remote_code: let the LM's repository run its own code (never read from the export folder).
+        device: LM device (default: cuda when available, else cpu).
+    """
     from transformers.utils import logging as hf_logging
 
-    from ..lm.models import load_causal_lm, load_encoder
-
-    args = build_parser().parse_args(argv)
+    _check_options(query, k, max_new_tokens, top_p, ensemble_temperature)
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the dialogue
-    if args.query is not None and not args.query.strip():
+    loaded = Retriever.load(retriever)
+    _check_character(loaded, retriever, character)
+    model, tok, lm_spec = _load_lm(loaded, retriever, lm, device, trust_remote_code)
+    base, base_name = _base_retriever(loaded, retriever) if compare == "base" else (None, "base")
+    max_length = int(loaded.config.get("scorer", {}).get("max_length", 512))
+    decoding = Decoding(max_new_tokens, seed, top_p, ensemble_temperature, max_length)
+    threshold = float("-inf") if no_threshold else None
+    k = k or int(loaded.config.get("k", 5))
+    session = ChatSession(
+        loaded, model, tok, character, k, mode, threshold, base, base_name, decoding, show_prompt
+    )
+    lo, hi = loaded.index.ranges[character]
+    source = "" if lm else " (retriever.json's; --lm to change)"
+    print(
+        f"chat with '{character}' ({hi - lo} settings) | LM {lm_spec}{source} | mode {mode} | k {session.k}"
+    )
+    if query is not None:
+        print(f"User: {query.strip()}")
+        session.turn(query)
+    else:
+        _converse(session)
+
+
+def _check_options(
+    query: str | None, k: int | None, max_new_tokens: int, top_p: float, ensemble_temperature: float
+) -> None:
+    """Option values no parser type says: before any model loads."""
+    if query is not None and not query.strip():
         raise ValueError("--query is empty")
-    for name in ("k", "max_new_tokens"):
-        value = getattr(args, name)
+    for name, value in (("k", k), ("max_new_tokens", max_new_tokens)):
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be positive, got {value}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if not 0 < args.ensemble_temperature < float("inf"):
-        raise ValueError(f"--ensemble_temperature must be positive, got {args.ensemble_temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
+    if not 0 < ensemble_temperature < float("inf"):
+        raise ValueError(f"--ensemble_temperature must be positive, got {ensemble_temperature}")
 
-    retriever = Retriever.load(args.retriever)
+
+def _check_character(retriever: Retriever, folder: str, character: str) -> None:
     ranges = retriever.index.ranges
-    if args.character not in ranges:
+    if character not in ranges:
         known = sorted(ranges)
         shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
-        raise KeyError(
-            f"unknown character '{args.character}': not in {args.retriever} ({len(known)} characters: {shown})"
-        )
+        raise KeyError(f"unknown character '{character}': not in {folder} ({len(known)} characters: {shown})")
+
+
+def _load_lm(retriever: Retriever, folder: str, lm: str | None, device: str | None, trust_remote_code: bool):
+    """(model, tokenizer, spec): ``lm``, else the LM of retriever.json (its revision and dtype too)."""
+    from ..lm.models import load_causal_lm
+
     config = retriever.config
     stored = config.get("scorer", {})
-    lm = args.lm or stored.get("lm") or config.get("lm")
-    if not lm:
-        raise ValueError(f"{args.retriever}/retriever.json names no LM: pass --lm")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = lm or stored.get("lm") or config.get("lm")
+    if not spec:
+        raise ValueError(f"{folder}/retriever.json names no LM: pass --lm")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = stored.get("lm_dtype", "auto")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model, tok = load_causal_lm(
-        lm,
+        spec,
         dtype=dtype,
-        revision=stored.get("lm_revision") if lm == stored.get("lm") else None,
-        trust_remote_code=args.trust_remote_code,
+        revision=stored.get("lm_revision") if spec == stored.get("lm") else None,
+        trust_remote_code=trust_remote_code,
         device=device,
     )
-    base, base_name = None, "base"
-    if args.compare == "base":
-        spec = config.get("encoder_base")
-        if not spec:
-            raise ValueError(f"{args.retriever}/retriever.json has no 'encoder_base': cannot --compare base")
-        base = Retriever(load_encoder(spec), None, {"query_text": retriever.query_mode})
-        base_name = f"base {spec}"
-    k = args.k or int(config.get("k", 5))
-    session = ChatSession(
-        retriever,
-        model,
-        tok,
-        args.character,
-        k,
-        args.mode,
-        threshold=float("-inf") if args.no_threshold else None,
-        base=base,
-        base_name=base_name,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        top_p=args.top_p,
-        ensemble_temperature=args.ensemble_temperature,
-        max_length=int(stored.get("max_length", 512)),
-        show_prompt=args.show_prompt,
-    )
-    lo, hi = ranges[args.character]
-    source = "" if args.lm else " (retriever.json's; --lm to change)"
-    print(f"chat with '{args.character}' ({hi - lo} settings) | LM {lm}{source} | mode {args.mode} | k {k}")
-    if args.query is not None:
-        print(f"User: {args.query.strip()}")
-        session.turn(args.query)
-        return
+    return model, tok, spec
+
+
+def _base_retriever(retriever: Retriever, folder: str) -> tuple[Retriever, str]:
+    """The untrained encoder of retriever.json ("encoder_base") for ``--compare base``."""
+    from ..lm.models import load_encoder
+
+    spec = retriever.config.get("encoder_base")
+    if not spec:
+        raise ValueError(f"{folder}/retriever.json has no 'encoder_base': cannot --compare base")
+    return Retriever(load_encoder(spec), None, {"query_text": retriever.query_mode}), f"base {spec}"
+
+
+def _converse(session: ChatSession) -> None:
+    """Turns from stdin until EOF or /quit; piped lines are echoed so that the output reads as a transcript."""
     print(f"(one line per turn; {QUIT} or end of input to stop)")
     for line, typed in _lines(sys.stdin):
         if line.strip() == QUIT:
             break
         if line.strip():
-            if not typed:  # echo piped input so that the output reads as a transcript
+            if not typed:
                 print(f"User: {line.strip()}")
             session.turn(line)

@@ -1,20 +1,37 @@
-"""Tool commands: score, priors, index, export, retrieve.
+"""Tool commands: score, priors, index, export, retrieve, add-characters.
 
-Each reads the same YAML as ``fit`` (``--config``), so the LM, template, score cache and character split are the
-ones training used; options after the tool's own flags override the YAML (e.g. ``--model.lm ...``).
+Each is a typed function: its signature and docstring are its ``--help`` (:mod:`replugchar.cli.commands` builds the
+parser). The ones that take ``fit`` read the same YAML as ``fit`` (``--config``), so the LM, template, score cache
+and character split are the ones training used; ``--model.X`` / ``--data.X`` options after it override the YAML.
+The YAML is parsed only when the command needs the model (:meth:`FitConfig.load`), after its own options are
+checked: a missing file or a bad flag must not wait for torch and Lightning.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..core.atomic import write_text
-from .commands import COMMANDS
 
-CONFIG_HELP = "fit config (configs/*.yaml); later --model.X / --data.X options override it"
+Kind = Literal["flat", "ivf", "hnsw"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """A fit config (``--config``) and the ``--model.X`` / ``--data.X`` options given after it, not parsed yet."""
+
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    def load(self, ckpt_path: str | None = None):
+        """(module, datamodule) of the config, trained weights from ``ckpt_path`` if given
+        (:func:`replugchar.training.run.load_run`, imported here: it imports torch and Lightning)."""
+        from ..training.run import load_run
+
+        return load_run((["--config", self.config] if self.config else []) + list(self.overrides), ckpt_path)
 
 
 def _examples(dm, split: str):
@@ -26,73 +43,117 @@ def _examples(dm, split: str):
     return splits[split]
 
 
-def _config_args(args, rest: list[str]) -> list[str]:
-    return (["--config", args.config] if args.config else []) + rest
+def _need_file(path: str | None, flag: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: file not found ({flag})")
 
 
-def load_run(config_args: list[str], ckpt_path: str | None = None):
-    """:func:`replugchar.training.run.load_run`, imported on use: option errors must not wait for torch and Lightning."""
-    from ..training.run import load_run as load
+def score(
+    fit: FitConfig, split: Literal["train", "val", "test", "all", "every"] = "all", chunk: int = 64
+) -> None:
+    """Fill the score cache for every (example, setting) pair of a split and its no-setting prompt.
 
-    return load(config_args, ckpt_path)
-
-
-def cmd_score(args, rest) -> None:
-    """Fill the score cache for every (example, setting) pair and the no-setting prompt."""
+    Args:
+        split: all = train + val (what fit scores); every = train + val + test.
+        chunk: pairs per cache flush.
+    """
     from tqdm.auto import tqdm
 
     from ..lm.scoring import NO_SETTING, ScoreRequest
 
-    module, dm = load_run(_config_args(args, rest))
+    module, dm = fit.load()
     scorer = module.scorer
     requests = []
-    for e in _examples(dm, args.split):
+    for e in _examples(dm, split):
         requests.append(ScoreRequest(e, NO_SETTING))
         requests += [ScoreRequest(e, (s,)) for s in dm.characters[e.character_id].settings]
     todo = [r for r in requests if r not in scorer]
     print(f"score: {len(requests)} pairs, {len(requests) - len(todo)} already cached, {len(todo)} to score")
-    for i in tqdm(range(0, len(todo), args.chunk), desc="LM scoring", unit="chunk"):
-        scorer.score(todo[i : i + args.chunk])
+    for i in tqdm(range(0, len(todo), chunk), desc="LM scoring", unit="chunk"):
+        scorer.score(todo[i : i + chunk])
         scorer.flush()
     print(f"score cache: {scorer.folder} ({len(scorer)} scores)")
 
 
-def cmd_priors(args, rest) -> None:
-    needs = {"import": ("file",), "fit-weight": ("priors",)}.get(args.method, ())
-    for name in needs:  # before anything heavy is imported
-        if not getattr(args, name):
-            raise ValueError(f"priors {args.method} needs --{name}")
-        if not Path(getattr(args, name)).is_file():
-            raise FileNotFoundError(f"{getattr(args, name)}: file not found (--{name})")
-    from ..training import calibration, priors
+def _save_priors(module, table, out: str, method: str) -> None:
+    from ..training.priors import save_priors
 
-    if args.method == "fit-weight":
-        module, dm = load_run(_config_args(args, rest), args.ckpt_path)
-        table = priors.load_priors(args.priors, dm.characters)
-        sims, prior_m, gains, dialogue = calibration.validation_matrices(
-            module, dm.val_examples, dm.characters, table
-        )
-        cal = calibration.fit(sims, prior_m, gains, dialogue=dialogue)
-        fitted = {**asdict(cal), "dialogue_weights": list(module.rule.weights)}
-        write_text(args.out, json.dumps(fitted, indent=2))
-        print(json.dumps(fitted, indent=2))
-        print(f"fitted dialogue scale, prior weight and threshold written to {args.out}")
-        return
-    module, dm = load_run(_config_args(args, rest))
-    if args.method == "lm-utility":
-        table = priors.lm_utility_priors(dm.train_examples, dm.characters, module.scorer)
-    elif args.method == "judge":
-        from ..lm.models import load_causal_lm
-
-        spec = args.judge_lm or module.hparams.lm
-        model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
-        template = Path(args.template).read_text(encoding="utf-8") if args.template else priors.JUDGE_TEMPLATE
-        table = priors.llm_judge_priors(dm.characters, model, tok, template, lm_id=spec)
-    else:
-        table = priors.import_priors(args.file, dm.characters)
     module.flush_scores()
-    priors.save_priors(table, args.out)
-    print(f"{len(table)} priors ({args.method}) written to {args.out}")
+    save_priors(table, out)
+    print(f"{len(table)} priors ({method}) written to {out}")
+
+
+def priors_lm_utility(fit: FitConfig, out: str) -> None:
+    """Generality prior of each setting: its LM utility (gain over no setting) in the training dialogues.
+
+    Args:
+        out: priors.jsonl to write.
+    """
+    from ..training.priors import lm_utility_priors
+
+    module, dm = fit.load()
+    _save_priors(
+        module, lm_utility_priors(dm.train_examples, dm.characters, module.scorer), out, "lm-utility"
+    )
+
+
+def priors_judge(fit: FitConfig, out: str, judge_lm: str | None = None, template: str | None = None) -> None:
+    """Generality prior of each setting: a local LLM judge's expected 1-5 score of how broadly it applies.
+
+    Args:
+        out: priors.jsonl to write.
+        judge_lm: LM spec of the judge (default: model.lm).
+        template: file with a prompt template containing {setting} (default: the built-in one).
+    """
+    if template:
+        _need_file(template, "--template")
+    from ..lm.models import load_causal_lm
+    from ..training import priors
+
+    module, dm = fit.load()
+    spec = judge_lm or module.hparams.lm
+    model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
+    text = Path(template).read_text(encoding="utf-8") if template else priors.JUDGE_TEMPLATE
+    _save_priors(module, priors.llm_judge_priors(dm.characters, model, tok, text, lm_id=spec), out, "judge")
+
+
+def priors_import(fit: FitConfig, out: str, file: str) -> None:
+    """Generality prior of each setting from an external judge's scores.
+
+    Args:
+        out: priors.jsonl to write.
+        file: JSONL/CSV with character_id, setting_id (index or text), score.
+    """
+    _need_file(file, "--file")
+    from ..training.priors import import_priors
+
+    module, dm = fit.load()
+    _save_priors(module, import_priors(file, dm.characters), out, "import")
+
+
+def priors_fit_weight(fit: FitConfig, out: str, priors: str, ckpt_path: str | None = None) -> None:
+    """Fit the dialogue scale α, the prior weight λ and the relevance threshold τ on the validation characters
+    against the LM (what ``export --fitted`` reads).
+
+    Args:
+        out: fitted.json to write.
+        priors: priors.jsonl from ``replugchar priors``.
+        ckpt_path: trained checkpoint (default: the config's encoder).
+    """
+    _need_file(priors, "--priors")
+    from ..training import calibration
+    from ..training.priors import load_priors
+
+    module, dm = fit.load(ckpt_path)
+    table = load_priors(priors, dm.characters)
+    sims, prior_m, gains, dialogue = calibration.validation_matrices(
+        module, dm.val_examples, dm.characters, table
+    )
+    cal = calibration.fit(sims, prior_m, gains, dialogue=dialogue)
+    fitted = {**asdict(cal), "dialogue_weights": list(module.rule.weights)}
+    write_text(out, json.dumps(fitted, indent=2))
+    print(json.dumps(fitted, indent=2))
+    print(f"fitted dialogue scale, prior weight and threshold written to {out}")
 
 
 def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
@@ -120,79 +181,128 @@ def _fitted_rule(module, fitted_path: str | None, prior_weight: float | None):
     return rule
 
 
-def _prior_vector(args, dm, records):
+def _prior_vector(path: str | None, dm, records):
     from ..training.priors import load_priors, prior_vector
 
-    if not args.priors:
+    if not path:
         return None, None
-    table = load_priors(args.priors, dm.characters)
+    table = load_priors(path, dm.characters)
     return table, prior_vector(table, records)
 
 
-def cmd_index(args, rest) -> None:
+def index(
+    fit: FitConfig, out: str, ckpt_path: str | None = None, priors: str | None = None, kind: Kind = "flat"
+) -> None:
+    """Rebuild the FAISS index of every setting (after the encoder or the priors changed).
+
+    Args:
+        out: index folder to write.
+        ckpt_path: trained checkpoint (default: the config's untrained encoder).
+        priors: priors.jsonl from ``replugchar priors`` (its prior coordinate; default none).
+        kind: flat (exact), ivf or hnsw (approximate, for large characters or cross-character pools).
+    """
     from ..retrieval.index import SettingIndex, encoder_fingerprint, setting_records
 
-    module, dm = load_run(_config_args(args, rest), args.ckpt_path)
+    module, dm = fit.load(ckpt_path)
     records = setting_records(dm.characters)
-    table, priors = _prior_vector(args, dm, records)
+    table, prior = _prior_vector(priors, dm, records)
     fp = encoder_fingerprint(lambda t: module.encode_all(t))
-    index = SettingIndex.build(
-        module.encode_all([r.text for r in records]), records, priors, kind=args.kind, encoder_fingerprint=fp
+    built = SettingIndex.build(
+        module.encode_all([r.text for r in records]), records, prior, kind=kind, encoder_fingerprint=fp
     )
-    index.save(args.out)
-    print(
-        f"index ({args.kind}, {len(records)} settings, prior={'yes' if table else 'no'}) written to {args.out}"
-    )
+    built.save(out)
+    print(f"index ({kind}, {len(records)} settings, prior={'yes' if table else 'no'}) written to {out}")
 
 
-def cmd_export(args, rest) -> None:
+def export(
+    fit: FitConfig,
+    out: str,
+    ckpt_path: str | None = None,
+    priors: str | None = None,
+    kind: Kind = "flat",
+    fitted: str | None = None,
+    prior_weight: float | None = None,
+) -> None:
+    """Export the encoder, the index and the scoring rule as one folder for other RAG stacks.
+
+    Args:
+        out: export folder to write (replaced whole or not at all).
+        ckpt_path: the checkpoint whose encoder and dialogue head are exported (default: the config's untrained
+            ones).
+        priors: priors.jsonl from ``replugchar priors``: copied into the folder and blended into index.faiss
+            (default: no imported prior).
+        kind: index.faiss's kind: flat (exact) or ivf / hnsw (approximate: pays for large characters or pools
+            across characters).
+        fitted: JSON from ``priors fit-weight`` (dialogue scale, λ, threshold).
+        prior_weight: λ (overrides --fitted).
+    """
     from ..retrieval.export import export_retriever
     from ..retrieval.index import setting_records
     from ..training.priors import save_priors
 
-    module, dm = load_run(_config_args(args, rest), args.ckpt_path)
-    table, priors = _prior_vector(args, dm, setting_records(dm.characters))
-    rule = _fitted_rule(module, args.fitted, args.prior_weight)
-    out = export_retriever(
+    module, dm = fit.load(ckpt_path)
+    table, prior = _prior_vector(priors, dm, setting_records(dm.characters))
+    rule = _fitted_rule(module, fitted, prior_weight)
+    folder = export_retriever(
         module,
-        args.out,
-        priors=priors,
+        out,
+        priors=prior,
         rule=rule,
-        kind=args.kind,
+        kind=kind,
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
         split=dm.split_spec(),
     )
     if table:
-        save_priors(table, out / "priors.jsonl")
-    print(f"retriever exported to {out} (scoring rule: {json.dumps(rule.to_dict())})")
+        save_priors(table, folder / "priors.jsonl")
+    print(f"retriever exported to {folder} (scoring rule: {json.dumps(rule.to_dict())})")
 
 
-def cmd_add_characters(args, rest) -> None:
+def add_characters(retriever: str, characters: str, out: str | None = None) -> None:
+    """Add characters to an export folder: their settings embedded by its encoder, with its learned generality,
+    no retraining.
+
+    Args:
+        retriever: export folder to add to (replaced atomically unless --out).
+        characters: characters.jsonl in the data schema.
+        out: write the extended folder here instead of replacing --retriever.
+    """
     from ..core.data import load_characters
-    from ..retrieval.export import add_characters
+    from ..retrieval.export import add_characters as add
 
-    characters = load_characters(args.characters)
-    out = add_characters(args.dir, characters, out=args.out)
-    n = sum(len(c.settings) for c in characters.values())
-    print(f"{len(characters)} character(s), {n} settings added to {out}")
+    loaded = load_characters(characters)
+    folder = add(retriever, loaded, out=out)
+    n = sum(len(c.settings) for c in loaded.values())
+    print(f"{len(loaded)} character(s), {n} settings added to {folder}")
 
 
-def cmd_retrieve(args, rest) -> None:
+def retrieve(
+    retriever: str,
+    character: str,
+    query: str,
+    history: str | None = None,
+    k: int | None = None,
+    prior_weight: float | None = None,
+    no_threshold: bool = False,
+) -> None:
+    """Print a character's top settings for a query: score, similarity, dialogue part and prior of each.
+
+    Args:
+        retriever: export folder (``replugchar export`` / the end of ``fit``).
+        character: character id (one in the export's index).
+        query: the user's turn.
+        history: JSON file: list of {role, text} turns before the query, oldest first.
+        k: settings listed (default: retriever.json).
+        prior_weight: λ (default: retriever.json).
+        no_threshold: list the top k even under the relevance threshold.
+    """
     from ..retrieval.retriever import Retriever
 
-    retriever = Retriever.load(args.dir)
-    threshold = float("-inf") if args.no_threshold else None
-    history = _read_history(args.history) if args.history else ()
-    hits = retriever.search(
-        args.character,
-        args.query,
-        args.k,
-        history=history,
-        prior_weight=args.prior_weight,
-        threshold=threshold,
-    )
-    print(f"{args.character} | {args.query!r}")
+    loaded = Retriever.load(retriever)
+    turns = _read_history(history) if history else ()
+    threshold = float("-inf") if no_threshold else None
+    hits = loaded.search(character, query, k, history=turns, prior_weight=prior_weight, threshold=threshold)
+    print(f"{character} | {query!r}")
     print(f"{'rank':>4} {'score':>7} {'sim':>7} {'dialog':>7} {'prior':>7}  setting")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:>4} {h.score:7.3f} {h.similarity:7.3f} {h.dialogue:7.3f} {h.prior:7.3f}  {h.setting}")
@@ -239,69 +349,3 @@ def _read_history(path: str) -> list[dict]:
         if not t["text"].strip() or len(t["text"]) > MAX_TEXT_CHARS:
             raise DataError(f"{path}: turn {i}: text is empty or over {MAX_TEXT_CHARS} characters")
     return turns
-
-
-def build_parser(name: str) -> argparse.ArgumentParser:
-    """The argument parser of one tool command (``replugchar NAME --help``)."""
-    p = argparse.ArgumentParser(prog=f"replugchar {name}", description=COMMANDS[name])
-    if name not in ("retrieve", "add-characters"):
-        p.add_argument("--config", help=CONFIG_HELP)
-    if name == "score":
-        p.add_argument(
-            "--split",
-            choices=("train", "val", "test", "all", "every"),
-            default="all",
-            help="all = train + val (what fit scores); every = train + val + test",
-        )
-        p.add_argument("--chunk", type=int, default=64, help="pairs per cache flush")
-        p.set_defaults(func=cmd_score)
-    elif name == "priors":
-        p.add_argument("method", choices=("lm-utility", "judge", "import", "fit-weight"))
-        p.add_argument("--out", required=True)
-        p.add_argument(
-            "--file", help="import: JSONL/CSV with character_id, setting_id (index or text), score"
-        )
-        p.add_argument("--judge_lm", help="judge: LM spec (default: model.lm)")
-        p.add_argument("--template", help="judge: file with a prompt template containing {setting}")
-        p.add_argument("--priors", help="fit-weight: priors.jsonl")
-        p.add_argument("--ckpt_path", help="fit-weight: trained checkpoint (default: the config's encoder)")
-        p.set_defaults(func=cmd_priors)
-    elif name in ("index", "export"):
-        p.add_argument("--out", required=True)
-        p.add_argument("--ckpt_path", help="trained checkpoint (default: the config's untrained encoder)")
-        p.add_argument("--priors", help="priors.jsonl from `replugchar priors`")
-        p.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat")
-        if name == "export":
-            p.add_argument("--fitted", help="JSON from `priors fit-weight` (dialogue scale, λ, threshold)")
-            p.add_argument("--prior_weight", type=float, help="λ (overrides --fitted)")
-        p.set_defaults(func=cmd_index if name == "index" else cmd_export)
-    elif name == "add-characters":
-        p.add_argument("--dir", required=True, help="export folder to add to (replaced atomically)")
-        p.add_argument("--characters", required=True, help="characters.jsonl in the data schema")
-        p.add_argument("--out", help="write the extended folder here instead of replacing --dir")
-        p.set_defaults(func=cmd_add_characters)
-    elif name == "retrieve":
-        p.add_argument("--dir", required=True, help="export folder")
-        p.add_argument("--character", required=True)
-        p.add_argument("--query", required=True)
-        p.add_argument(
-            "--history", help="JSON file: list of {role, text} turns before the query, oldest first"
-        )
-        p.add_argument("--k", type=int, default=None)
-        p.add_argument("--prior_weight", type=float, default=None, help="λ (default: retriever.json)")
-        p.add_argument(
-            "--no_threshold", action="store_true", help="list the top k even under the relevance threshold"
-        )
-        p.set_defaults(func=cmd_retrieve)
-    return p
-
-
-def run_tool(name: str, argv: list[str]) -> None:
-    parser = build_parser(name)
-    args, rest = parser.parse_known_args(argv)
-    if rest and (
-        name in ("retrieve", "add-characters")
-        or not all(a.startswith(("--model.", "--data.")) or not a.startswith("--") for a in rest)
-    ):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.func(args, rest)

@@ -12,11 +12,13 @@ import dataclasses
 import logging
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from ..core.data import Corpus, check_split, split_characters
 from ..core.scoring import ScoringRule
+from ..lm.gains import LMTable
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
 from ..lm.score_cache import build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
@@ -34,13 +36,13 @@ PAIRS = (
 
 def evaluate(
     data_dir: str = "demo",
-    out_dir: str = "runs/eval",
-    trained: str | None = None,
+    out: str = "runs/eval",
+    retriever: str | None = None,
     base_encoder: str = EMBEDDED_ENCODER,
     lm: str | None = None,
     template: PromptTemplate | None = None,
     query_text: str = "query",
-    split: str = "val",
+    split: Literal["val", "test", "all"] = "val",
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     seed: int | None = None,
@@ -62,8 +64,8 @@ def evaluate(
 
     Args:
         data_dir: data folder (shared schema) or "demo".
-        out_dir: where results.json, results.md and results.png go.
-        trained: export folder of the LSR-trained retriever (``replugchar export`` / end of ``fit``);
+        out: folder to write results.json, results.md and results.png to.
+        retriever: export folder of the LSR-trained retriever (``replugchar export`` / end of ``fit``);
             None skips the trained and dialogue methods. Its training characters are excluded from evaluation.
         base_encoder: the untrained encoder (the "base" methods).
         lm: frozen LM; None = the one the trained retriever was trained with (retriever.json), else SmolLM2.
@@ -94,12 +96,9 @@ def evaluate(
 
     if split not in ("val", "test", "all"):
         raise ValueError(f"split must be val, test or all, got {split!r}")
-    retriever = Retriever.load(trained) if trained else None
-    config = retriever.config if retriever else {}
-    stored = config.get("scorer", {})
-    own_lm = lm is not None  # --lm replaces the stored LM wholly (its revision too)
-    lm = lm or stored.get("lm", EMBEDDED_LM)
-    log.info("frozen LM: %s%s", lm, "" if own_lm or not retriever else " (from the export's retriever.json)")
+    exported = Retriever.load(retriever) if retriever else None
+    config = exported.config if exported else {}
+    lm, own_lm = _frozen_lm(config, lm)
     # neither the retriever's nor a fine-tuned teacher's training characters are evaluated
     exclude = set(config.get("train_characters") or []) | _finetuned(lm)
     val_fraction, test_fraction, seed = resolve_split(config, val_fraction, test_fraction, seed)
@@ -107,7 +106,8 @@ def evaluate(
         data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
     if prior_weight is None:
-        prior_weight = retriever.rule.prior_weight if retriever else 0.1
+        prior_weight = exported.rule.prior_weight if exported else 0.1
+    stored = config.get("scorer", {})
     scorer = build_scorer(
         lm,
         template=template or stored.get("template") or config.get("template"),
@@ -119,48 +119,91 @@ def evaluate(
         score_cache_dir=score_cache_dir,
     )
     table = ev.lm_table(examples, chars, scorer)
-    priors = ev.loo_priors(examples, table.gains)
-    wanted = list(methods or ev.METHODS)
-    base = Retriever(load_encoder(base_encoder), None, {"query_text": query_text})
-    scores = method_scores(wanted, examples, chars, table, priors, prior_weight, base, retriever, seed)
-    per_method = {
-        method: _rows(sc, examples, table, priors, k, ensemble_temperature) for method, sc in scores.items()
-    }
-    if concat_k > 0:
-        _add_concat(per_method, scores, examples, chars, scorer, concat_k)
-    result = ev.EvalResult()
-    result.table, result.paired = ev.aggregate(per_method, examples, n_boot, seed, PAIRS)
-    if distractors > 0:
-        result.pool = _pool_metrics(
-            list(scores),
-            examples,
-            chars,
-            table.gains,
-            priors,
-            distractors,
-            seed,
-            base,
-            retriever,
-            prior_weight,
-        )
+    ranking = _Ranking(
+        examples,
+        chars,
+        table,
+        ev.loo_priors(examples, table.gains),
+        Retriever(load_encoder(base_encoder), None, {"query_text": query_text}),
+        exported,
+        prior_weight,
+        seed,
+    )
+    result = _compare(
+        ranking, list(methods or ev.METHODS), scorer, k, concat_k, distractors, ensemble_temperature, n_boot
+    )
     result.meta = {
+        **_meta(data_dir, split, examples, base_encoder, retriever, prior_weight, k, distractors),
+        "lm": scorer.scorer.lm_key if scorer.scorer else None,
+        "scoring": exported.rule.to_dict() if exported else None,
+        "score_cache": str(scorer.folder),
+        "lm_pairs_scored_now": scorer.misses,
+    }
+    folder = ev.save_result(result, out)
+    print(ev.markdown_table(result))
+    print(f"\nevaluation written to {folder}/results.json, results.md, results.png")
+    return result
+
+
+def _meta(data_dir, split, examples, base_encoder, retriever, prior_weight, k, distractors) -> dict:
+    """What results.json says the table was computed on (with the LM and score cache of the run)."""
+    return {
         "data_dir": str(data_dir),
         "split": split,
         "n_examples": len(examples),
         "n_characters": len({e.character_id for e in examples}),
-        "lm": scorer.scorer.lm_key if scorer.scorer else None,
         "base_encoder": base_encoder,
-        "trained": trained,
+        "retriever": retriever,
         "prior_weight": prior_weight,
-        "scoring": retriever.rule.to_dict() if retriever else None,
         "k": k,
         "distractors": distractors,
-        "score_cache": str(scorer.folder),
-        "lm_pairs_scored_now": scorer.misses,
     }
-    out = ev.save_result(result, out_dir)
-    print(ev.markdown_table(result))
-    print(f"\nevaluation written to {out}/results.json, results.md, results.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranking:
+    """What every method of the table ranks with: the examples, their LM table and LOO priors, the retrievers."""
+
+    examples: list
+    chars: dict
+    table: LMTable
+    priors: list[np.ndarray]
+    base: object
+    exported: object | None
+    prior_weight: float
+    seed: int
+
+
+def _frozen_lm(config: dict, lm: str | None) -> tuple[str, bool]:
+    """(the LM to score with, whether the caller named it): ``lm``, else the export's, else SmolLM2."""
+    own_lm = lm is not None  # --lm replaces the stored LM wholly (its revision too)
+    lm = lm or config.get("scorer", {}).get("lm", EMBEDDED_LM)
+    log.info("frozen LM: %s%s", lm, "" if own_lm or not config else " (from the export's retriever.json)")
+    return lm, own_lm
+
+
+def _compare(
+    r: _Ranking,
+    wanted: list[str],
+    scorer,
+    k: int,
+    concat_k: int,
+    distractors: int,
+    ensemble_temperature: float,
+    n_boot: int,
+) -> ev.EvalResult:
+    """Every wanted method's per-example metrics, aggregated with paired intervals (and the distractor pools)."""
+    scores = method_scores(wanted, r)
+    per_method = {
+        method: _rows(sc, r.examples, r.table, r.priors, k, ensemble_temperature)
+        for method, sc in scores.items()
+    }
+    if concat_k > 0:
+        _add_concat(per_method, scores, r.examples, r.chars, scorer, concat_k)
+    result = ev.EvalResult()
+    result.table, result.paired = ev.aggregate(per_method, r.examples, n_boot, r.seed, PAIRS)
+    if distractors > 0:
+        result.pool = _pool_metrics(list(scores), r, distractors)
     return result
 
 
@@ -211,42 +254,42 @@ def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_exam
     return examples, corpus.characters
 
 
-def _retrievers(base, trained, prior_weight: float) -> dict:
+def _retrievers(base, exported, prior_weight: float) -> dict:
     """method -> (retriever, rule, uses priors): every retriever row of the table."""
     zero = ScoringRule()
     out = {
         "base": (base, zero, False),
         "base+prior": (base, dataclasses.replace(zero, prior_weight=prior_weight), True),
     }
-    if trained is not None:
-        rule = trained.rule
-        out["trained"] = (trained, zero, False)
-        out["trained+prior"] = (trained, dataclasses.replace(zero, prior_weight=prior_weight), True)
-        out["dialogue"] = (trained, dataclasses.replace(rule, prior_weight=0.0), False)
-        out["dialogue+prior"] = (trained, dataclasses.replace(rule, prior_weight=prior_weight), True)
+    if exported is not None:
+        rule = exported.rule
+        out["trained"] = (exported, zero, False)
+        out["trained+prior"] = (exported, dataclasses.replace(zero, prior_weight=prior_weight), True)
+        out["dialogue"] = (exported, dataclasses.replace(rule, prior_weight=0.0), False)
+        out["dialogue+prior"] = (exported, dataclasses.replace(rule, prior_weight=prior_weight), True)
     return out
 
 
-def method_scores(wanted, examples, chars, table, priors, prior_weight, base, trained, seed) -> dict:
+def method_scores(wanted: Sequence[str], r: _Ranking) -> dict:
     """method -> per-example score arrays over the character's settings (None for "none")."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(r.seed)
     scores: dict[str, list[np.ndarray] | None] = {}
     if "none" in wanted:
         scores["none"] = None
     if "random" in wanted:
-        scores["random"] = [rng.random(len(chars[e.character_id].settings)) for e in examples]
+        scores["random"] = [rng.random(len(r.chars[e.character_id].settings)) for e in r.examples]
     if "bm25" in wanted:
-        scores["bm25"] = ev.bm25_scores(examples, chars)
-    for method, (retriever, rule, with_prior) in _retrievers(base, trained, prior_weight).items():
+        scores["bm25"] = ev.bm25_scores(r.examples, r.chars)
+    for method, (retriever, rule, with_prior) in _retrievers(r.base, r.exported, r.prior_weight).items():
         if method in wanted:
             scores[method] = [
                 retriever.rank_example(
-                    e, chars[e.character_id].settings, priors[i] if with_prior else None, rule=rule
+                    e, r.chars[e.character_id].settings, r.priors[i] if with_prior else None, rule=rule
                 )
-                for i, e in enumerate(examples)
+                for i, e in enumerate(r.examples)
             ]
     if "oracle" in wanted:
-        scores["oracle"] = table.gains
+        scores["oracle"] = r.table.gains
     return {m: scores[m] for m in wanted if m in scores}
 
 
@@ -278,58 +321,40 @@ def _add_concat(per_method, scores, examples, chars, scorer, concat_k: int) -> N
         per_method[method][i][f"nll_top{concat_k}_concat"] = -v
 
 
-def _pool_metrics(
-    methods: Sequence[str],
-    examples,
-    chars,
-    gains,
-    priors,
-    n_distract: int,
-    seed: int,
-    base,
-    trained,
-    prior_weight,
-) -> dict:
+def _pool_metrics(methods: Sequence[str], r: _Ranking, n_distract: int) -> dict:
     """Rank own settings + distractors; hit@1 / MRR of the own LM-best setting (distractors count as wrong)."""
-    rng = random.Random(seed)
-    pool_settings = [(cid, s) for cid, c in chars.items() for s in c.settings]
-    rankers = _retrievers(base, trained, prior_weight)
+    rng = random.Random(r.seed)
+    pool_settings = [(cid, s) for cid, c in r.chars.items() for s in c.settings]
     out: dict[str, dict[str, list[float]]] = {
         m: {"hit1_lm_best": [], "mrr": []} for m in methods if m != "none"
     }
-    for i, e in enumerate(examples):
-        own = list(chars[e.character_id].settings)
+    for i, e in enumerate(r.examples):
+        own = list(r.chars[e.character_id].settings)
         others = [s for cid, s in pool_settings if cid != e.character_id]
         distract = rng.sample(others, min(n_distract, len(others)))
-        pool = own + distract
-        best = int(np.argmax(gains[i]))
-        prior_vec = np.concatenate([priors[i], np.zeros(len(distract))])
-        for method in out:
-            if method == "random":
-                s = np.array([rng.random() for _ in pool])
-            elif method == "oracle":
-                s = np.concatenate([gains[i], np.full(len(distract), -np.inf)])
-            elif method == "bm25":
-                s = ev.bm25_rank(pool, [e.query], chars[e.character_id].language)[0]
-            else:
-                retriever, rule, with_prior = rankers[method]
-                s = retriever.rank_example(e, pool, prior_vec if with_prior else None, rule=rule)
-            order = np.argsort(-s, kind="stable")
-            rank = int(np.where(order == best)[0][0]) + 1
+        best = int(np.argmax(r.table.gains[i]))
+        for method, s in _pool_scores(list(out), r, i, own, distract, rng).items():
+            rank = int(np.where(np.argsort(-s, kind="stable") == best)[0][0]) + 1
             out[method]["hit1_lm_best"].append(float(rank == 1))
             out[method]["mrr"].append(1.0 / rank)
     return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
 
 
-def main(argv: list[str]) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="replugchar evaluate", description=evaluate.__doc__)
-    parser.add_argument(
-        "--config", action=ActionConfigFile, help="an evaluation config (configs/eval_*.yaml)"
-    )
-    parser.add_function_arguments(evaluate, as_group=False)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in init.items() if k != "config"}
-    evaluate(**kwargs)
+def _pool_scores(methods, r: _Ranking, i: int, own: list[str], distract: list[str], rng) -> dict:
+    """method -> scores of example ``i``'s pool (its character's settings, then the distractors)."""
+    e = r.examples[i]
+    pool = own + distract
+    prior_vec = np.concatenate([r.priors[i], np.zeros(len(distract))])
+    rankers = _retrievers(r.base, r.exported, r.prior_weight)
+    out = {}
+    for method in methods:
+        if method == "random":
+            out[method] = np.array([rng.random() for _ in pool])
+        elif method == "oracle":
+            out[method] = np.concatenate([r.table.gains[i], np.full(len(distract), -np.inf)])
+        elif method == "bm25":
+            out[method] = ev.bm25_rank(pool, [e.query], r.chars[e.character_id].language)[0]
+        else:
+            retriever, rule, with_prior = rankers[method]
+            out[method] = retriever.rank_example(e, pool, prior_vec if with_prior else None, rule=rule)
+    return out

@@ -140,49 +140,49 @@ def aggregate(
     seed: int,
     pairs: Sequence[tuple[str, str]],
 ) -> tuple[dict, dict]:
+    """(table, paired): per method, group and metric the mean with its 95% dialogue-bootstrap interval; per pair
+    of methods the mean paired difference of the headline metrics with its interval."""
     dialogues = np.array([e.dialogue_id for e in examples])
     qtypes = np.array([e.query_type for e in examples])
     table: dict = {}
     for method, rows in per_method.items():
-        table[method] = {}
-        for group in QUERY_GROUPS:
-            mask = np.ones(len(rows), bool) if group == "all" else qtypes == group
-            if not mask.any():
-                continue
-            table[method][group] = {}
-            for metric in sorted({m for r in rows for m in r}):
-                vals = np.array([r.get(metric, np.nan) for r in rows])
-                sel = mask & ~np.isnan(vals)
-                if not sel.any():
-                    continue
-                lo, hi = bootstrap_ci(vals[sel], dialogues[sel], n_boot, seed)
-                table[method][group][metric] = {
-                    "mean": float(vals[sel].mean()),
-                    "lo": lo,
-                    "hi": hi,
-                    "n": int(sel.sum()),
-                }
+        values = {m: _column(rows, m) for m in sorted({m for r in rows for m in r})}
+        table[method] = {
+            group: {m: {"mean": mean, "lo": lo, "hi": hi, "n": n} for m, (mean, lo, hi, n) in stats.items()}
+            for group, stats in _by_group(values, qtypes, dialogues, n_boot, seed).items()
+        }
     paired: dict = {}
     for a, b in pairs:
         if a not in per_method or b not in per_method:
             continue
-        key = f"{a} vs {b}"
-        paired[key] = {}
-        for group in QUERY_GROUPS:
-            mask = np.ones(len(examples), bool) if group == "all" else qtypes == group
-            if not mask.any():
-                continue
-            paired[key][group] = {}
-            for metric in HEADLINE:
-                va = np.array([r.get(metric, np.nan) for r in per_method[a]])
-                vb = np.array([r.get(metric, np.nan) for r in per_method[b]])
-                d = va - vb
-                sel = mask & ~np.isnan(d)
-                if not sel.any():
-                    continue
-                lo, hi = bootstrap_ci(d[sel], dialogues[sel], n_boot, seed)
-                paired[key][group][metric] = {"diff": float(d[sel].mean()), "lo": lo, "hi": hi}
+        diffs = {m: _column(per_method[a], m) - _column(per_method[b], m) for m in HEADLINE}
+        paired[f"{a} vs {b}"] = {
+            group: {m: {"diff": mean, "lo": lo, "hi": hi} for m, (mean, lo, hi, _) in stats.items()}
+            for group, stats in _by_group(diffs, qtypes, dialogues, n_boot, seed).items()
+        }
     return table, paired
+
+
+def _column(rows: Sequence[dict], metric: str) -> np.ndarray:
+    """One metric over the examples, NaN where it is not defined (e.g. a metric of greetings only)."""
+    return np.array([r.get(metric, np.nan) for r in rows])
+
+
+def _by_group(values: dict[str, np.ndarray], qtypes, dialogues, n_boot: int, seed: int) -> dict:
+    """group -> metric -> (mean, lo, hi, n) over the group's examples where the metric is defined; a group
+    with no example and a metric with no value there are left out."""
+    out: dict = {}
+    for group in QUERY_GROUPS:
+        mask = np.ones(len(qtypes), bool) if group == "all" else qtypes == group
+        if not mask.any():
+            continue
+        out[group] = {}
+        for metric, vals in values.items():
+            sel = mask & ~np.isnan(vals)
+            if sel.any():
+                lo, hi = bootstrap_ci(vals[sel], dialogues[sel], n_boot, seed)
+                out[group][metric] = (float(vals[sel].mean()), lo, hi, int(sel.sum()))
+    return out
 
 
 def markdown_table(result: EvalResult, groups: Sequence[str] = ("all", "greeting")) -> str:

@@ -114,7 +114,6 @@ def report(
     import torch
 
     from ..lm.models import load_encoder
-    from ..lm.score_cache import build_scorer
     from ..retrieval.retriever import Retriever
     from .evaluate import select_examples
 
@@ -124,44 +123,40 @@ def report(
     examples, characters = select_examples(
         data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
-
-    def table_of(spec: str) -> LMTable:
-        scorer = build_scorer(
-            spec,
-            template=template,
-            lm_dtype=lm_dtype,
-            max_length=max_length,
-            lm_batch_tokens=lm_batch_tokens,
-            score_cache_dir=score_cache_dir,
-            device=device,
-        )
-        table = lm_table(examples, characters, scorer)
-        log.info("%s: %d pairs from the score cache, %d scored now", spec, scorer.hits, scorer.misses)
-        return table
-
-    table = table_of(lm)
-    other = table_of(other_lm) if other_lm else None
+    scoring = dict(
+        template=template,
+        lm_dtype=lm_dtype,
+        max_length=max_length,
+        lm_batch_tokens=lm_batch_tokens,
+        score_cache_dir=score_cache_dir,
+        device=device,
+    )
+    table = _table_of(lm, examples, characters, scoring)
+    other = _table_of(other_lm, examples, characters, scoring) if other_lm else None
     base = Retriever(load_encoder(base_encoder, device=device), None, {"query_text": "query"})
     similarity = [base.rank_example(e, characters[e.character_id].settings) for e in examples]
     numbers = teacher_report(table, similarity, other)
     numbers["n_characters"] = float(len({e.character_id for e in examples}))
-    meta = {"lm": lm, "other_lm": other_lm, "data_dir": data_dir, "split": split, "excluded": sorted(exclude)}
-    lines = [f"teacher report: {lm} on {data_dir} ({split} split, {len(examples)} turns)"]
-    lines += [f"  {key:<28} {value:.4f}" for key, value in numbers.items()]
-    print("\n".join(lines))
+    print(f"teacher report: {lm} on {data_dir} ({split} split, {len(examples)} turns)")
+    print("\n".join(f"  {key:<28} {value:.4f}" for key, value in numbers.items()))
     if out:
+        meta = {
+            "lm": lm,
+            "other_lm": other_lm,
+            "data_dir": data_dir,
+            "split": split,
+            "excluded": sorted(exclude),
+        }
         write_text(out, json.dumps({**numbers, **meta}, indent=2) + "\n")
         log.info("teacher report written to %s", out)
     return numbers
 
 
-def main(argv: list[str]) -> dict[str, float]:
-    """``replugchar teacher-report [--config report.yaml] [--option value ...]``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def _table_of(spec: str, examples, characters, scoring: dict) -> LMTable:
+    """The LM table of ``spec`` over the examples, from the shared score cache where it has the pairs."""
+    from ..lm.score_cache import build_scorer
 
-    parser = ArgumentParser(prog="replugchar teacher-report", description=report.__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML with any of the options below")
-    parser.add_function_arguments(report, as_group=False)
-    cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
-    return report(**{k: v for k, v in init.items() if k != "config"})
+    scorer = build_scorer(spec, **scoring)
+    table = lm_table(examples, characters, scorer)
+    log.info("%s: %d pairs from the score cache, %d scored now", spec, scorer.hits, scorer.misses)
+    return table

@@ -193,18 +193,10 @@ def generate_tokens(
     return ids
 
 
-def generate_reply(
-    model,
-    tok,
-    template: PromptTemplate,
-    hits: Sequence[Scored],
-    history: Sequence[Turn],
-    query: str,
-    mode: str = "concat",
-    **options,
-) -> str:
-    """The character's reply (text, without special tokens, cut at a new turn): see :func:`generate_tokens`."""
-    ids = generate_tokens(model, tok, template, hits, history, query, mode, **options)
+def generate_reply(model, tok, template: PromptTemplate, *prompt, **options) -> str:
+    """The character's reply (text, without special tokens, cut at a new turn): the arguments and options of
+    :func:`generate_tokens` (``hits, history, query, mode``), decoded."""
+    ids = generate_tokens(model, tok, template, *prompt, **options)
     return reply_text(tok.decode(ids, skip_special_tokens=True), template)[0]
 
 

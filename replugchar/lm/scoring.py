@@ -599,27 +599,29 @@ class LMScorer:
         logp_sum: np.ndarray,
     ) -> None:
         """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation."""
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id
-        # a group's cached prefix also takes the tokens that all its members' suffixes start with (with the default
-        # template, "Character" of both "Character trait:" and "Character:"): the same ids, run once
-        full, common = [], []
-        for prefix, members in groups:
-            suffixes = [encoded[i][1][: len(encoded[i][1]) - encoded[i][2]] for i in members]
-            n = 0
-            while all(len(x) > n for x in suffixes) and len({x[n] for x in suffixes}) == 1:
-                n += 1
-            full.append([*prefix, *suffixes[0][:n]])
-            common.append(n)
-        # hold back the last cached token where a member's suffix is all cached (so its continuation would be the
-        # response alone, whose first token is predicted at the position before it)
-        hold = [
-            any(len(encoded[i][1]) - encoded[i][2] == n for i in members)
-            for (_, members), n in zip(groups, common)
+        full, common, heads = _prefix_heads(groups, encoded)
+        prefix_mask, layers = self._run_prefixes(heads)
+        # candidates: (prefix row, request index, continuation, response length), the continuation being
+        # [held-back token +] the rest of the suffix + response + eos
+        cands = [
+            (row, i, [*full[row][len(heads[row]) :], *encoded[i][1][common[row] :]], encoded[i][2])
+            for row, (_, members) in enumerate(groups)
+            for i in members
         ]
-        heads = [f[:-1] if h else f for f, h in zip(full, hold)]
+        # longest continuation first, cut where padding costs more than another forward (see _padded_partition)
+        cands.sort(key=lambda c: -len(c[2]))
+        head_len = [len(h) for h in heads]
+        widths, cached = [len(c[2]) for c in cands], [head_len[c[0]] for c in cands]
+        for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
+            self._score_continuations(cands[lo:hi], head_len, prefix_mask, layers, logp_sum)
+
+    def _run_prefixes(self, heads: Sequence[list[int]]):
+        """(prefix attention mask, KV cache tensors) of the left-padded prefixes, run once."""
+        device = next(self.model.parameters()).device
         past = max(len(h) for h in heads)
-        ids = torch.full((len(heads), past), pad, dtype=torch.long)  # (prefixes, past), left-padded
+        ids = torch.full(
+            (len(heads), past), self.tokenizer.pad_token_id, dtype=torch.long
+        )  # (prefixes, past)
         prefix_mask = torch.zeros((len(heads), past), dtype=torch.long)
         for row, head in enumerate(heads):
             ids[row, past - len(head) :] = torch.tensor(head)
@@ -637,29 +639,45 @@ class LMScorer:
         cache = getattr(out, "cache", None)
         layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
         del out, cache
+        return prefix_mask, layers
 
-        # candidates: (prefix row, request index, continuation, response length), the continuation being
-        # [held-back token +] the rest of the suffix + response + eos
-        cands = [
-            (row, i, [*full[row][len(heads[row]) :], *encoded[i][1][common[row] :]], encoded[i][2])
-            for row, (_, members) in enumerate(groups)
-            for i in members
-        ]
-        # longest continuation first, cut where padding costs more than another forward (see _padded_partition)
-        cands.sort(key=lambda c: -len(c[2]))
-        head_len = [len(h) for h in heads]
-        widths, cached = [len(c[2]) for c in cands], [head_len[c[0]] for c in cands]
-        for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
-            batch = cands[lo:hi]
-            rows = torch.tensor([row for row, _, _, _ in batch], device=device)
-            # the first `start` cached columns are padding for every row of this batch: not gathered
-            start = past - max(head_len[row] for row, _, _, _ in batch)
-            cont, cont_mask, resp_mask = self.collate([(seq, n) for _, _, seq, n in batch])  # (rows, width)
-            cont_mask = cont_mask.to(device)
-            mask = torch.cat([prefix_mask[rows, start:], cont_mask], dim=1)  # (rows, past - start + width)
-            token_logp = response_token_logprobs(
-                self.model, cont.to(device), mask, resp_mask, cache=_expanded_cache(layers, rows, start)
-            )
-            logp_sum[[i for _, i, _, _ in batch]] = token_logp.sum(-1).double().cpu().numpy()
-            self.forward_passes += 1
-            self.tokens_forwarded += int(cont_mask.sum())
+    def _score_continuations(
+        self, batch, head_len: list[int], prefix_mask, layers, logp_sum: np.ndarray
+    ) -> None:
+        """One forward of continuations over their prefixes' cache; their log-likelihood sums into ``logp_sum``."""
+        device = prefix_mask.device
+        past = prefix_mask.shape[1]
+        rows = torch.tensor([row for row, _, _, _ in batch], device=device)
+        # the first `start` cached columns are padding for every row of this batch: not gathered
+        start = past - max(head_len[row] for row, _, _, _ in batch)
+        cont, cont_mask, resp_mask = self.collate([(seq, n) for _, _, seq, n in batch])  # (rows, width)
+        cont_mask = cont_mask.to(device)
+        mask = torch.cat([prefix_mask[rows, start:], cont_mask], dim=1)  # (rows, past - start + width)
+        token_logp = response_token_logprobs(
+            self.model, cont.to(device), mask, resp_mask, cache=_expanded_cache(layers, rows, start)
+        )
+        logp_sum[[i for _, i, _, _ in batch]] = token_logp.sum(-1).double().cpu().numpy()
+        self.forward_passes += 1
+        self.tokens_forwarded += int(cont_mask.sum())
+
+
+def _prefix_heads(groups, encoded) -> tuple[list[list[int]], list[int], list[list[int]]]:
+    """(full cached prefix, tokens of it shared by all members' suffixes, the part run as the prefix) per group.
+
+    A group's cached prefix also takes the tokens that all its members' suffixes start with (with the default
+    template, "Character" of both "Character trait:" and "Character:"): the same ids, run once. The last cached
+    token is held back where a member's suffix is all cached (so its continuation would be the response alone,
+    whose first token is predicted at the position before it)."""
+    full, common = [], []
+    for prefix, members in groups:
+        suffixes = [encoded[i][1][: len(encoded[i][1]) - encoded[i][2]] for i in members]
+        n = 0
+        while all(len(x) > n for x in suffixes) and len({x[n] for x in suffixes}) == 1:
+            n += 1
+        full.append([*prefix, *suffixes[0][:n]])
+        common.append(n)
+    hold = [
+        any(len(encoded[i][1]) - encoded[i][2] == n for i in members)
+        for (_, members), n in zip(groups, common)
+    ]
+    return full, common, [f[:-1] if h else f for f, h in zip(full, hold)]

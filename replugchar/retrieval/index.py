@@ -218,60 +218,13 @@ class SettingIndex:
 
     @classmethod
     def load(cls, folder: str | Path, *, expected_dim: int | None = None) -> SettingIndex:
+        """The index of ``folder`` (index.json, index.faiss, settings.jsonl), each file checked: a bad file is a
+        ``ValueError`` / ``FileNotFoundError`` that names it, never a FAISS crash or a silent mismatch."""
         folder = Path(folder)
-        meta_path = folder / "index.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{folder}: no index.json (not a replugchar index folder)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            fmt = meta.get("format") if isinstance(meta, dict) else None
-            raise ValueError(f"{meta_path}: unsupported index format {fmt}")
-        if not isinstance(meta.get("dim"), int) or meta.get("kind") not in ("flat", "ivf", "hnsw"):
-            raise ValueError(f"{meta_path}: fields 'dim' (int) and 'kind' (flat/ivf/hnsw) are required")
-        if expected_dim is not None and meta["dim"] != expected_dim:
-            raise ValueError(
-                f"{meta_path}: index was built with {meta['dim']}-d embeddings but the encoder gives "
-                f"{expected_dim}-d: rebuild it with `replugchar index` for this encoder"
-            )
-        faiss_path = folder / "index.faiss"
-        if not faiss_path.is_file():
-            raise FileNotFoundError(f"{faiss_path}: missing (incomplete index folder)")
-        try:
-            index = faiss.read_index(str(faiss_path))
-        except RuntimeError as err:  # faiss reports a truncated or foreign file as a C++ exception
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ValueError(f"{faiss_path}: not a readable FAISS index ({first})") from None
-        records, priors = [], []
+        meta = _read_meta(folder / "index.json", expected_dim)
+        index = _read_faiss(folder / "index.faiss")
         settings_path = folder / "settings.jsonl"
-        if not settings_path.is_file():
-            raise FileNotFoundError(f"{settings_path}: missing (incomplete index folder)")
-        with settings_path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{settings_path}:{lineno}"
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                    records.append(
-                        SettingRecord(
-                            int(rec["setting_id"]),
-                            str(rec["character_id"]),
-                            int(rec["index_in_character"]),
-                            str(rec["text"]),
-                        )
-                    )
-                    priors.append(float(rec.get("prior", 0.0)))
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-                except (AttributeError, KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{where}: bad record ({type(err).__name__}: {err})") from None
-                if records[-1].setting_id != len(records) - 1:
-                    raise ValueError(f"{where}: setting ids must be 0..n-1 in order")
-                if not np.isfinite(priors[-1]):
-                    raise ValueError(f"{where}: field 'prior' must be finite, got {priors[-1]}")
+        records, priors = _read_settings(settings_path)
         if index.ntotal != len(records) or index.d != meta["dim"] + 1:
             raise ValueError(
                 f"{folder}: index.faiss holds {index.ntotal}x{index.d - 1} vectors but the id map "
@@ -281,3 +234,68 @@ class SettingIndex:
             return cls(index, records, np.asarray(priors, dtype=np.float32), meta)
         except ValueError as err:
             raise ValueError(f"{settings_path}: {err}") from None
+
+
+def _read_meta(meta_path: Path, expected_dim: int | None) -> dict:
+    """index.json: format version, embedding dim (the encoder's, if ``expected_dim``) and kind."""
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path.parent}: no index.json (not a replugchar index folder)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path}: unsupported index format {fmt}")
+    if not isinstance(meta.get("dim"), int) or meta.get("kind") not in ("flat", "ivf", "hnsw"):
+        raise ValueError(f"{meta_path}: fields 'dim' (int) and 'kind' (flat/ivf/hnsw) are required")
+    if expected_dim is not None and meta["dim"] != expected_dim:
+        raise ValueError(
+            f"{meta_path}: index was built with {meta['dim']}-d embeddings but the encoder gives "
+            f"{expected_dim}-d: rebuild it with `replugchar index` for this encoder"
+        )
+    return meta
+
+
+def _read_faiss(faiss_path: Path):
+    if not faiss_path.is_file():
+        raise FileNotFoundError(f"{faiss_path}: missing (incomplete index folder)")
+    try:
+        return faiss.read_index(str(faiss_path))
+    except RuntimeError as err:  # faiss reports a truncated or foreign file as a C++ exception
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{faiss_path}: not a readable FAISS index ({first})") from None
+
+
+def _read_settings(settings_path: Path) -> tuple[list[SettingRecord], list[float]]:
+    """settings.jsonl: one record per setting, ids 0..n-1 in order, finite priors; an error names its line."""
+    if not settings_path.is_file():
+        raise FileNotFoundError(f"{settings_path}: missing (incomplete index folder)")
+    records: list[SettingRecord] = []
+    priors: list[float] = []
+    with settings_path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{settings_path}:{lineno}"
+            record, prior = _setting_line(raw, where)
+            if record.setting_id != len(records):
+                raise ValueError(f"{where}: setting ids must be 0..n-1 in order")
+            if not np.isfinite(prior):
+                raise ValueError(f"{where}: field 'prior' must be finite, got {prior}")
+            records.append(record)
+            priors.append(prior)
+    return records, priors
+
+
+def _setting_line(raw: bytes, where: str) -> tuple[SettingRecord, float]:
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+        record = SettingRecord(
+            int(rec["setting_id"]), str(rec["character_id"]), int(rec["index_in_character"]), str(rec["text"])
+        )
+        return record, float(rec.get("prior", 0.0))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: bad record ({type(err).__name__}: {err})") from None

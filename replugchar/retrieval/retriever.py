@@ -203,49 +203,66 @@ class Retriever:
         k = k or self.config.get("k", 5)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        rule = dataclasses.replace(
-            self.rule, threshold=self.rule.threshold if threshold is None else threshold
-        )
-        if prior_weight is not None:
-            rule = dataclasses.replace(rule, prior_weight=prior_weight, gate=(0.0, 0.0))
+        rule = self._search_rule(prior_weight, threshold)
         if character_id not in self.index.ranges:
             raise KeyError(f"unknown character '{character_id}' (not in the index)")
         check_text(query, "query")
         lo, hi = self.index.ranges[character_id]
         q = self.embed_queries([query])  # (1, d)
-        weight = rule.prior_weight
-        if rule.uses_gate:  # the gate reads the query's best cosine: one FAISS search with the prior off
-            best = float(self.index.search(q, 1, character_ids=[character_id])[0][0, 0])
-            weight = float(
-                query_weight(torch.tensor(best), torch.tensor(len(history) == 0), rule.prior_weight,
-                             torch.tensor(rule.gate))
-            )  # fmt: skip
         # FAISS scores cos + w·G(s) over the prior-blended vectors of this character's settings
-        found, ids = self.index.search(q, hi - lo, character_ids=[character_id], prior_weight=weight)
-        order = ids[0] - lo  # positions within the character, best first by FAISS
+        found, ids = self.index.search(
+            q,
+            hi - lo,
+            character_ids=[character_id],
+            prior_weight=self._prior_weight(q, character_id, history, rule),
+        )
         vecs = self.index.character_vectors(character_id)[:, :-1]  # (n, d) the stored embeddings
         sims = (vecs @ q[0]).astype(np.float64)
-        priors = self.index.priors[lo:hi].astype(np.float64)  # G(s): imported prior + learned generality
         scores = np.empty(hi - lo)
-        scores[order] = found[0]
+        scores[ids[0] - lo] = found[0]  # positions within the character, best first by FAISS
         dialogue = np.zeros(hi - lo)
         if rule.uses_history and len(history):  # the dialogue evidence, the one part FAISS cannot hold
             plain = dataclasses.replace(rule, prior_weight=0.0, gate=(0.0, 0.0))
             dialogue = self._scores(query, vecs, history, None, plain)[0] - sims
             scores = scores + dialogue
+        return self._hits(lo, scores, sims, dialogue, k, rule.threshold)
+
+    def _search_rule(self, prior_weight: float | None, threshold: float | None) -> ScoringRule:
+        """The exported rule with :meth:`search`'s overrides: a given λ is a constant (the gate off)."""
+        rule = dataclasses.replace(
+            self.rule, threshold=self.rule.threshold if threshold is None else threshold
+        )
+        if prior_weight is not None:
+            rule = dataclasses.replace(rule, prior_weight=prior_weight, gate=(0.0, 0.0))
+        return rule
+
+    def _prior_weight(self, q: np.ndarray, character_id: str, history: History, rule: ScoringRule) -> float:
+        """w(x, h) of the rule; the gate reads the query's best cosine: one FAISS search with the prior off."""
+        if not rule.uses_gate:
+            return rule.prior_weight
+        best = float(self.index.search(q, 1, character_ids=[character_id])[0][0, 0])
+        return float(
+            query_weight(torch.tensor(best), torch.tensor(len(history) == 0), rule.prior_weight,
+                         torch.tensor(rule.gate))
+        )  # fmt: skip
+
+    def _hits(self, lo: int, scores, sims, dialogue, k: int, threshold: float | None) -> list[Hit]:
+        """The top-k of a character's settings (global rows from ``lo``) at or over the threshold, best first."""
+        priors = self.index.priors  # G(s): imported prior + learned generality
         hits = []
         for j in np.argsort(-scores, kind="stable")[:k]:
-            if rule.threshold is not None and scores[j] < rule.threshold:
+            if threshold is not None and scores[j] < threshold:
                 continue
             rec = self.index.records[lo + j]
+            similarity, prior, score = float(sims[j]), float(priors[lo + j]), float(scores[j])
             hits.append(
                 Hit(
                     rec.text,
                     rec.setting_id,
                     rec.index_in_character,
-                    float(sims[j]),
-                    float(priors[j]),
-                    float(scores[j]),
+                    similarity,
+                    prior,
+                    score,
                     float(dialogue[j]),
                 )
             )
