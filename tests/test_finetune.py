@@ -616,7 +616,7 @@ def test_the_finetuned_folder_is_the_teacher_of_fit_and_the_reader_of_chat(tmp_p
     run_main(monkeypatch, ["--config", str(REPO / "configs" / "finetune_debug.yaml")])
     folder = str(tmp_path / "runs" / "finetune_debug" / "lm")
     root = tmp_path / "lsr"
-    cli_main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--model.lm", folder,
+    cli_main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--model.lm.name", folder,
               f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"])  # fmt: skip
     config = json.loads((root / "retriever" / "retriever.json").read_text())
     assert config["scorer"]["lm"] == folder

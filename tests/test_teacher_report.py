@@ -15,7 +15,8 @@ from replugchar.evaluation.teacher_report import main, teacher_report
 from replugchar.lm.finetuned import finetuned_characters
 from replugchar.lm.gains import LMTable
 from replugchar.training.datamodule import LSRDataModule
-from replugchar.training.finetune import CharacterLMModule, CharacterSFTDataModule
+from replugchar.training.finetune import CharacterLMModule
+from replugchar.training.sft_data import CharacterSFTDataModule
 
 
 def table(none: list[float], per_setting: list[list[float]]) -> LMTable:

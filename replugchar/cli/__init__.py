@@ -141,7 +141,7 @@ def _dispatch(command: str, rest: list[str], explicit: bool) -> None:
 
         run(rest)
     elif command == "finetune-lm":
-        from ..training.finetune import main as run
+        from .lightning_cli import run_finetune as run
 
         run(rest)
     elif command == "teacher-report":

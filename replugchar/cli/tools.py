@@ -1,7 +1,7 @@
 """Tool commands: score, priors, index, export, retrieve.
 
 Each reads the same YAML as ``fit`` (``--config``), so the LM, template, score cache and character split are the
-ones training used; options after the tool's own flags override the YAML (e.g. ``--model.lm ...``).
+ones training used; options after the tool's own flags override the YAML (e.g. ``--model.lm.name ...``).
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def cmd_priors(args, rest) -> None:
     elif args.method == "judge":
         from ..lm.models import load_causal_lm
 
-        spec = args.judge_lm or module.hparams.lm
-        model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
+        spec = args.judge_lm or module.lm_options.name
+        model, tok = load_causal_lm(spec, trust_remote_code=module.lm_options.trust_remote_code)
         template = Path(args.template).read_text(encoding="utf-8") if args.template else priors.JUDGE_TEMPLATE
         table = priors.llm_judge_priors(dm.characters, model, tok, template, lm_id=spec)
     else:
@@ -161,7 +161,7 @@ def cmd_export(args, rest) -> None:
         kind=args.kind,
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
-        split=dm.split_spec(),
+        split=dm.split.to_dict(),
     )
     if table:
         save_priors(table, out / "priors.jsonl")

@@ -18,7 +18,7 @@ import numpy as np
 from ..core.data import Corpus, check_split, split_characters
 from ..core.scoring import ScoringRule
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
-from ..lm.score_cache import build_scorer
+from ..lm.score_cache import ScorerOptions, build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
 from . import metrics as ev
 
@@ -108,16 +108,16 @@ def evaluate(
     )
     if prior_weight is None:
         prior_weight = retriever.rule.prior_weight if retriever else 0.1
-    scorer = build_scorer(
-        lm,
-        template=template or stored.get("template") or config.get("template"),
-        lm_revision=None if own_lm else stored.get("lm_revision"),
-        lm_dtype=lm_dtype or stored.get("lm_dtype", "auto"),
+    options = ScorerOptions(
+        name=lm,
+        revision=None if own_lm else stored.get("lm_revision"),
+        dtype=lm_dtype or stored.get("lm_dtype", "auto"),
         max_length=max_length or stored.get("max_length", 512),
-        lm_batch_tokens=lm_batch_tokens,
+        max_batch_tokens=lm_batch_tokens,
         trust_remote_code=trust_remote_code,
         score_cache_dir=score_cache_dir,
     )
+    scorer = build_scorer(options, template or stored.get("template") or config.get("template"))
     table = ev.lm_table(examples, chars, scorer)
     priors = ev.loo_priors(examples, table.gains)
     wanted = list(methods or ev.METHODS)

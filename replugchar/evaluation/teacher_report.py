@@ -114,7 +114,7 @@ def report(
     import torch
 
     from ..lm.models import load_encoder
-    from ..lm.score_cache import build_scorer
+    from ..lm.score_cache import ScorerOptions, build_scorer
     from ..retrieval.retriever import Retriever
     from .evaluate import select_examples
 
@@ -126,15 +126,14 @@ def report(
     )
 
     def table_of(spec: str) -> LMTable:
-        scorer = build_scorer(
-            spec,
-            template=template,
-            lm_dtype=lm_dtype,
+        options = ScorerOptions(
+            name=spec,
+            dtype=lm_dtype,
             max_length=max_length,
-            lm_batch_tokens=lm_batch_tokens,
+            max_batch_tokens=lm_batch_tokens,
             score_cache_dir=score_cache_dir,
-            device=device,
         )
+        scorer = build_scorer(options, template, device=device)
         table = lm_table(examples, characters, scorer)
         log.info("%s: %d pairs from the score cache, %d scored now", spec, scorer.hits, scorer.misses)
         return table

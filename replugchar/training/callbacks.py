@@ -54,7 +54,7 @@ class ExportRetriever(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
         train_chars = sorted({e.character_id for e in getattr(dm, "train_examples", [])})
-        split = dm.split_spec() if hasattr(dm, "split_spec") else None
+        split = dm.split.to_dict() if hasattr(dm, "split") else None
         self.written = export_retriever(
             pl_module, out, metrics=metrics, data_dir=data_dir, train_characters=train_chars, split=split
         )

@@ -12,10 +12,19 @@ from .datamodule import LSRDataModule
 from .module import LSRModule
 
 
+def parser_settings() -> None:
+    """jsonargparse reads the docstring under each field of an option group (``model.lm``, ``model.loss``, ...)
+    into ``--help``; every parser of a fit or finetune config (``fit``, ``finetune-lm``, the tools) sets it."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
 def run_parser():
     """A jsonargparse parser of a fit config's ``model`` and ``data`` sections (``trainer`` is accepted, unused)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    parser_settings()
     parser = ArgumentParser(prog="replugchar", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a fit config (configs/*.yaml)")
     parser.add_class_arguments(LSRModule, "model")
