@@ -9,6 +9,8 @@ import zipfile
 import pytest
 from conftest import REPO
 
+from replugchar.lm.score_cache import ScorerOptions
+
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
 PACKAGE = REPO / "replugchar"
@@ -126,7 +128,7 @@ def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
     from replugchar.retrieval.export import export_retriever
     from replugchar.training.module import LSRModule
 
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
+    module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     module.characters = {
         "c1": Character("c1", ("I bake bread.", "I have a cat.")),
         "c2": Character("c2", ("I sail.",)),
@@ -135,7 +137,7 @@ def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
     keys = list(module.state_dict())
     # ... but never part of the checkpoint: the encoder and the dialogue head's few weights only
     assert keys and all(k.startswith(("encoder.", "head.")) for k in keys)
-    assert "lm_model" not in module.hparams and module.hparams.trust_remote_code is False
+    assert "lm_model" not in module.hparams and module.hparams.lm["trust_remote_code"] is False
 
     out = export_retriever(module, tmp_path / "export")
     files = [p for p in out.rglob("*") if p.is_file()]
