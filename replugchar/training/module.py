@@ -340,6 +340,7 @@ class LSRModule(L.LightningModule):
         return sim, mask
 
     def _step(self, examples: list[Example], prefix: str) -> Tensor:
+        """One LSR step: candidates from the index, the rule's scores, the LM's targets, the loss; logged."""
         cands = self.candidates(examples)
         sim, mask = self.similarities(examples, cands)
         lm = self.lm_targets(examples, cands)
@@ -347,37 +348,48 @@ class LSRModule(L.LightningModule):
         if self.head is not None and self.head.generality is not None and self.head_options.generality_l2:
             loss = loss + self.head_options.generality_l2 * self.head.generality.pow(2).sum()
         with torch.no_grad():
-            log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
-            neg = torch.finfo(sim.dtype).min
-            top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
-            agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
-            # lift: LM log-likelihood of the gold reply with the retriever's top-1 setting over the mean of the
-            # candidates (what a random candidate gets): > 0 means retrieval helps the LM. (A "gain" elsewhere in
-            # the package is over *no setting*.)
-            lm_mean = torch.where(target_ok := torch.isfinite(lm) & mask, lm, 0).sum(-1) / target_ok.sum(
-                -1
-            ).clamp(min=1)
-            top1_lift = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
+            metrics, agree, top1_lift, valid = self._metrics(sim, lm, mask)
             if prefix == "val":
-                # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
-                groups = torch.tensor(
-                    [zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64
-                )
-                rows = torch.stack(
-                    [groups, agree.cpu().double(), top1_lift.cpu().double()], dim=1
-                )  # (batch, 3)
-                self._val_rows.append(rows[(valid & torch.isfinite(top1_lift)).cpu()])
-            metrics = {
-                "loss": loss,
-                "retriever_entropy": entropy(log_pr)[valid].mean(),
-                "lm_entropy": entropy(log_q)[valid].mean(),
-                "top1_agreement": agree[valid].float().mean(),
-                "top1_lift": top1_lift[valid & torch.isfinite(top1_lift)].mean(),
-            }
-        bs = len(examples)
+                self._keep_val_rows(examples, agree, top1_lift, valid)
+        self._log_metrics({"loss": loss, **metrics}, prefix, len(examples))
+        return loss
+
+    def _metrics(
+        self, sim: Tensor, lm: Tensor, mask: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """What explains training (Atlas, LLM-Embedder): both entropies, top-1 agreement with the LM's best
+        candidate and the top-1 lift; also the per-query (batch,) agreement, lift and rows the loss counted."""
+        log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
+        neg = torch.finfo(sim.dtype).min
+        top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
+        agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
+        # lift: LM log-likelihood of the gold reply with the retriever's top-1 setting over the mean of the
+        # candidates (what a random candidate gets): > 0 means retrieval helps the LM. (A "gain" elsewhere in
+        # the package is over *no setting*.)
+        target_ok = torch.isfinite(lm) & mask
+        lm_mean = torch.where(target_ok, lm, 0).sum(-1) / target_ok.sum(-1).clamp(min=1)
+        top1_lift = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean  # (batch,)
+        metrics = {
+            "retriever_entropy": entropy(log_pr)[valid].mean(),
+            "lm_entropy": entropy(log_q)[valid].mean(),
+            "top1_agreement": agree[valid].float().mean(),
+            "top1_lift": top1_lift[valid & torch.isfinite(top1_lift)].mean(),
+        }
+        return metrics, agree, top1_lift, valid
+
+    def _keep_val_rows(
+        self, examples: list[Example], agree: Tensor, top1_lift: Tensor, valid: Tensor
+    ) -> None:
+        """(dialogue hash, agreement, lift) rows of this validation batch, for the paired before/after report."""
+        # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
+        groups = torch.tensor([zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64)
+        rows = torch.stack([groups, agree.cpu().double(), top1_lift.cpu().double()], dim=1)  # (batch, 3)
+        self._val_rows.append(rows[(valid & torch.isfinite(top1_lift)).cpu()])
+
+    def _log_metrics(self, metrics: dict[str, Tensor], prefix: str, batch_size: int) -> None:
         self.log_dict(
             {f"{prefix}/{k}": v for k, v in metrics.items()},
-            batch_size=bs,
+            batch_size=batch_size,
             prog_bar=False,
             on_step=prefix == "train",
             on_epoch=True,
@@ -386,14 +398,13 @@ class LSRModule(L.LightningModule):
         self.log(
             f"{prefix}_top1",
             metrics["top1_agreement"],
-            batch_size=bs,
+            batch_size=batch_size,
             prog_bar=True,
             on_epoch=True,
             on_step=False,
             logger=False,
             sync_dist=True,
         )
-        return loss
 
     def on_train_epoch_start(self) -> None:
         # sentence-transformers loads in eval mode and Lightning keeps submodule modes: train with dropout on
