@@ -75,7 +75,7 @@ def test_split_characters_and_caps():
 
 @pytest.mark.parametrize(
     ("kwargs", "option"),
-    [({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"),
+    [({"split": {"val_fraction": 1.0}}, r"data\.split\.val_fraction"), ({"batch_size": 0}, "batch_size"),
      ({"max_train_examples": 0}, "max_train_examples"), ({"query_types": ["hello"]}, "query_types")],
 )  # fmt: skip
 def test_datamodule_options_are_validated(kwargs, option):

@@ -113,12 +113,18 @@ def test_package_sources_have_no_unsafe_constructs():
 
 
 def test_trust_remote_code_defaults_to_false():
-    from replugchar.lm.models import load_causal_lm, load_encoder
+    from replugchar.lm.models import LMOptions, load_causal_lm, load_encoder
+    from replugchar.lm.score_cache import ScorerOptions
+    from replugchar.training.finetune import CharacterLMModule
     from replugchar.training.module import LSRModule
 
-    for fn in (load_encoder, load_causal_lm, LSRModule.__init__):
+    for fn in (load_encoder, load_causal_lm):
         param = inspect.signature(fn).parameters["trust_remote_code"]
         assert param.default is False, fn.__qualname__
+    # fit's and finetune-lm's LM options (model.lm.trust_remote_code), and the modules' defaults of them
+    assert LMOptions().trust_remote_code is False and ScorerOptions().trust_remote_code is False
+    for module in (LSRModule, CharacterLMModule):
+        assert inspect.signature(module.__init__).parameters["lm"].default.trust_remote_code is False
 
 
 def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
