@@ -310,7 +310,7 @@ def test_over_long_prompt_at_scoring_names_the_example(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"example 'ex-long': prompt \(\d+ tokens\) \+ response \(302\) exceed "
-        r"model\.max_length=200 even without dialogue context; the response is never truncated",
+        r"model\.lm\.max_length=200 even without dialogue context; the response is never truncated",
     ):
         scorer.score([ScoreRequest(ex, ("I am a cat.",))])
     assert scorer.pairs_scored == 0

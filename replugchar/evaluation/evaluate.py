@@ -53,7 +53,7 @@ def evaluate(
     n_boot: int = 1000,
     lm_dtype: str | None = None,
     max_length: int | None = None,
-    lm_batch_tokens: int = 4096,
+    max_batch_tokens: int = 4096,
     score_cache_dir: str | None = "auto",
     methods: list[str] | None = None,
     trust_remote_code: bool = False,
@@ -83,7 +83,7 @@ def evaluate(
         n_boot: bootstrap resamples (over dialogues) for the intervals.
         lm_dtype: None = the trained retriever's, else "auto" (bfloat16 on GPU, float32 on CPU).
         max_length: token limit of prompt + response; None = the trained retriever's, else 512.
-        lm_batch_tokens: token budget per LM forward pass.
+        max_batch_tokens: token budget per LM forward pass (padded tokens counted).
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         methods: subset of :data:`~replugchar.evaluation.metrics.METHODS` (default all that are available).
         trust_remote_code: let the LM's repository run its own code. Only this option (your config or command
@@ -113,7 +113,7 @@ def evaluate(
         revision=None if own_lm else stored.get("lm_revision"),
         dtype=lm_dtype or stored.get("lm_dtype", "auto"),
         max_length=max_length or stored.get("max_length", 512),
-        max_batch_tokens=lm_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         trust_remote_code=trust_remote_code,
         score_cache_dir=score_cache_dir,
     )

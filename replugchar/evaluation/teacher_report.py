@@ -84,7 +84,7 @@ def report(
     template: PromptTemplate | None = None,
     lm_dtype: str = "auto",
     max_length: int = 512,
-    lm_batch_tokens: int = 4096,
+    max_batch_tokens: int = 4096,
     score_cache_dir: str | None = "auto",
     device: str = "auto",
     out: str | None = None,
@@ -106,7 +106,7 @@ def report(
         template: LM prompt template (as in the fit config, so the score cache is shared).
         lm_dtype: "auto" = bfloat16 on GPU, float32 on CPU.
         max_length: token limit of prompt + response (as in the fit config).
-        lm_batch_tokens: token budget per LM forward pass.
+        max_batch_tokens: token budget per LM forward pass (padded tokens counted).
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         device: where the LMs run: "auto" = cuda when available, else cpu.
         out: also write the numbers to this JSON file (null: print only).
@@ -130,7 +130,7 @@ def report(
             name=spec,
             dtype=lm_dtype,
             max_length=max_length,
-            max_batch_tokens=lm_batch_tokens,
+            max_batch_tokens=max_batch_tokens,
             score_cache_dir=score_cache_dir,
         )
         scorer = build_scorer(options, template, device=device)

@@ -39,7 +39,7 @@ class ExportRetriever(L.Callback):
         self.written: Path | None = None
         self.mixing: Calibration | None = None
         self.generality_fit: GeneralityFit | None = None
-        """With ``model.generality``: the fitted β and per validation example the top-1 gain without and with
+        """With ``model.head.generality``: the fitted β and per validation example the top-1 gain without and with
         the learned generality (``generality_groups`` holds their dialogue hashes), for the fit report."""
         self.generality_groups: np.ndarray | None = None
 
