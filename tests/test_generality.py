@@ -18,9 +18,9 @@ from replugchar.lm.score_cache import ScorerOptions
 from replugchar.retrieval.export import add_characters, export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.calibration import fit_generality
-from replugchar.training.head import HeadOptions
+from replugchar.training.head import DialogueHead, HeadOptions
 from replugchar.training.losses import LSRLoss
-from replugchar.training.module import DialogueHead, LSRModule
+from replugchar.training.module import LSRModule
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 ALL = float("-inf")

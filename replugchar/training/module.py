@@ -147,7 +147,9 @@ class LSRModule(L.LightningModule):
         """After a validation epoch: (n, 3) rows of (dialogue hash, top-1 agreement 0/1, top-1 LM gain), in
         dataloader order, so two validations of the same split can be compared example by example."""
 
-    def _load_encoders(self, spec: str, share: bool, freeze: bool):
+    def _load_encoders(
+        self, spec: str, share: bool, freeze: bool
+    ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """(encoder, separate query encoder or None), the pooler frozen and, with ``freeze``, everything."""
         encoder = load_encoder(spec, trust_remote_code=self.lm_options.trust_remote_code)
         # sentence-transformers pools token embeddings itself: the HF model's own pooler (BERT, MPNet, ...) gets
