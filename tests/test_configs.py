@@ -144,7 +144,6 @@ def debug_raw() -> dict:
         ("model", "k", "five"),  # wrong type
         ("model", "loss.direction", "sideways"),  # not one of the Literal values
         ("model", "lm.max_batch_tokenz", 8),  # unknown key in a group
-        ("model", "lm_batch_tokens", 8),  # a flat name from before the option groups
         ("data", "batch_size", "big"),
         ("data", "data_dirr", "demo"),
         ("trainer", "max_stepz", 3),

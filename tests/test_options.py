@@ -168,3 +168,33 @@ def test_the_split_is_one_group_for_fit_finetune_and_the_export():
         SplitSpec(val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(ValueError, match=r"data\.split: unknown option\(s\) \['val_fractoin'\]"):
         as_options(SplitSpec, {"val_fractoin": 0.1}, "data.split")
+
+
+def test_a_config_or_flag_of_before_the_groups_names_where_each_option_went(tmp_path, monkeypatch):
+    from replugchar.cli.lightning_cli import run_finetune, run_lightning
+    from replugchar.training.run import load_run
+
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "model:\n  lm: tiny:gpt2\n  lm_batch_tokens: 9\n  kl_direction: retriever_to_lm\ndata:\n  seed: 3\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["replugchar"])
+    with pytest.raises(ValueError) as err:
+        run_lightning(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--config", str(old)])
+    message = str(err.value)
+    for moved in (
+        "model.lm is now model.lm.name",
+        "model.lm_batch_tokens is now model.lm.max_batch_tokens",
+        "model.kl_direction is now model.loss.direction",
+        "data.seed is now data.split.seed",
+    ):
+        assert moved in message
+    with pytest.raises(ValueError, match=r"--model\.head_learning_rate is now --model\.head\.learning_rate"):
+        load_run(["--config", str(REPO / "configs" / "debug.yaml"), "--model.head_learning_rate=0.1"])
+    with pytest.raises(ValueError, match=r"--model\.lora_r is now --model\.lora\.r"):
+        run_finetune(["--config", str(REPO / "configs" / "finetune_debug.yaml"), "--model.lora_r", "4"])
+    # the grouped spellings pass this check (a group given whole, as a mapping, too)
+    module, _ = load_run(
+        ["--config", str(REPO / "configs" / "debug.yaml"), "--model.lm", '{"max_batch_tokens": 9}']
+    )
+    assert module.lm_options.max_batch_tokens == 9 and module.lm_options.name == "tiny:gpt2"

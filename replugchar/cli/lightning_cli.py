@@ -20,10 +20,11 @@ from lightning.pytorch.cli import LightningCLI
 from ..core.scoring import FEATURES
 from ..evaluation.metrics import bootstrap_ci
 from ..training.callbacks import ExportRetriever
-from ..training.datamodule import LSRDataModule
+from ..training.datamodule import SPLIT_FLAT_NAMES, LSRDataModule
+from ..training.finetune import FLAT_NAMES as FINETUNE_FLAT_NAMES
 from ..training.finetune import CharacterLMModule, ExportCharacterLM
 from ..training.module import LSRModule, grouped_hparams
-from ..training.run import parser_settings
+from ..training.run import FIT_MOVES, check_moved_options, parser_settings
 from ..training.sft_data import CharacterSFTDataModule
 
 REPORTED = ("val/top1_agreement", "val/top1_lift", "val/loss", "val/retriever_entropy", "val/lm_entropy")
@@ -149,6 +150,10 @@ class LSRCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def parse_arguments(self, parser, args) -> None:
+        check_moved_options(sys.argv[1:] if args is None else args, FIT_MOVES)
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads the model options back from ``--ckpt_path`` (they override the config's). A
         checkpoint written before the option groups holds them flat: regroup them
@@ -258,6 +263,10 @@ class FinetuneCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        check_moved_options(args, {"model": FINETUNE_FLAT_NAMES, "data": SPLIT_FLAT_NAMES})
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportCharacterLM, "export")

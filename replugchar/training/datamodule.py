@@ -21,6 +21,10 @@ def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]
     return [examples[i] for i in sorted(picked)]
 
 
+SPLIT_FLAT_NAMES = {name: ("split", name) for name in ("val_fraction", "test_fraction", "seed")}
+"""The ``data`` options of before the option groups that moved into ``data.split``."""
+
+
 def collate_examples(batch: list[Example]) -> list[Example]:
     return list(batch)
 

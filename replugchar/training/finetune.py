@@ -41,6 +41,21 @@ from .optim import OptimizerOptions
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "replugchar_template.json"
+FLAT_NAMES = {
+    "lm": ("lm", "name"),
+    "lm_revision": ("lm", "revision"),
+    "lm_dtype": ("lm", "dtype"),
+    "max_length": ("lm", "max_length"),
+    "trust_remote_code": ("lm", "trust_remote_code"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "lora_target_modules": ("lora", "target_modules"),
+    "learning_rate": ("optimizer", "learning_rate"),
+    "weight_decay": ("optimizer", "weight_decay"),
+    "warmup_steps": ("optimizer", "warmup_steps"),
+}
+"""Where each ``model`` option of ``finetune-lm`` before the option groups went: ``old -> (group, field)``."""
 FINETUNE_OPTIMIZER = OptimizerOptions(learning_rate=2e-4, weight_decay=0.0)
 """``finetune-lm``'s optimiser defaults: LoRA's usual rate, no decay."""
 
