@@ -73,7 +73,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     torch.manual_seed(0)
     module, dm = load_run(rest)
-    hp = module.hparams
+    loss = module.loss_options
     examples = [*dm.train_examples, *dm.val_examples]
     settings = [dm.characters[e.character_id].settings for e in examples]
     k = min(len(s) for s in settings)
@@ -83,7 +83,7 @@ def main() -> None:
     requests = [ScoreRequest(e, (t,)) for e, ss in zip(examples, settings) for t in ss]
     scores = module.scorer.score(requests)
     module.flush_scores()
-    values = scores.logp_mean if hp.lm_score == "mean" else scores.logp_sum
+    values = scores.logp_mean if loss.lm_score == "mean" else scores.logp_sum
     lm = torch.as_tensor(values, dtype=torch.float32).view(len(examples), k)  # (n, k)
     q = torch.as_tensor(module.encode_all(module.query_strings(examples), queries=True))  # (n, d)
     s = torch.as_tensor(module.encode_all([t for ss in settings for t in ss])).view(len(examples), k, -1)
@@ -100,7 +100,7 @@ def main() -> None:
     random.Random(0).shuffle(chars)
     fold_of = {c: i % args.folds for i, c in enumerate(chars)}
     folds = np.array([fold_of[e.character_id] for e in examples])
-    loss_fn = LSRLoss(gamma=hp.gamma, beta=hp.beta, direction=hp.kl_direction)
+    loss_fn = LSRLoss(gamma=loss.gamma, beta=loss.beta, direction=loss.direction)
 
     base_top = torch.einsum("bd,bkd->bk", q, s).argmax(1).numpy()
     base_hit = (base_top == best).astype(float)
@@ -135,7 +135,7 @@ def main() -> None:
 
     print(
         f"\n{len(examples)} examples, {len(chars)} characters, k={k}, {args.folds}-fold CV by character; "
-        f"chance = {1 / k:.3f}; LM {hp.lm}, encoder {hp.encoder}, γ={hp.gamma}, β={hp.beta}\n"
+        f"chance = {1 / k:.3f}; LM {module.lm_options.name}, encoder {module.hparams.encoder}, γ={loss.gamma}, β={loss.beta}\n"
     )
     print(
         "| probe | top-1 agreement (CV) | vs similarity [95% CI] | top-1 LM gain (nats/token) |\n|---|---|---|---|"

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     chars = dm.characters
     test = dm.test_examples or dm.val_examples
     greet = [e for e in test if e.query_type == "greeting"]
-    other = _cap([e for e in test if e.query_type != "greeting"], args.max_other, dm.hparams.seed)
+    other = _cap([e for e in test if e.query_type != "greeting"], args.max_other, dm.split.seed)
     examples = greet + other
     table = lm_table(examples, chars, module.scorer)
     module.flush_scores()

@@ -38,7 +38,7 @@ VARIANTS = {
 def turn_features(module, examples, characters) -> tuple[np.ndarray, np.ndarray]:
     """(S, F): (n, width) cosines and (n, width, F) features, NaN / 0 past a character's settings."""
     retriever = module.as_retriever()
-    window = module.hparams.history_window
+    window = module.head_options.history_window
     width = max(len(characters[e.character_id].settings) for e in examples)
     sims = np.full((len(examples), width), np.nan)
     feats = np.zeros((len(examples), width, len(FEATURES)))
@@ -78,7 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="default: the config's model.head_learning_rate")
+    p.add_argument("--lr", type=float, default=None, help="default: the config's model.head.learning_rate")
     p.add_argument("--prior_weight", type=float, default=0.2)
     p.add_argument("--n_boot", type=int, default=1000)
     p.add_argument("--json", help="write the rows here")
@@ -95,8 +95,8 @@ def main() -> None:
     ids = sorted({e.character_id for e in examples})
     fold_of = {cid: i % 2 for i, cid in enumerate(ids)}
     fold = np.array([fold_of[e.character_id] for e in examples])
-    hp = module.hparams
-    lr = args.lr or hp.head_learning_rate
+    loss = module.loss_options
+    lr = args.lr or module.head_options.learning_rate
     n = np.arange(len(examples))
     plain_sims = np.where(np.isnan(sims), -np.inf, sims)
     out = []
@@ -107,8 +107,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, options in VARIANTS.items():
         loss_fn = LSRLoss(
-            gamma=hp.gamma,
-            beta=options.get("beta", hp.beta),
+            gamma=loss.gamma,
+            beta=options.get("beta", loss.beta),
             **{k: v for k, v in options.items() if k != "beta"},
         )
         diff, diff_p, weights = np.zeros(len(n)), np.zeros(len(n)), []

@@ -24,6 +24,8 @@ _API = {
     "fix_tokenizer": "lm.scoring",
     "CachedScorer": "lm.score_cache",
     "build_scorer": "lm.score_cache",
+    "ScorerOptions": "lm.score_cache",
+    "SplitSpec": "core.data",
     "SettingIndex": "retrieval.index",
     "LSRModule": "training.module",
     "LSRDataModule": "training.datamodule",
@@ -52,8 +54,10 @@ __all__ = [
     "PromptTemplate",
     "Retriever",
     "ScoreRequest",
+    "ScorerOptions",
     "ScoringRule",
     "SettingIndex",
+    "SplitSpec",
     "Turn",
     "build_scorer",
     "evaluate",
@@ -64,10 +68,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .core.data import Character, Corpus, DataError, Example, Turn, iter_jsonl
+    from .core.data import Character, Corpus, DataError, Example, SplitSpec, Turn, iter_jsonl
     from .core.scoring import FEATURES, ScoringRule
     from .evaluation.evaluate import evaluate
-    from .lm.score_cache import CachedScorer, build_scorer
+    from .lm.score_cache import CachedScorer, ScorerOptions, build_scorer
     from .lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
     from .retrieval.export import export_retriever
     from .retrieval.index import SettingIndex

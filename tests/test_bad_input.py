@@ -28,10 +28,12 @@ from replugchar.core.data import (
     Corpus,
     DataError,
     Example,
+    SplitSpec,
     Turn,
     load_characters,
     load_examples,
 )
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.lm.scoring import LMScorer, ScoreRequest
 from replugchar.retrieval.index import SettingIndex, setting_records
 from replugchar.training.datamodule import LSRDataModule
@@ -308,7 +310,7 @@ def test_over_long_prompt_at_scoring_names_the_example(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"example 'ex-long': prompt \(\d+ tokens\) \+ response \(302\) exceed "
-        r"model\.max_length=200 even without dialogue context; the response is never truncated",
+        r"model\.lm\.max_length=200 even without dialogue context; the response is never truncated",
     ):
         scorer.score([ScoreRequest(ex, ("I am a cat.",))])
     assert scorer.pairs_scored == 0
@@ -337,14 +339,36 @@ def test_old_context_is_dropped_first_and_the_response_kept_whole():
 
 # ----------------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
-    ("option", "value"),
-    [("k", 0), ("k", -3), ("gamma", 0.0), ("beta", -0.5), ("gamma", float("inf")), ("beta", float("nan"))],
+    ("group", "option", "value"),
+    [
+        ("", "k", 0),
+        ("", "k", -3),
+        ("loss", "gamma", 0.0),
+        ("loss", "beta", -0.5),
+        ("loss", "gamma", float("inf")),
+        ("loss", "beta", float("nan")),
+        ("lm", "max_batch_tokens", 0),
+        ("head", "history_window", -1),
+        ("optimizer", "learning_rate", 0.0),
+    ],
 )
-def test_module_option_out_of_range(option, value):
+def test_module_option_out_of_range(group, option, value):
+    """A bad value is one ValueError naming the option by its YAML path (``model.loss.gamma``), raised by the
+    group itself, so it fails the same whether the group comes from a config or from code."""
     from replugchar.training.module import LSRModule
 
-    with pytest.raises(ValueError, match=rf"model\.{option} is out of range: {re.escape(repr(value))}"):
-        LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None, **{option: value})
+    path = ".".join(p for p in ("model", group, option) if p)
+    kwargs = {option: value} if not group else {group: {option: value}}
+    kwargs.setdefault("lm", ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    with pytest.raises(ValueError, match=rf"{re.escape(path)} is out of range: {re.escape(repr(value))}"):
+        LSRModule(encoder="tiny:bert", **kwargs)
+
+
+def test_an_unknown_option_in_a_group_dict_names_the_group():
+    from replugchar.training.module import LSRModule
+
+    with pytest.raises(ValueError, match=r"model\.loss: unknown option\(s\) \['gama'\]"):
+        LSRModule(encoder="tiny:bert", loss={"gama": 0.1})
 
 
 @pytest.mark.parametrize(("option", "value"), [("gamma", 0.0), ("beta", -1.0), ("gamma", float("nan"))])
@@ -461,7 +485,7 @@ def _parser(*, model: bool = True):
     [
         ("model:\n  k: five\n", r'Parser key "model\.k":\s+Expected a <class \'int\'>\. Got value: five'),
         ("data:\n  batch_size: 2.5\n", r'Parser key "data\.batch_size":\s+Expected a <class \'int\'>'),
-        ("model:\n  kl_direction: forward\n", r'Parser key "model\.kl_direction"'),
+        ("model:\n  loss:\n    direction: forward\n", r'Parser key "model\.loss\.direction"'),
         ("model:\n  temprature: 0.1\n", r"Group 'model' does not accept option 'temprature'"),
         ("data:\n  batchsize: 4\n", r"Group 'data' does not accept option 'batchsize'"),
     ],
@@ -480,8 +504,14 @@ def test_config_wrong_type_or_unknown_key(tmp_path, yaml, message):
     ("yaml", "message"),
     [
         ("data:\n  batch_size: 0\n", r"data\.batch_size must be positive, got 0"),
-        ("data:\n  val_fraction: 1.0\n", r"data\.val_fraction must be in \[0, 1\), got 1\.0"),
-        ("data:\n  val_fraction: -0.1\n", r"data\.val_fraction must be in \[0, 1\), got -0\.1"),
+        (
+            "data:\n  split:\n    val_fraction: 1.0\n",
+            r"data\.split\.val_fraction must be in \[0, 1\), got 1\.0",
+        ),
+        (
+            "data:\n  split:\n    val_fraction: -0.1\n",
+            r"data\.split\.val_fraction must be in \[0, 1\), got -0\.1",
+        ),
         ("data:\n  max_train_examples: 0\n", r"data\.max_train_examples must be positive or null, got 0"),
         ("data:\n  query_types: [hello]\n", r"data\.query_types: unknown query type 'hello'"),
     ],
@@ -512,17 +542,17 @@ def test_empty_training_split_is_an_error(tmp_path):
     # one character and val_fraction > 0: one split is empty, and Lightning would silently skip training (then
     # export an untrained retriever) or validation
     folder = data_dir(tmp_path, characters=[character("c1")], dialogues=[dialogue("e1"), dialogue("e2")])
-    dm = LSRDataModule(data_dir=str(folder), val_fraction=0.2)
+    dm = LSRDataModule(data_dir=str(folder), split=SplitSpec(val_fraction=0.2))
     dm.setup("fit")
     empty, loader = (
         ("training", dm.train_dataloader) if not dm.train_examples else ("validation", dm.val_dataloader)
     )
     with pytest.raises(
         DataError,
-        match=rf"data: no {empty} examples after the character split \(1 characters, data\.val_fraction=0\.2",
+        match=rf"data: no {empty} examples after the character split \(1 characters, data\.split\.val_fraction=0\.2",
     ):
         loader()
-    dm = LSRDataModule(data_dir=str(folder), val_fraction=0.0)
+    dm = LSRDataModule(data_dir=str(folder), split=SplitSpec(val_fraction=0.0))
     assert len(dm.train_dataloader().dataset) == 2 and len(dm.val_dataloader().dataset) == 0
 
 

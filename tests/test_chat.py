@@ -19,6 +19,7 @@ from replugchar.core.data import Turn
 from replugchar.core.scoring import ScoringRule
 from replugchar.lm import decoding
 from replugchar.lm.decoding import replug_next_token_logprobs
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.lm.scoring import PromptTemplate
 from replugchar.retrieval.retriever import Hit, Retriever
 
@@ -30,7 +31,7 @@ def _export(tmp_path_factory, characters, name: str, rule: ScoringRule | None = 
     from replugchar.retrieval.export import export_retriever
     from replugchar.training.module import LSRModule
 
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=3, score_cache_dir=None)
+    module = LSRModule(encoder="tiny:bert", k=3, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     module.characters = dict(characters)
     return str(export_retriever(module, tmp_path_factory.mktemp(name) / "retriever", rule=rule))
 

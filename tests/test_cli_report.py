@@ -23,3 +23,21 @@ def test_paired_change_reports_the_shift_and_an_interval_that_covers_it():
     shuffled[:, 0] = groups[::-1]
     assert paired_change_lines(before, shuffled) == []
     assert paired_change_lines(None, after) == []
+
+
+def test_fit_and_finetune_share_one_before_after_report():
+    """One FitReport for both commands: a metric measured before reads "b -> a", one not measured "n/a -> a", one
+    missing after training is left out; the command's own lines follow."""
+    from replugchar.cli.lightning_cli import FINETUNE_REPORTED, REPORTED, FitReport
+
+    report = FitReport("finetune-lm", FINETUNE_REPORTED, "held-out characters")
+    report.before = {"val/loss": 2.5}
+    lines = report.lines({"val/loss": 2.0, "val/eos_nll": 0.25, "val/other": 1.0}, ["  fine-tuned LM: out"])
+    assert lines[1] == "replugchar finetune-lm: validation before -> after training (held-out characters)"
+    assert lines[2].split() == ["val/loss", "2.5000", "->", "2.0000"]
+    assert lines[3].split() == ["val/eos_nll", "n/a", "->", "0.2500"]
+    assert lines[4:] == ["  fine-tuned LM: out"] and len(lines) == 5  # val/other is not a reported metric
+    fit = FitReport("fit", REPORTED, "character-disjoint split")
+    assert fit.lines({})[1:] == [
+        "replugchar fit: validation before -> after training (character-disjoint split)"
+    ]

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from replugchar.cli.commands import parse as parse_command
-from replugchar.cli.lightning_cli import LSRCLI
+from replugchar.cli.lightning_cli import LSRCLI, FinetuneCLI
 from replugchar.evaluation.evaluate import evaluate
 from replugchar.training.datamodule import LSRDataModule
-from replugchar.training.finetune import CharacterLMModule, FinetuneCLI
+from replugchar.training.finetune import CharacterLMModule
 from replugchar.training.module import LSRModule
 from replugchar.training.sft_data import CharacterSFTDataModule
 
@@ -134,28 +134,33 @@ def debug_raw() -> dict:
     [
         ("model", "kk", 3),  # unknown key
         ("model", "k", "five"),  # wrong type
-        ("model", "kl_direction", "sideways"),  # not one of the Literal values
+        ("model", "loss.direction", "sideways"),  # not one of the Literal values
+        ("model", "lm.max_batch_tokenz", 8),  # unknown key in a group
         ("data", "batch_size", "big"),
         ("data", "data_dirr", "demo"),
         ("trainer", "max_stepz", 3),
     ],
 )
 def test_unknown_key_or_wrong_type_fails(tmp_path, debug_raw, capsys, section, key, value):
-    debug_raw[section][key] = value
+    *groups, name = key.split(".")
+    target = debug_raw[section]
+    for group in groups:
+        target = target[group]
+    target[name] = value
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(debug_raw))
     with pytest.raises(SystemExit) as err:
         parse(path)
     assert err.value.code != 0
-    assert key in capsys.readouterr().err
+    assert name in capsys.readouterr().err
 
 
 def test_the_untouched_copy_parses(tmp_path, debug_raw):
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(debug_raw))
     cfg = parse(path)
-    assert cfg.model.encoder == "tiny:bert" and cfg.model.lm == "tiny:gpt2"
-    assert cfg.model.score_cache_dir is None  # the debug run must not write a persistent cache
+    assert cfg.model.encoder == "tiny:bert" and cfg.model.lm.name == "tiny:gpt2"
+    assert cfg.model.lm.score_cache_dir is None  # the debug run must not write a persistent cache
 
 
 def test_eval_demo_uses_the_split_of_the_demo_run():
@@ -171,10 +176,11 @@ def test_eval_demo_uses_the_split_of_the_demo_run():
     assert evaluation["retriever"] == f"{fit.trainer.default_root_dir}/retriever"
     # the split is not re-declared: evaluate reads what the demo's export stores (retriever.json "split")
     assert evaluation["val_fraction"] is None and evaluation["seed"] is None
-    stored = {"split": LSRDataModule(**fit.data.as_dict()).split_spec()}
-    data = fit.data
-    assert resolve_split(stored, None, None, None) == (data.val_fraction, data.test_fraction, data.seed)
-    assert resolve_split(stored, 0.5, None, 7) == (0.5, data.test_fraction, 7)
+    stored = {"split": LSRDataModule(**fit.data.as_dict()).split.to_dict()}
+    split = fit.data.split
+    assert split.val_fraction == 0.25  # configs/demo.yaml's, not the default
+    assert resolve_split(stored, None, None, None) == (split.val_fraction, split.test_fraction, split.seed)
+    assert resolve_split(stored, 0.5, None, 7) == (0.5, split.test_fraction, 7)
     assert resolve_split({}, None, None, None) == (0.2, 0.0, 0)
 
 

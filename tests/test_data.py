@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from replugchar.core.data import Corpus, DataError, split_characters
+from replugchar.core.data import Corpus, DataError, SplitSpec, split_characters
 from replugchar.training.datamodule import LSRDataModule, collate_examples
 
 
@@ -30,7 +30,7 @@ def test_in_code_corpus_roundtrips_through_files(write_data, characters, example
 
 
 def test_datamodule_split_is_character_disjoint():
-    dm = LSRDataModule(data_dir="demo", val_fraction=0.25, batch_size=4, seed=3)
+    dm = LSRDataModule(data_dir="demo", batch_size=4, split=SplitSpec(val_fraction=0.25, seed=3))
     dm.setup("fit")
     train_chars = {e.character_id for e in dm.train_examples}
     val_chars = {e.character_id for e in dm.val_examples}
@@ -45,7 +45,7 @@ def test_datamodule_split_is_character_disjoint():
     assert isinstance(batch, list) and len(batch) == 4 and batch == dm.val_examples[:4]
     assert collate_examples(dm.val_examples[:2]) == dm.val_examples[:2]
 
-    again = LSRDataModule(data_dir="demo", val_fraction=0.25, seed=3)
+    again = LSRDataModule(data_dir="demo", split=SplitSpec(val_fraction=0.25, seed=3))
     again.setup("fit")
     assert [e.example_id for e in again.val_examples] == [e.example_id for e in dm.val_examples]
 
@@ -75,7 +75,7 @@ def test_split_characters_and_caps():
 
 @pytest.mark.parametrize(
     ("kwargs", "option"),
-    [({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"),
+    [({"split": {"val_fraction": 1.0}}, r"data\.split\.val_fraction"), ({"batch_size": 0}, "batch_size"),
      ({"max_train_examples": 0}, "max_train_examples"), ({"query_types": ["hello"]}, "query_types")],
 )  # fmt: skip
 def test_datamodule_options_are_validated(kwargs, option):

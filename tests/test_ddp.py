@@ -28,7 +28,7 @@ def fit(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "replugchar.cli", "fit", "--config", "configs/debug.yaml",
         "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--model.score_cache_dir", str(run_dir / "cache"),
+        "--model.lm.score_cache_dir", str(run_dir / "cache"),
         "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",  # one epoch: every pair is scored
         *extra,
     ]  # fmt: skip

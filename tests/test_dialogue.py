@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader
 from replugchar.core.data import Character, Corpus, DataError, Example, Turn
 from replugchar.core.scoring import FEATURES, ScoringRule, dialogue_features
 from replugchar.lm.models import byte_tokenizer
-from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.score_cache import CachedScorer, ScorerOptions
 from replugchar.lm.scoring import LMScorer
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training import calibration
 from replugchar.training.datamodule import collate_examples
-from replugchar.training.losses import LSRLoss, lm_margin
+from replugchar.training.head import HeadOptions
+from replugchar.training.losses import LossOptions, LSRLoss, lm_margin
 from replugchar.training.module import LSRModule
 
 OWN_MAX = FEATURES.index("own_max")
@@ -114,7 +115,7 @@ def test_scoring_rule_round_trips_and_rejects_bad_values():
 
 def test_search_is_rank_and_equals_faiss_without_history(tmp_path):
     characters = {"a": Character("a", tuple(SETTINGS)), "b": Character("b", ("I sail.", "I hate noise."))}
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
+    module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     module.characters = characters
     with torch.no_grad():
         module.head.weights.copy_(torch.tensor([-1.0, 0.0, 0.5, 0.0]))
@@ -176,9 +177,14 @@ def test_lsr_learns_a_negative_weight_for_already_voiced_settings():
     characters, examples = voiced_toy()
     L.seed_everything(0, verbose=False)
     module = LSRModule(
-        encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None, k=4, beta=0.5, freeze_encoder=True,
-        head_learning_rate=0.1, refresh_every=5,
-    )  # fmt: skip
+        encoder="tiny:bert",
+        k=4,
+        freeze_encoder=True,
+        refresh_every=5,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        loss=LossOptions(beta=0.5),
+        head=HeadOptions(learning_rate=0.1),
+    )
     module.characters = characters
     tok = byte_tokenizer(1024)
     module.set_scorer(CachedScorer(LMScorer(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm")))

@@ -24,6 +24,7 @@ from replugchar.cli.tools import _read_history, read_fitted
 from replugchar.core.atomic import atomic_folder, remove_stale
 from replugchar.core.data import MAX_TEXT_CHARS, DataError
 from replugchar.core.scoring import FEATURES, ScoringRule
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.export_schema import FORMAT, FolderError, write_manifest
 from replugchar.retrieval.retriever import Retriever
@@ -37,7 +38,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "export_v1"
 
 @pytest.fixture(scope="module")
 def module(characters):
-    m = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=3, score_cache_dir=None)
+    m = LSRModule(encoder="tiny:bert", k=3, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     m.characters = dict(characters)
     return m
 

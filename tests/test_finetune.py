@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -23,17 +22,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from replugchar.core.data import Character, Example, Turn
+from replugchar.cli.lightning_cli import FinetuneCLI
+from replugchar.cli.lightning_cli import run_finetune as main
+from replugchar.core.data import Character, Example, SplitSpec, Turn
 from replugchar.lm.finetuned import finetuned_characters
-from replugchar.lm.models import load_causal_lm
+from replugchar.lm.models import LMOptions, load_causal_lm
 from replugchar.lm.scoring import LMScorer, PromptTemplate, ScoreRequest
 from replugchar.training.finetune import (
     TEMPLATE_FILE,
     TRAIN_CHARACTERS_FILE,
     CharacterLMModule,
-    FinetuneCLI,
-    main,
+    LoraOptions,
 )
+from replugchar.training.optim import OptimizerOptions
 from replugchar.training.sft_data import CharacterSFTDataModule, SFTStream, check_settings_mix, draw_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,17 +140,18 @@ def test_a_bad_settings_mix_names_the_option(mix):
 @pytest.mark.parametrize(
     ("kwargs", "option"),
     [
-        ({"lora_r": 0}, "model.lora_r"),
-        ({"lora_dropout": 1.0}, "model.lora_dropout"),
-        ({"learning_rate": 0.0}, "model.learning_rate"),
-        ({"max_length": 0}, "model.max_length"),
+        ({"lora": {"r": 0}}, "model.lora.r"),
+        ({"lora": {"dropout": 1.0}}, "model.lora.dropout"),
+        ({"optimizer": {"learning_rate": 0.0}}, "model.optimizer.learning_rate"),
+        ({"lm": {"name": "tiny:gpt2", "max_length": 0}}, "model.lm.max_length"),
+        ({"lm": {"name": "tiny:gpt2", "dtype": "float16"}}, "model.lm.dtype"),
         ({"method": "qlora"}, "model.method"),
-        ({"lora_target_modules": []}, "model.lora_target_modules"),
+        ({"lora": {"target_modules": []}}, "model.lora.target_modules"),
     ],
 )
 def test_a_bad_model_option_fails_before_any_model_loads(kwargs, option):
     with pytest.raises(ValueError, match=option.replace(".", r"\.")):
-        CharacterLMModule(lm="tiny:gpt2", **kwargs)
+        CharacterLMModule(**{"lm": LMOptions(name="tiny:gpt2"), **kwargs})
 
 
 def test_the_settings_mix_draws_each_prompt_shape_with_its_weight():
@@ -235,9 +237,11 @@ def test_pad_equal_to_eos_with_a_mask_from_ids_never_learns_to_stop():
 
 def test_the_package_path_learns_to_stop(toy_data):
     dm = CharacterSFTDataModule(
-        data_dir=str(toy_data), val_fraction=0.0, batch_size=4, settings_mix={"none": 1}
+        data_dir=str(toy_data), batch_size=4, settings_mix={"none": 1}, split=SplitSpec(val_fraction=0.0)
     )
-    module = CharacterLMModule(lm="tiny:gpt2", method="full", learning_rate=TOY_LR)
+    module = CharacterLMModule(
+        method="full", lm=LMOptions(name="tiny:gpt2"), optimizer=OptimizerOptions(learning_rate=TOY_LR)
+    )
     module.configure_model()
     before = [p_stop(module.lm.eval(), module.tokenizer, e) for e in TOY_EXAMPLES]
     trainer(TOY_STEPS, limit_val_batches=0).fit(module, datamodule=dm)
@@ -253,9 +257,9 @@ def test_the_package_path_learns_to_stop(toy_data):
 
 def test_the_training_loss_is_the_negative_of_the_lm_score(corpus_dir):
     """Training sees sequences exactly as LSR scores them: same tokens, layout, reply mask and eos."""
-    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), val_fraction=0.3, batch_size=4)
+    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), batch_size=4, split=SplitSpec(val_fraction=0.3))
     dm.setup("validate")
-    module = CharacterLMModule(lm="tiny:gpt2", method="full", max_length=256)
+    module = CharacterLMModule(method="full", lm=LMOptions(name="tiny:gpt2", max_length=256))
     module.configure_model()
     model = module.lm.eval()
     requests = dm.val_requests
@@ -271,8 +275,13 @@ def test_the_training_loss_is_the_negative_of_the_lm_score(corpus_dir):
 # LoRA leaves the (tied) embeddings and output head of the random tiny model alone, so it gains less than full
 @pytest.mark.parametrize(("method", "lr", "min_gain"), [("full", 3e-3, 0.3), ("lora", 1e-2, 0.1)])
 def test_lora_and_full_fine_tuning_lower_the_held_out_loss(corpus_dir, method, lr, min_gain):
-    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), val_fraction=0.3, batch_size=4)
-    module = CharacterLMModule(lm="tiny:gpt2", method=method, learning_rate=lr, lora_r=8, lora_alpha=16)
+    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), batch_size=4, split=SplitSpec(val_fraction=0.3))
+    module = CharacterLMModule(
+        method=method,
+        lm=LMOptions(name="tiny:gpt2"),
+        optimizer=OptimizerOptions(learning_rate=lr),
+        lora=LoraOptions(r=8, alpha=16),
+    )
     before = val_loss(module, dm)
     frozen = {k: v.clone() for k, v in module.lm.state_dict().items() if "lora_" not in k}
     trainer(60, limit_val_batches=0).fit(module, datamodule=dm)
@@ -296,8 +305,13 @@ def test_the_saved_folder_scores_exactly_as_the_in_memory_model(corpus_dir, tmp_
     base.save_pretrained(source)
     tok.save_pretrained(source)
 
-    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), val_fraction=0.3, batch_size=4)
-    module = CharacterLMModule(lm=str(source), method="lora", learning_rate=1e-2, lora_r=4, lora_alpha=8)
+    dm = CharacterSFTDataModule(data_dir=str(corpus_dir), batch_size=4, split=SplitSpec(val_fraction=0.3))
+    module = CharacterLMModule(
+        method="lora",
+        lm=LMOptions(name=str(source)),
+        optimizer=OptimizerOptions(learning_rate=1e-2),
+        lora=LoraOptions(r=4, alpha=8),
+    )
     trainer(10, limit_val_batches=0).fit(module, datamodule=dm)
     folder = module.export(tmp_path / "lm", train_characters=dm.train_characters, data_source=str(corpus_dir))
 
@@ -357,10 +371,14 @@ def run_config(tmp_path: Path, name: str, overrides: dict, killer_step: int | No
             "logger": False,
             "callbacks": callbacks,
         },
-        "model": {"lm": "tiny:gpt2", "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+        "model": {
+            "lm": {"name": "tiny:gpt2"},
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        },
         "data": {
             "data_dir": "demo",
-            "val_fraction": 0.25,
+            "split": {"val_fraction": 0.25},
             "batch_size": 4,
             "max_train_examples": 16,
             "max_val_examples": 4,
@@ -406,7 +424,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tmp
     run_config(tmp_path, "killed", {}, killer_step=4)
     (tmp_path / "killer_callback.py").write_text(textwrap.dedent(KILLER))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
-    code = f"from replugchar.training.finetune import main; main(['--config', {str(tmp_path / 'killed' / 'config.yaml')!r}])"
+    code = f"from replugchar.cli.lightning_cli import run_finetune; run_finetune(['--config', {str(tmp_path / 'killed' / 'config.yaml')!r}])"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, timeout=300
     )
@@ -435,16 +453,10 @@ def test_resuming_with_another_data_stream_fails(tmp_path, monkeypatch):
         run_main(monkeypatch, ["--config", str(tmp_path / "first" / "config.yaml"), "--ckpt_path", str(last)])
 
 
-def test_the_debug_config_runs_end_to_end(tmp_path, monkeypatch, caplog):
+def test_the_debug_config_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the config writes under runs/
-    # direct: `replugchar` may not propagate to the root
-    logger = logging.getLogger("replugchar.training.finetune")
-    caplog.set_level(logging.INFO, logger=logger.name)
-    logger.addHandler(caplog.handler)
-    try:
-        cli = run_main(monkeypatch, ["--config", str(REPO / "configs" / "finetune_debug.yaml")])
-    finally:
-        logger.removeHandler(caplog.handler)
+    cli = run_main(monkeypatch, ["--config", str(REPO / "configs" / "finetune_debug.yaml")])
+    report = capsys.readouterr().out
     folder = tmp_path / "runs" / "finetune_debug" / "lm"
     assert (folder / "model.safetensors").exists() and (
         tmp_path / "runs/finetune_debug/checkpoints/last.ckpt"
@@ -452,7 +464,11 @@ def test_the_debug_config_runs_end_to_end(tmp_path, monkeypatch, caplog):
     assert list((tmp_path / "runs" / "finetune_debug").rglob("metrics.csv"))
     assert finetuned_characters(folder) == set(cli.datamodule.train_characters)
     assert cli.trainer.precision == "32-true"  # chosen automatically on CPU
-    assert "val/loss" in caplog.text and str(Path("runs/finetune_debug/lm")) in caplog.text
+    # the before -> after report `fit` prints too (cli.lightning_cli.FitReport), with the folder written
+    assert "replugchar finetune-lm: validation before -> after training (held-out characters)" in report
+    (loss_line,) = [line for line in report.splitlines() if line.strip().startswith("val/loss")]
+    assert "n/a" not in loss_line and "->" in loss_line, loss_line  # measured before and after
+    assert f"fine-tuned LM: {Path('runs/finetune_debug/lm')}" in report
     model, tok = load_causal_lm(str(folder))
     assert LMScorer(model, tok).score(cli.datamodule.val_requests[:2]).n_tokens.min() > 1
 
@@ -472,13 +488,17 @@ def test_config_instantiates_and_keeps_every_value(path, tmp_path, monkeypatch):
     raw = yaml.safe_load(text)
     cli = instantiate(path, monkeypatch)
     assert cli.model.lm is None  # the LM loads only when training starts
-    for key, value in raw["model"].items():
-        if isinstance(value, dict):  # model.template: fields the YAML leaves out keep their defaults
-            assert {k: cli.model.hparams[key][k] for k in value} == value, key
-        else:
-            assert cli.model.hparams[key] == value, key
-    for key, value in raw["data"].items():
-        assert cli.datamodule.hparams[key] == value, key
+    for section, hparams in (("model", cli.model.hparams), ("data", cli.datamodule.hparams)):
+        for key, value in raw[section].items():
+            if (
+                isinstance(value, dict) and key != "settings_mix"
+            ):  # a group: fields left out keep their defaults
+                assert {k: hparams[key][k] for k in value} == value, f"{section}.{key}"
+            else:
+                assert hparams[key] == value, f"{section}.{key}"
+    # the groups are the instantiated ones, not only their hparams
+    assert cli.model.lm_options.name == raw["model"]["lm"]["name"]
+    assert cli.datamodule.split.val_fraction == raw["data"]["split"]["val_fraction"]
     assert cli.config.export.output_dir == raw["export"]["output_dir"]
     for key, value in raw["trainer"].items():
         if not isinstance(value, dict | list):
@@ -501,10 +521,12 @@ def test_the_teacher_config_uses_the_split_and_template_of_its_lsr_run(finetune,
     """The teacher must never train on a character the LSR run validates on, and must see its prompts."""
     ft = yaml.safe_load((REPO / "configs" / finetune).read_text())
     fit = yaml.safe_load((REPO / "configs" / lsr).read_text())
-    for key, default in (("data_dir", None), ("val_fraction", 0.2), ("seed", 0), ("test_fraction", 0.0)):
-        assert ft["data"].get(key, default) == fit["data"].get(key, default), key
+    assert ft["data"]["data_dir"] == fit["data"]["data_dir"]
+    # data.split as each command builds it (fields the YAML leaves out at their defaults): the same split
+    assert SplitSpec(**ft["data"].get("split", {})) == SplitSpec(**fit["data"].get("split", {}))
+    assert "split" in ft["data"] and "split" in fit["data"]  # both state it, so neither relies on a default
     assert ft["model"].get("template") == fit["model"].get("template")
-    assert ft["model"].get("max_length", 512) == fit["model"].get("max_length", 512)
+    assert ft["model"]["lm"].get("max_length", 512) == fit["model"]["lm"].get("max_length", 512)
 
 
 def test_a_bad_config_value_names_the_option(tmp_path, monkeypatch, capsys):
@@ -574,15 +596,13 @@ def test_japanese_end_to_end_with_lora(write_data, tmp_path):
     characters, dialogues = japanese_records()
     data = write_data(characters, dialogues, name="rpc")
     ja = yaml.safe_load((REPO / "configs" / "finetune_ja.yaml").read_text())
-    dm = CharacterSFTDataModule(data_dir=str(data), val_fraction=0.34, batch_size=4)
+    dm = CharacterSFTDataModule(data_dir=str(data), batch_size=4, split=SplitSpec(val_fraction=0.34))
     module = CharacterLMModule(
-        lm="tiny:gpt2",
         method="lora",
-        lora_r=8,
-        lora_alpha=16,
-        learning_rate=1e-2,
         template=ja["model"]["template"],
-        max_length=1024,
+        lm=LMOptions(name="tiny:gpt2", max_length=1024),
+        lora=LoraOptions(r=8, alpha=16),
+        optimizer=OptimizerOptions(learning_rate=1e-2),
     )
     before = val_loss(module, dm)
     trainer(40, limit_val_batches=0).fit(module, datamodule=dm)
@@ -616,7 +636,7 @@ def test_the_finetuned_folder_is_the_teacher_of_fit_and_the_reader_of_chat(tmp_p
     run_main(monkeypatch, ["--config", str(REPO / "configs" / "finetune_debug.yaml")])
     folder = str(tmp_path / "runs" / "finetune_debug" / "lm")
     root = tmp_path / "lsr"
-    cli_main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--model.lm", folder,
+    cli_main(["fit", "--config", str(REPO / "configs" / "debug.yaml"), "--model.lm.name", folder,
               f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"])  # fmt: skip
     config = json.loads((root / "retriever" / "retriever.json").read_text())
     assert config["scorer"]["lm"] == folder

@@ -12,13 +12,15 @@ import pytest
 import torch
 from test_bad_input import replugchar
 
-from replugchar.core.data import Character
+from replugchar.core.data import Character, SplitSpec
 from replugchar.core.scoring import ScoringRule
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.retrieval.export import add_characters, export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.calibration import fit_generality
+from replugchar.training.head import DialogueHead, HeadOptions
 from replugchar.training.losses import LSRLoss
-from replugchar.training.module import DialogueHead, LSRModule
+from replugchar.training.module import LSRModule
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 ALL = float("-inf")
@@ -31,7 +33,12 @@ NEW = {
 
 @pytest.fixture(scope="module")
 def module(characters):
-    m = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=5, score_cache_dir=None, generality=True)
+    m = LSRModule(
+        encoder="tiny:bert",
+        k=5,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        head=HeadOptions(generality=True),
+    )
     m.characters = dict(characters)
     return m
 
@@ -181,9 +188,15 @@ def test_fit_generality_keeps_beta_zero_when_greetings_would_lose():
 def test_all_greetings_keeps_every_greeting_beyond_the_cap():
     from replugchar.training.datamodule import LSRDataModule
 
-    capped = LSRDataModule(data_dir="demo", val_fraction=0.25, max_train_examples=10, max_val_examples=10)
+    capped = LSRDataModule(
+        data_dir="demo", max_train_examples=10, max_val_examples=10, split=SplitSpec(val_fraction=0.25)
+    )
     every = LSRDataModule(
-        data_dir="demo", val_fraction=0.25, max_train_examples=10, max_val_examples=10, all_greetings=True
+        data_dir="demo",
+        max_train_examples=10,
+        max_val_examples=10,
+        all_greetings=True,
+        split=SplitSpec(val_fraction=0.25),
     )
     capped.setup()
     every.setup()

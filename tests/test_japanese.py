@@ -22,15 +22,17 @@ import pytest
 import torch
 import yaml
 
-from replugchar.core.data import Corpus, split_characters
+from replugchar.core.data import Corpus, SplitSpec, split_characters
 from replugchar.evaluation import metrics as ev
 from replugchar.evaluation.evaluate import evaluate
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.index import SettingIndex
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.datamodule import LSRDataModule
 from replugchar.training.module import LSRModule
+from replugchar.training.optim import OptimizerOptions
 
 REPO = Path(__file__).resolve().parents[1]
 JA_CONFIG = REPO / "configs" / "ja_example.yaml"
@@ -320,15 +322,14 @@ def fitted(ja_dir, ja_template, tmp_path_factory):
     L.seed_everything(0, verbose=False)
     module = LSRModule(
         encoder="tiny:bert",
-        lm="tiny:gpt2",
         template=ja_template,
-        score_cache_dir=None,
         k=K,
-        learning_rate=1e-3,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        optimizer=OptimizerOptions(learning_rate=1e-3),
     )
     seen = record_candidates(module)
     before = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
-    dm = LSRDataModule(data_dir=str(ja_dir), val_fraction=VAL_FRACTION, batch_size=4)
+    dm = LSRDataModule(data_dir=str(ja_dir), batch_size=4, split=SplitSpec(val_fraction=VAL_FRACTION))
     trainer = L.Trainer(
         max_steps=4,
         accelerator="cpu",
@@ -533,10 +534,15 @@ def test_real_persona_chat_subset_fits_exports_and_retrieves(tmp_path, ja_templa
     assert greetings, "the first turns of RealPersonaChat dialogues are greetings"
 
     L.seed_everything(0, verbose=False)
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", template=ja_template, score_cache_dir=None, k=K)
+    module = LSRModule(
+        encoder="tiny:bert",
+        template=ja_template,
+        k=K,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+    )
     seen = record_candidates(module)
     before = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}
-    dm = LSRDataModule(data_dir=str(data), val_fraction=0.34, batch_size=4)
+    dm = LSRDataModule(data_dir=str(data), batch_size=4, split=SplitSpec(val_fraction=0.34))
     trainer = L.Trainer(
         max_steps=2,
         accelerator="cpu",

@@ -44,13 +44,13 @@ from replugchar.retrieval.index import SettingIndex, setting_records
 from replugchar.lm.scoring import LMScorer
 from replugchar.lm.models import load_causal_lm
 from replugchar.training.module import LSRModule
-from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.score_cache import CachedScorer, ScorerOptions
 
 root = Path(sys.argv[1])
 characters = {{"c1": Character("c1", ("I bake bread.", "I have a cat.")), "c2": Character("c2", ("I sail.",))}}
 records = setting_records(characters)
 emb = np.eye(len(records), 8, dtype=np.float32)
-module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
+module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
 module.characters = characters
 module.eval()
 
@@ -297,10 +297,13 @@ def test_scores_computed_during_training_reach_the_disk_cache(tmp_path):
     # the cache buffers shard_size=256 scores; the module must flush what an epoch/fit leaves behind,
     # or every run loses its last <256 pairs and the next run scores them again
     from replugchar.core.data import Character, Example
+    from replugchar.lm.score_cache import ScorerOptions
     from replugchar.training.module import LSRModule
 
     module = LSRModule(
-        encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=str(tmp_path), k=2, max_length=256
+        encoder="tiny:bert",
+        k=2,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=str(tmp_path), max_length=256),
     )
     module.characters = {"c1": Character("c1", ("I bake bread.", "I have a cat.", "I sail."))}
     batches = [[Example(f"e{i}", "c1", f"d{i}", query=f"Hi {i}?", response=f"Hello {i}.")] for i in range(3)]

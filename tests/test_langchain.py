@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("langchain_core")
 
 from replugchar.core.scoring import FEATURES, ScoringRule
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.langchain import ReplugcharRetriever
 from replugchar.retrieval.retriever import Retriever
@@ -37,7 +38,9 @@ ALL = float("-inf")  # threshold that keeps every setting
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, characters):
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=EXPORT_K, score_cache_dir=None)
+    module = LSRModule(
+        encoder="tiny:bert", k=EXPORT_K, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None)
+    )
     module.characters = dict(characters)
     n = sum(len(c.settings) for c in characters.values())
     # z-score-like priors of spread ~1: with λ = 0.3 they reorder the tiny encoder's close cosines

@@ -10,9 +10,10 @@ from conftest import character, write_jsonl
 from torch.utils.data import DataLoader
 
 from replugchar.core.data import Character, DataError, Example, load_characters
-from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.score_cache import CachedScorer, ScorerOptions
 from replugchar.lm.scoring import Scores
-from replugchar.training.losses import MIN_TEMPERATURE, LSRLoss
+from replugchar.training.losses import MIN_TEMPERATURE, LossOptions, LSRLoss
+from replugchar.training.optim import OptimizerOptions
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -198,14 +199,11 @@ def test_training_on_edge_batches_never_makes_nan_weights(direction):
 
     module = LSRModule(
         encoder="tiny:bert",
-        lm="tiny:gpt2",
-        score_cache_dir=None,
         k=3,
-        gamma=0.01,
-        beta=0.05,
-        kl_direction=direction,
-        learning_rate=5e-2,
         refresh_every=1,
+        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        loss=LossOptions(gamma=0.01, beta=0.05, direction=direction),
+        optimizer=OptimizerOptions(learning_rate=5e-2),
     )
     module.characters = {
         "solo": Character("solo", ("I am trait 0.",)),

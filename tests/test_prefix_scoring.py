@@ -296,9 +296,9 @@ def test_padded_partition_trades_padding_against_forwards():
     assert _padded_partition([], [], 300, overhead=64) == []
 
 
-def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypatch):
+def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypatch, capsys):
     """``model.template.settings_position`` is an option of ``replugchar fit``, so a config can switch the teacher
-    to the prefix-shared layout; a wrong value fails when the template is built, naming the option."""
+    to the prefix-shared layout; a wrong value fails at parsing, naming the option."""
     from test_configs import ParseOnlyCLI
 
     from replugchar.training.datamodule import LSRDataModule
@@ -317,5 +317,11 @@ def test_the_fit_cli_takes_the_option_and_the_module_rejects_bad_values(monkeypa
         PromptTemplate(**after).render(("I bake.",), (), "Hi")
         == "User: Hi\nCharacter trait: I bake.\nCharacter:"
     )
-    with pytest.raises(ValueError, match=r"settings_position.*'middle'"):
-        PromptTemplate(**template("middle"))
+    # a typed group: the parser itself refuses the value, naming the option, before anything is built
+    with pytest.raises(SystemExit):
+        template("middle")
+    assert "model.template.settings_position" in capsys.readouterr().err
+    with pytest.raises(
+        ValueError, match=r"settings_position.*'middle'"
+    ):  # and so does the template from code
+        PromptTemplate(settings_position="middle")

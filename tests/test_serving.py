@@ -12,6 +12,7 @@ import pytest
 
 from replugchar.core.data import Character
 from replugchar.core.scoring import ScoringRule
+from replugchar.lm.score_cache import ScorerOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.module import LSRModule
@@ -36,7 +37,7 @@ def _characters() -> dict[str, Character]:
 
 @pytest.fixture(scope="module", params=["flat", "ivf", "hnsw"])
 def served(request, tmp_path_factory):
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=5, score_cache_dir=None)
+    module = LSRModule(encoder="tiny:bert", k=5, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     module.characters = _characters()
     n = 200
     priors = np.random.default_rng(1).normal(size=n)

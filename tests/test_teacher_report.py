@@ -12,11 +12,15 @@ import pytest
 import yaml
 
 from replugchar.cli.commands import run
+from replugchar.core.data import SplitSpec
 from replugchar.evaluation.teacher_report import teacher_report
 from replugchar.lm.finetuned import finetuned_characters
 from replugchar.lm.gains import LMTable
+from replugchar.lm.models import LMOptions
 from replugchar.training.datamodule import LSRDataModule
-from replugchar.training.finetune import CharacterLMModule, CharacterSFTDataModule
+from replugchar.training.finetune import CharacterLMModule
+from replugchar.training.optim import OptimizerOptions
+from replugchar.training.sft_data import CharacterSFTDataModule
 
 
 def main(argv: list[str]) -> dict[str, float]:
@@ -66,8 +70,14 @@ def test_mismatched_inputs_are_refused():
 @pytest.mark.slow
 def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsys, caplog):
     """Scores through the shared cache, excludes the fine-tune's training characters, compares two LMs."""
-    dm = CharacterSFTDataModule(data_dir="demo", val_fraction=0.25, batch_size=4, max_train_examples=16)
-    module = CharacterLMModule(lm="tiny:gpt2", method="full", learning_rate=3e-3, max_length=1024)
+    dm = CharacterSFTDataModule(
+        data_dir="demo", batch_size=4, max_train_examples=16, split=SplitSpec(val_fraction=0.25)
+    )
+    module = CharacterLMModule(
+        method="full",
+        lm=LMOptions(name="tiny:gpt2", max_length=1024),
+        optimizer=OptimizerOptions(learning_rate=3e-3),
+    )
     L.Trainer(
         accelerator="cpu",
         max_steps=8,
@@ -98,7 +108,7 @@ def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["replugchar"])
     numbers = main(["--config", str(config)])
 
-    everything = LSRDataModule(data_dir="demo", val_fraction=0.0)
+    everything = LSRDataModule(data_dir="demo", split=SplitSpec(val_fraction=0.0))
     everything.setup()
     kept = [e for e in everything.train_examples if e.character_id not in trained]
     assert numbers["n_examples"] == len(kept) < len(everything.train_examples)

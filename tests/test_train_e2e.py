@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 
 from replugchar.core.data import Character, Example
 from replugchar.lm.models import byte_tokenizer, load_encoder
-from replugchar.lm.score_cache import CachedScorer
+from replugchar.lm.score_cache import CachedScorer, ScorerOptions
 from replugchar.lm.scoring import LMScorer, PromptTemplate
 from replugchar.training.datamodule import collate_examples
+from replugchar.training.losses import LossOptions
 from replugchar.training.module import LSRModule
+from replugchar.training.optim import OptimizerOptions
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).parents[1]
@@ -103,8 +105,14 @@ def toy():
 
 def toy_module(characters, **kwargs) -> LSRModule:
     L.seed_everything(0, verbose=False)
-    hp = {"k": 4, "gamma": 0.1, "beta": 0.5, "learning_rate": 1e-3, "weight_decay": 0.0, "refresh_every": 5}
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None, **{**hp, **kwargs})
+    options = {
+        "k": 4,
+        "refresh_every": 5,
+        "lm": ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        "loss": LossOptions(gamma=0.1, beta=0.5),
+        "optimizer": OptimizerOptions(learning_rate=1e-3, weight_decay=0.0),
+    }
+    module = LSRModule(encoder="tiny:bert", **{**options, **kwargs})
     module.characters = characters
     tok = byte_tokenizer(1024)
     module.set_scorer(CachedScorer(LMScorer(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm")))
@@ -190,7 +198,9 @@ def test_checkpoint_with_custom_template_loads_weights_only(toy, tmp_path):
 def test_fit_persists_the_lm_scores_it_computed(toy, tmp_path):
     characters, examples, _ = toy
     L.seed_everything(0, verbose=False)
-    module = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", k=4, score_cache_dir=str(tmp_path / "scores"))
+    module = LSRModule(
+        encoder="tiny:bert", k=4, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=str(tmp_path / "scores"))
+    )
     module.characters = characters
     trainer = toy_trainer(max_steps=2)
     trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=8, collate_fn=collate_examples))
@@ -254,7 +264,7 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     assert state and all(k.startswith(("encoder.", "head.")) for k in state)
     assert not any(part in k for k in state for part in ("lm_head", "wte", "scorer", "query_encoder"))
     assert ckpt["replugchar"] == {"lm": "tiny:gpt2", "lm_in_checkpoint": False}
-    fresh = LSRModule(encoder="tiny:bert", lm="tiny:gpt2", score_cache_dir=None)
+    fresh = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
     assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in fresh.state_dict().values())
     fresh.load_state_dict(state, strict=True)
     np.testing.assert_allclose(fresh.encode_all(texts), emb, atol=1e-5)

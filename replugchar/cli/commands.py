@@ -92,7 +92,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "finetune-lm": Command(
         "fine-tune the character LM (pad/eos-safe SFT, full or LoRA) to use as the frozen teacher",
-        "replugchar.training.finetune:main",
+        "replugchar.cli.lightning_cli:run_finetune",
         kind="argv",
     ),
     "teacher-report": Command(

@@ -111,8 +111,8 @@ def priors_judge(fit: FitConfig, out: str, judge_lm: str | None = None, template
     from ..training import priors
 
     module, dm = fit.load()
-    spec = judge_lm or module.hparams.lm
-    model, tok = load_causal_lm(spec, trust_remote_code=module.hparams.trust_remote_code)
+    spec = judge_lm or module.lm_options.name
+    model, tok = load_causal_lm(spec, trust_remote_code=module.lm_options.trust_remote_code)
     text = Path(template).read_text(encoding="utf-8") if template else priors.JUDGE_TEMPLATE
     _save_priors(module, priors.llm_judge_priors(dm.characters, model, tok, text, lm_id=spec), out, "judge")
 
@@ -251,7 +251,7 @@ def export(
         kind=kind,
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
-        split=dm.split_spec(),
+        split=dm.split.to_dict(),
     )
     if table:
         save_priors(table, folder / "priors.jsonl")

@@ -309,13 +309,14 @@ def resolve_data_dir(data_dir: str | Path) -> Path:
 SPLITS = ("train", "val", "test")
 
 
-def check_split(val_fraction: float, test_fraction: float = 0.0) -> None:
-    """``ValueError`` naming the option when the character split's fractions are out of range."""
+def check_split(val_fraction: float, test_fraction: float = 0.0, where: str = "data.split") -> None:
+    """``ValueError`` naming the option (under ``where``) when the character split's fractions are out of range."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"{where}.val_fraction must be in [0, 1), got {val_fraction}")
     if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
-            f"data.test_fraction must be in [0, 1 - val_fraction), got {test_fraction} (val_fraction={val_fraction})"
+            f"{where}.test_fraction must be in [0, 1 - val_fraction), got {test_fraction} "
+            f"(val_fraction={val_fraction})"
         )
 
 
@@ -346,3 +347,33 @@ def split_characters(
             out["train"].remove(cid)
             out[name].add(cid)
     return out
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which character is in which split (``data.split``): a hash of (seed, character id) against two fractions.
+
+    One group read by ``fit``, ``finetune-lm`` and the tools, and stored in retriever.json as ``"split"``
+    (:meth:`to_dict`), which ``evaluate`` and ``teacher-report`` read back instead of re-declaring it: so no
+    validation or test character ever reaches the retriever's or the teacher's training data."""
+
+    val_fraction: float = 0.2
+    """Share of *characters* held out for validation (no character is in two splits); hashed per character id
+    (:func:`split_of`), so a character lands in the same split in every data set."""
+    test_fraction: float = 0.0
+    """Share of characters kept out of training *and* validation, for ``evaluate --split test`` after
+    ``priors fit-weight`` has tuned the mixing on validation."""
+    seed: int = 0
+    """Seed of the character split; the data modules also seed their example caps (and ``finetune-lm`` its
+    example order and settings draws) with it."""
+
+    def __post_init__(self) -> None:
+        check_split(self.val_fraction, self.test_fraction)
+
+    def assign(self, character_ids: Sequence[str]) -> dict[str, set[str]]:
+        """``{"train", "val", "test"} -> character ids`` (:func:`split_characters`)."""
+        return split_characters(character_ids, self.val_fraction, self.seed, self.test_fraction)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The retriever.json ``"split"`` record: ``{val_fraction, test_fraction, seed}``."""
+        return {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "seed": self.seed}

@@ -20,7 +20,7 @@ from ..core.data import Corpus, check_split, split_characters
 from ..core.scoring import ScoringRule
 from ..lm.gains import LMTable
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
-from ..lm.score_cache import build_scorer
+from ..lm.score_cache import ScorerOptions, build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
 from . import metrics as ev
 
@@ -55,7 +55,7 @@ def evaluate(
     n_boot: int = 1000,
     lm_dtype: str | None = None,
     max_length: int | None = None,
-    lm_batch_tokens: int = 4096,
+    max_batch_tokens: int = 4096,
     score_cache_dir: str | None = "auto",
     methods: list[str] | None = None,
     trust_remote_code: bool = False,
@@ -85,7 +85,7 @@ def evaluate(
         n_boot: bootstrap resamples (over dialogues) for the intervals.
         lm_dtype: None = the trained retriever's, else "auto" (bfloat16 on GPU, float32 on CPU).
         max_length: token limit of prompt + response; None = the trained retriever's, else 512.
-        lm_batch_tokens: token budget per LM forward pass.
+        max_batch_tokens: token budget per LM forward pass (padded tokens counted).
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         methods: subset of :data:`~replugchar.evaluation.metrics.METHODS` (default all that are available).
         trust_remote_code: let the LM's repository run its own code. Only this option (your config or command
@@ -108,16 +108,16 @@ def evaluate(
     if prior_weight is None:
         prior_weight = exported.rule.prior_weight if exported else 0.1
     stored = config.get("scorer", {})
-    scorer = build_scorer(
-        lm,
-        template=template or stored.get("template") or config.get("template"),
-        lm_revision=None if own_lm else stored.get("lm_revision"),
-        lm_dtype=lm_dtype or stored.get("lm_dtype", "auto"),
+    options = ScorerOptions(
+        name=lm,
+        revision=None if own_lm else stored.get("lm_revision"),
+        dtype=lm_dtype or stored.get("lm_dtype", "auto"),
         max_length=max_length or stored.get("max_length", 512),
-        lm_batch_tokens=lm_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         trust_remote_code=trust_remote_code,
         score_cache_dir=score_cache_dir,
     )
+    scorer = build_scorer(options, template or stored.get("template") or config.get("template"))
     table = ev.lm_table(examples, chars, scorer)
     ranking = _Ranking(
         examples,

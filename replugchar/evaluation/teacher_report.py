@@ -84,7 +84,7 @@ def report(
     template: PromptTemplate | None = None,
     lm_dtype: str = "auto",
     max_length: int = 512,
-    lm_batch_tokens: int = 4096,
+    max_batch_tokens: int = 4096,
     score_cache_dir: str | None = "auto",
     device: str = "auto",
     out: str | None = None,
@@ -106,7 +106,7 @@ def report(
         template: LM prompt template (as in the fit config, so the score cache is shared).
         lm_dtype: "auto" = bfloat16 on GPU, float32 on CPU.
         max_length: token limit of prompt + response (as in the fit config).
-        lm_batch_tokens: token budget per LM forward pass.
+        max_batch_tokens: token budget per LM forward pass (padded tokens counted).
         score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
         device: where the LMs run: "auto" = cuda when available, else cpu.
         out: also write the numbers to this JSON file (null: print only).
@@ -124,15 +124,13 @@ def report(
         data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
     scoring = dict(
-        template=template,
-        lm_dtype=lm_dtype,
+        dtype=lm_dtype,
         max_length=max_length,
-        lm_batch_tokens=lm_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         score_cache_dir=score_cache_dir,
-        device=device,
     )
-    table = _table_of(lm, examples, characters, scoring)
-    other = _table_of(other_lm, examples, characters, scoring) if other_lm else None
+    table = _table_of(lm, examples, characters, scoring, template, device)
+    other = _table_of(other_lm, examples, characters, scoring, template, device) if other_lm else None
     base = Retriever(load_encoder(base_encoder, device=device), None, {"query_text": "query"})
     similarity = [base.rank_example(e, characters[e.character_id].settings) for e in examples]
     numbers = teacher_report(table, similarity, other)
@@ -152,11 +150,11 @@ def report(
     return numbers
 
 
-def _table_of(spec: str, examples, characters, scoring: dict) -> LMTable:
+def _table_of(spec: str, examples, characters, scoring: dict, template, device: str) -> LMTable:
     """The LM table of ``spec`` over the examples, from the shared score cache where it has the pairs."""
-    from ..lm.score_cache import build_scorer
+    from ..lm.score_cache import ScorerOptions, build_scorer
 
-    scorer = build_scorer(spec, **scoring)
+    scorer = build_scorer(ScorerOptions(name=spec, **scoring), template, device=device)
     table = lm_table(examples, characters, scorer)
     log.info("%s: %d pairs from the score cache, %d scored now", spec, scorer.hits, scorer.misses)
     return table

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from ..core.atomic import atomic_folder
+from ..core.options import check_ranges
 
 EMBEDDED_ENCODER = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:SmolLM2-135M-Instruct"
@@ -128,6 +131,39 @@ def load_causal_lm(
         model = model.to(device)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = get_args(Dtype)
+
+
+@dataclass(frozen=True)
+class LMOptions:
+    """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen scorer, see
+    :class:`~replugchar.lm.score_cache.ScorerOptions`) and ``finetune-lm`` (the model it tunes) share."""
+
+    name: str = EMBEDDED_LM
+    """Hub id, local folder (e.g. the output of ``finetune-lm``), ``embedded:SmolLM2-135M-Instruct`` or
+    ``tiny:gpt2``."""
+    revision: str | None = None
+    """Hub revision of ``name`` (part of the score-cache key)."""
+    dtype: Dtype = "auto"
+    """Dtype of the loaded weights: ``auto`` = bfloat16 on a GPU where the weights stay frozen (the scorer, the
+    base of a LoRA fine-tune), float32 otherwise (on CPU, and the master weights of a full fine-tune)."""
+    max_length: int = 512
+    """Token limit of prompt + reply: the oldest context turns are dropped first, the reply (and its eos) never;
+    also capped at the model's own position limit."""
+    trust_remote_code: bool = False
+    """Allow the model repository to run its own code (off unless you trust it)."""
+
+    def __post_init__(self) -> None:
+        check_ranges("model.lm", self, {"max_length": self.max_length > 0, "dtype": self.dtype in DTYPES})
+
+    def resolved_dtype(self, device: str | torch.device, *, frozen: bool = True) -> str:
+        """The dtype name to load with on ``device``: ``dtype`` unless it is ``auto`` (see :attr:`dtype`)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if frozen and str(device).startswith("cuda") else "float32"
 
 
 def _tiny_gpt2():

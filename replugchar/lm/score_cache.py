@@ -8,17 +8,22 @@ shards, and a rerun recomputes only what no shard holds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_file
+from ..core.options import check_ranges
+from .models import LMOptions
 from .scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
@@ -189,28 +194,41 @@ def _folder_digest(spec: str) -> str | None:
     return "sha1:" + h.hexdigest()[:12]
 
 
-SCORER_OPTIONS = (
-    "lm",
-    "lm_revision",
-    "lm_dtype",
-    "template",
-    "max_length",
-    "lm_batch_tokens",
-    "trust_remote_code",
-)
-"""What a score depends on, besides the pair: ``fit`` stores these in retriever.json, ``evaluate`` reads them."""
+@dataclass(frozen=True)
+class ScorerOptions(LMOptions):
+    """The frozen LM that supervises retrieval (``model.lm`` of ``fit``): which LM and how it loads
+    (:class:`~replugchar.lm.models.LMOptions`), its batching and its score cache. With the prompt template this is
+    what a score depends on (:meth:`record`, stored in retriever.json)."""
+
+    max_batch_tokens: int = 4096
+    """Token budget of one LM forward pass, padded tokens counted (:class:`~replugchar.lm.scoring.LMScorer`)."""
+    score_cache_dir: str | None = "auto"
+    """Persistent LM-score cache folder: ``auto`` = $REPLUGCHAR_CACHE/scores (default ~/.cache/replugchar/scores);
+    null keeps scores in memory for this run only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges("model.lm", self, {"max_batch_tokens": self.max_batch_tokens > 0})
+
+    def record(self, template: PromptTemplate) -> dict[str, Any]:
+        """The retriever.json ``"scorer"`` record, which ``evaluate`` and ``chat`` default to. It keeps the key
+        names of export format 1 (``lm``, ``lm_revision``, ``lm_dtype``, ``lm_batch_tokens``, ...), so exports
+        written before the option groups and after them read the same."""
+        return {
+            "lm": self.name,
+            "lm_revision": self.revision,
+            "lm_dtype": self.dtype,
+            "template": dataclasses.asdict(template),
+            "max_length": self.max_length,
+            "lm_batch_tokens": self.max_batch_tokens,
+            "trust_remote_code": self.trust_remote_code,
+        }
 
 
 def build_scorer(
-    lm: str,
-    *,
+    options: ScorerOptions,
     template: PromptTemplate | dict | None = None,
-    lm_revision: str | None = None,
-    lm_dtype: str = "auto",
-    max_length: int = 512,
-    lm_batch_tokens: int = 4096,
-    trust_remote_code: bool = False,
-    score_cache_dir: str | None = "auto",
+    *,
     device: str = "cpu",
     rank: int = 0,
 ) -> CachedScorer:
@@ -220,16 +238,19 @@ def build_scorer(
 
     if isinstance(template, dict):
         template = PromptTemplate(**template)
-    dtype = ("bfloat16" if str(device).startswith("cuda") else "float32") if lm_dtype == "auto" else lm_dtype
     model, tok = load_causal_lm(
-        lm, dtype=dtype, revision=lm_revision, trust_remote_code=trust_remote_code, device=str(device)
+        options.name,
+        dtype=options.resolved_dtype(device),
+        revision=options.revision,
+        trust_remote_code=options.trust_remote_code,
+        device=str(device),
     )
     scorer = LMScorer(
         model,
         tok,
         template,
-        max_length=max_length,
-        max_batch_tokens=lm_batch_tokens,
-        lm_key=f"{lm}@{lm_revision or _folder_digest(lm) or 'main'}",
+        max_length=options.max_length,
+        max_batch_tokens=options.max_batch_tokens,
+        lm_key=f"{options.name}@{options.revision or _folder_digest(options.name) or 'main'}",
     )
-    return CachedScorer(scorer, resolve_cache_dir(score_cache_dir), rank=rank)
+    return CachedScorer(scorer, resolve_cache_dir(options.score_cache_dir), rank=rank)

@@ -399,7 +399,7 @@ class LMScorer:
             if not context:
                 raise ValueError(
                     f"example '{ex.example_id}': prompt ({len(prompt)} tokens) + response ({len(response)}) "
-                    f"exceed model.max_length={self.max_length} even without dialogue context; the response is "
+                    f"exceed model.lm.max_length={self.max_length} even without dialogue context; the response is "
                     "never truncated: raise max_length or shorten the settings/query/response"
                 )
             context.pop(0)
@@ -459,7 +459,7 @@ class LMScorer:
             if not context:
                 raise ValueError(
                     f"example '{ex.example_id}': prompt ({len(prefix) + len(suffix)} tokens) + response "
-                    f"({len(response)}) exceed model.max_length={self.max_length} even without dialogue context; "
+                    f"({len(response)}) exceed model.lm.max_length={self.max_length} even without dialogue context; "
                     "the response is never truncated: raise max_length or shorten the settings/query/response"
                 )
             context.pop(0)

@@ -43,6 +43,8 @@ def _versions() -> dict[str, str]:
 
 
 def _model_card(hp: dict, metrics: dict[str, float], rule: ScoringRule) -> str:
+    """The encoder's README.md from the module's hparams (option groups as dicts: ``lm``, ``loss``, ...)."""
+    lm, loss = hp.get("lm") or {}, hp.get("loss") or {}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
     weights = "\n".join(f"| {f} | {w:+.4f} |" for f, w in zip(FEATURES, rule.weights))
     return f"""---
@@ -56,8 +58,8 @@ A sentence-transformers bi-encoder fine-tuned with **LM-supervised retrieval** (
 rank a role-play character's settings by how much they help a frozen LM produce the character's replies.
 
 - Base encoder: `{hp.get("encoder")}`
-- Frozen LM (supervision only, not included): `{hp.get("lm")}`
-- Loss: LSRLoss, {hp.get("kl_direction")}, γ={hp.get("gamma")}, β={hp.get("beta")}, k={hp.get("k")}, LM target = {hp.get("lm_score")} log-likelihood
+- Frozen LM (supervision only, not included): `{lm.get("name")}`
+- Loss: LSRLoss, {loss.get("direction")}, γ={loss.get("gamma")}, β={loss.get("beta")}, k={hp.get("k")}, LM target = {loss.get("lm_score")} log-likelihood
 - Query text: {hp.get("query_text")}
 - Training data: {hp.get("data_dir", "see retriever.json")}
 
@@ -182,7 +184,7 @@ def export_retriever(
             "template": dataclasses.asdict(module.template),
             "scorer": scorer,  # what evaluate/chat default to; trust_remote_code is never stored
             "encoder_base": module.hparams.encoder,
-            "lm": module.hparams.lm,
+            "lm": module.lm_options.name,
             "encoder_fingerprint": fingerprint,
             "metrics": metrics or {},
             "train_characters": train_characters or [],

@@ -39,7 +39,7 @@ class ExportRetriever(L.Callback):
         self.written: Path | None = None
         self.mixing: Calibration | None = None
         self.generality_fit: GeneralityFit | None = None
-        """With ``model.generality``: the fitted β and per validation example the top-1 gain without and with
+        """With ``model.head.generality``: the fitted β and per validation example the top-1 gain without and with
         the learned generality (``generality_groups`` holds their dialogue hashes), for the fit report."""
         self.generality_groups: np.ndarray | None = None
 
@@ -54,7 +54,7 @@ class ExportRetriever(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         data_dir = str(dm.hparams.data_dir) if dm is not None and hasattr(dm, "hparams") else None
         train_chars = sorted({e.character_id for e in getattr(dm, "train_examples", [])})
-        split = dm.split_spec() if hasattr(dm, "split_spec") else None
+        split = dm.split.to_dict() if hasattr(dm, "split") else None
         self.written = export_retriever(
             pl_module, out, metrics=metrics, data_dir=data_dir, train_characters=train_chars, split=split
         )

@@ -10,7 +10,8 @@ import random
 import lightning as L
 from torch.utils.data import DataLoader
 
-from ..core.data import QUERY_TYPES, Character, Corpus, DataError, Example, check_split, split_characters
+from ..core.data import QUERY_TYPES, Character, Corpus, DataError, Example, SplitSpec
+from ..core.options import as_options
 
 
 def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -18,6 +19,10 @@ def _cap(examples: list[Example], limit: int | None, seed: int) -> list[Example]
         return examples
     picked = random.Random(seed).sample(range(len(examples)), limit)
     return [examples[i] for i in sorted(picked)]
+
+
+SPLIT_FLAT_NAMES = {name: ("split", name) for name in ("val_fraction", "test_fraction", "seed")}
+"""The ``data`` options of before the option groups that moved into ``data.split``."""
 
 
 def collate_examples(batch: list[Example]) -> list[Example]:
@@ -28,35 +33,30 @@ class LSRDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "demo",
-        val_fraction: float = 0.2,
+        split: SplitSpec = SplitSpec(),
         batch_size: int = 8,
         max_train_examples: int | None = None,
         max_val_examples: int | None = None,
         query_types: list[str] | None = None,
-        seed: int = 0,
         num_workers: int = 0,
-        test_fraction: float = 0.0,
         all_greetings: bool = False,
     ) -> None:
         """
         Args:
             data_dir: folder with characters.jsonl and dialogues.jsonl, or "demo" for the bundled subset.
-            val_fraction: share of *characters* held out for validation (no character is in two splits); the
-                split hashes each character id (see :func:`split_of`), so it agrees across data sets.
+            split: the character-disjoint split (fractions and seed), stored in the export's retriever.json.
             batch_size: queries per optimisation step.
-            max_train_examples: cap on training examples (random, seeded); None keeps all. Sizes the LM budget.
+            max_train_examples: cap on training examples (random, seeded by ``split.seed``); None keeps all.
+                Sizes the LM budget.
             max_val_examples: cap on validation examples.
             query_types: keep only these query types (greeting/closing/other); None keeps all.
-            seed: seed of the character split and of the caps.
             num_workers: DataLoader workers.
-            test_fraction: share of characters kept out of training *and* validation, for ``evaluate``
-                (``split: test``) after ``priors fit-weight`` has tuned the mixing on validation.
             all_greetings: keep every greeting turn of the training and validation characters and apply the
                 caps to the other turns only. Greetings are 7-11% of turns but the case generality exists for:
                 a capped sample would hold too few of them to learn or to validate on.
         """
         super().__init__()
-        check_split(val_fraction, test_fraction)
+        self.split = as_options(SplitSpec, split, "data.split")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         for name, value in (
@@ -68,7 +68,8 @@ class LSRDataModule(L.LightningDataModule):
         for qt in query_types or []:
             if qt not in QUERY_TYPES:
                 raise ValueError(f"data.query_types: unknown query type {qt!r}; use {QUERY_TYPES}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["split"])
+        self.hparams["split"] = self.split.to_dict()  # plain data in checkpoints
         self.corpus: Corpus | None = None
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
@@ -77,9 +78,9 @@ class LSRDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.corpus is not None:
             return
-        hp = self.hparams
+        hp, seed = self.hparams, self.split.seed
         self.corpus = Corpus.load(hp.data_dir)
-        split = split_characters(list(self.corpus.characters), hp.val_fraction, hp.seed, hp.test_fraction)
+        split = self.split.assign(list(self.corpus.characters))
         keep = set(hp.query_types) if hp.query_types else set(QUERY_TYPES)
         examples = [e for e in self.corpus.examples if e.query_type in keep]
         all_greetings = hp.get("all_greetings", False)  # subclasses (the SFT data) may not declare it
@@ -88,17 +89,12 @@ class LSRDataModule(L.LightningDataModule):
 
         def take(part: str, limit: int | None) -> list[Example]:
             chars = split[part]
-            picked = _cap([e for e in capped if e.character_id in chars], limit, hp.seed)
+            picked = _cap([e for e in capped if e.character_id in chars], limit, seed)
             return picked + [e for e in uncapped if e.character_id in chars]
 
         self.train_examples = take("train", hp.max_train_examples)
         self.val_examples = take("val", hp.max_val_examples)
         self.test_examples = [e for e in examples if e.character_id in split["test"]]
-
-    def split_spec(self) -> dict:
-        """What decides which character is in which split: stored in retriever.json, read back by evaluate."""
-        hp = self.hparams
-        return {"val_fraction": hp.val_fraction, "test_fraction": hp.test_fraction, "seed": hp.seed}
 
     @property
     def characters(self) -> dict[str, Character]:
@@ -116,7 +112,7 @@ class LSRDataModule(L.LightningDataModule):
             raise DataError(
                 f"{self.corpus.source if self.corpus else hp.data_dir}: no {split} examples after the character "
                 f"split ({len(self.corpus.characters) if self.corpus else 0} characters, "
-                f"data.val_fraction={hp.val_fraction}, data.query_types={hp.query_types})"
+                f"data.split.val_fraction={self.split.val_fraction}, data.query_types={hp.query_types})"
             )
 
     def train_dataloader(self) -> DataLoader:
@@ -130,7 +126,7 @@ class LSRDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        if self.hparams.val_fraction > 0:
+        if self.split.val_fraction > 0:
             self._require(self.val_examples, "validation")
         return DataLoader(
             self.val_examples,

@@ -23,26 +23,41 @@ import dataclasses
 import json
 import logging
 import math
-import sys
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 
 from ..core.atomic import atomic_folder
+from ..core.options import as_options, check_ranges
 from ..lm.finetuned import TRAIN_CHARACTERS_FILE
-from ..lm.models import EMBEDDED_LM, load_causal_lm
+from ..lm.models import LMOptions, load_causal_lm
 from ..lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
-from .sft_data import CharacterSFTDataModule
+from .optim import OptimizerOptions
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "replugchar_template.json"
+FLAT_NAMES = {
+    "lm": ("lm", "name"),
+    "lm_revision": ("lm", "revision"),
+    "lm_dtype": ("lm", "dtype"),
+    "max_length": ("lm", "max_length"),
+    "trust_remote_code": ("lm", "trust_remote_code"),
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "lora_target_modules": ("lora", "target_modules"),
+    "learning_rate": ("optimizer", "learning_rate"),
+    "weight_decay": ("optimizer", "weight_decay"),
+    "warmup_steps": ("optimizer", "warmup_steps"),
+}
+"""Where each ``model`` option of ``finetune-lm`` before the option groups went: ``old -> (group, field)``."""
+FINETUNE_OPTIMIZER = OptimizerOptions(learning_rate=2e-4, weight_decay=0.0)
+"""``finetune-lm``'s optimiser defaults: LoRA's usual rate, no decay."""
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -60,70 +75,71 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """The low-rank adapters of ``model.method: lora`` (``model.lora``); merged into the weights at export."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters: ``all-linear`` (every linear layer but the output head) or a list of module
+    names such as ``[q_proj, v_proj]``."""
+
+    def __post_init__(self) -> None:
+        checks = {"r": self.r > 0, "alpha": self.alpha > 0, "dropout": 0 <= self.dropout < 1}
+        check_ranges("model.lora", self, checks)
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: use 'all-linear' or a list of module names")
+
+
 class CharacterLMModule(L.LightningModule):
     def __init__(
         self,
-        lm: str = EMBEDDED_LM,
+        lm: LMOptions = LMOptions(),
+        template: PromptTemplate = PromptTemplate(),
         method: Literal["full", "lora"] = "lora",
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        lora_target_modules: str | list[str] = "all-linear",
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        template: PromptTemplate | dict | None = None,
-        max_length: int = 512,
-        lm_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-        lm_revision: str | None = None,
-        trust_remote_code: bool = False,
+        lora: LoraOptions = LoraOptions(),
+        optimizer: OptimizerOptions = FINETUNE_OPTIMIZER,
     ) -> None:
         """
         Args:
-            lm: causal LM to fine-tune: hub id, local folder, ``embedded:SmolLM2-135M-Instruct`` or ``tiny:gpt2``.
+            lm: the causal LM to fine-tune (the same group as ``fit``'s ``model.lm``, less its scoring options).
                 Its tokenizer is fixed before training (pad := unk, or a new ``<|pad|>``, never eos).
-            method: ``full`` trains every weight; ``lora`` trains low-rank adapters (peft) and merges them into
-                the weights when the model is saved, so the output loads without peft.
-            lora_r: LoRA rank.
-            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
-            lora_dropout: dropout on the LoRA input.
-            lora_target_modules: modules that get adapters: ``all-linear`` (every linear layer but the output
-                head) or a list of module names such as ``[q_proj, v_proj]``.
-            learning_rate: AdamW peak learning rate (linear warmup, then linear decay to 0 at the last step).
-            weight_decay: AdamW weight decay.
-            warmup_steps: linear warmup steps.
+                ``dtype: auto`` = bfloat16 for ``lora`` on a GPU (frozen base), float32 otherwise (full
+                fine-tuning keeps float32 master weights; the trainer's precision, ``bf16-mixed`` on GPU by
+                default, sets the compute dtype).
             template: the prompt template; must be the one the LSR run scores with (``model.template`` of its
                 config) so the teacher is tuned on the prompts it will judge. Saved in the output folder.
-            max_length: token limit of prompt + reply; the oldest context turns are dropped first, the reply and
-                its eos are never cut (the scorer's policy).
-            lm_dtype: dtype of the loaded weights: ``auto`` = bfloat16 for ``lora`` on a GPU (frozen base),
-                float32 otherwise (full fine-tuning keeps float32 master weights; the trainer's precision,
-                ``bf16-mixed`` on GPU by default, sets the compute dtype).
-            lm_revision: hub revision of ``lm``.
-            trust_remote_code: allow the model repository to run its own code (off unless you trust it).
+            method: ``full`` trains every weight; ``lora`` trains low-rank adapters (peft) and merges them into
+                the weights when the model is saved, so the output loads without peft.
+            lora: rank, scaling, dropout and target modules of the adapters (``method: lora``).
+            optimizer: AdamW peak learning rate (linear warmup, then linear decay to 0 at the last step), weight
+                decay and warmup steps.
         """
         super().__init__()
-        checks = {
-            "lora_r": lora_r > 0,
-            "lora_alpha": lora_alpha > 0,
-            "lora_dropout": 0 <= lora_dropout < 1,
-            "learning_rate": 0 < learning_rate < float("inf"),
-            "weight_decay": weight_decay >= 0,
-            "warmup_steps": warmup_steps >= 0,
-            "max_length": max_length > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"model.{name} is out of range: {locals()[name]!r}")
+        self.lm_options = as_options(LMOptions, lm, "model.lm")
+        self.template = as_options(PromptTemplate, template, "model.template")
+        self.lora_options = as_options(LoraOptions, lora, "model.lora")
+        self.optimizer_options = as_options(OptimizerOptions, optimizer, "model.optimizer")
         if method not in ("full", "lora"):
             raise ValueError(f"model.method must be 'full' or 'lora', got {method!r}")
-        if not lora_target_modules:
-            raise ValueError("model.lora_target_modules is empty: use 'all-linear' or a list of module names")
-        self.template = (
-            PromptTemplate(**template) if isinstance(template, dict) else (template or PromptTemplate())
-        )
-        self.save_hyperparameters(ignore=["template"])
-        self.hparams["template"] = dataclasses.asdict(self.template)
+        if self.lm_options.dtype == "float16":  # no loss scaling here: float16 master weights underflow
+            raise ValueError(
+                "model.lm.dtype: float16 is not supported by finetune-lm; use bfloat16 or float32"
+            )
+        # hparams hold plain data only (checkpoints load without pickle)
+        self.save_hyperparameters(ignore=["lm", "template", "lora", "optimizer"])
+        for name, group in (
+            ("lm", self.lm_options),
+            ("template", self.template),
+            ("lora", self.lora_options),
+            ("optimizer", self.optimizer_options),
+        ):
+            self.hparams[name] = dataclasses.asdict(group)
         # LoRA checkpoints hold the adapters only (the frozen base reloads from `lm`), see on_save_checkpoint
         self.strict_loading = method == "full"
         self.lm: torch.nn.Module | None = None
@@ -138,17 +154,17 @@ class CharacterLMModule(L.LightningModule):
         """Load the LM on the trainer's device (idempotent: Lightning calls this for validate and for fit)."""
         if self.lm is not None:
             return
-        hp = self.hparams
+        hp, options = self.hparams, self.lm_options
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        dtype = hp.lm_dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" and hp.method == "lora" else "float32"
+        dtype = options.resolved_dtype(device.type, frozen=hp.method == "lora")
         model, tok = load_causal_lm(
-            hp.lm, dtype=dtype, revision=hp.lm_revision, trust_remote_code=hp.trust_remote_code
+            options.name, dtype=dtype, revision=options.revision, trust_remote_code=options.trust_remote_code
         )
         fix_tokenizer(tok, model)  # idempotent; explicit because training on pad == eos is the bug we avoid
         if tok.pad_token_id == tok.eos_token_id:
-            raise ValueError(f"model.lm={hp.lm}: the tokenizer's pad token is still its eos token")
+            raise ValueError(
+                f"model.lm.name={options.name}: the tokenizer's pad token is still its eos token"
+            )
         model.generation_config.pad_token_id = tok.pad_token_id
         model.train()
         if hp.method == "full":
@@ -156,27 +172,30 @@ class CharacterLMModule(L.LightningModule):
         else:
             from peft import LoraConfig, get_peft_model
 
+            lora = self.lora_options
             config = LoraConfig(
                 task_type="CAUSAL_LM",
-                r=hp.lora_r,
-                lora_alpha=hp.lora_alpha,
-                lora_dropout=hp.lora_dropout,
-                target_modules=hp.lora_target_modules,
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
             )
             model = get_peft_model(model, config)
         self.lm = model
         self.tokenizer = tok
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
-        log.info("%s (%s, %s): %d of %d parameters trainable", hp.lm, hp.method, dtype, n_train, n_all)
+        log.info("%s (%s, %s): %d of %d parameters trainable", options.name, hp.method, dtype, n_train, n_all)
 
     @property
-    def encoder(self) -> LMScorer:
-        """The scorer's tokenisation (prompt + reply + eos, its truncation policy, left padding)."""
+    def scorer(self) -> LMScorer:
+        """An :class:`~replugchar.lm.scoring.LMScorer` over the model being trained, for its tokenisation and
+        batch layout (prompt + reply + eos, its truncation policy, left padding): the loss is the score's
+        negative, laid out by the same code."""
         if self.lm is None:
             self.configure_model()
         return LMScorer(
-            self.lm, self.tokenizer, self.template, max_length=self.hparams.max_length, lm_key="finetune"
+            self.lm, self.tokenizer, self.template, max_length=self.lm_options.max_length, lm_key="finetune"
         )
 
     def reply_nll(self, requests: Sequence[ScoreRequest]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,8 +207,8 @@ class CharacterLMModule(L.LightningModule):
         the score LSR reads. The mask comes from the reply lengths that
         :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
         """
-        encoder = self.encoder
-        ids, mask, reply = encoder.collate(encoder.encode_many(requests))
+        scorer = self.scorer
+        ids, mask, reply = scorer.collate(scorer.encode_many(requests))
         token_logp = response_token_logprobs(self.lm, ids.to(self.device), mask.to(self.device), reply)
         return -token_logp, reply[:, -token_logp.shape[1] :].to(self.device)
 
@@ -219,9 +238,9 @@ class CharacterLMModule(L.LightningModule):
         if dm is None or not getattr(dm, "train_examples", None):
             return
         worst = [ScoreRequest(e, dm.characters[e.character_id].settings) for e in dm.train_examples]
-        encoder = self.encoder
+        scorer = self.scorer
         for i in range(0, len(worst), 512):
-            encoder.encode_many(worst[i : i + 512])
+            scorer.encode_many(worst[i : i + 512])
 
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
@@ -230,10 +249,9 @@ class CharacterLMModule(L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError("trainer.max_steps or trainer.max_epochs must bound the training")
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
-        schedule = get_linear_schedule_with_warmup(optimizer, self.hparams.warmup_steps, int(total))
+        options = self.optimizer_options
+        optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+        schedule = get_linear_schedule_with_warmup(optimizer, options.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -254,7 +272,7 @@ class CharacterLMModule(L.LightningModule):
             if missing:
                 raise ValueError(
                     f"ckpt_path: the checkpoint lacks {len(missing)} adapter weights ({missing[:2]}): it was "
-                    "trained with other model.method / lora_* options"
+                    "trained with other model.method / model.lora options"
                 )
 
     # ------------------------------------------------------------------------------------------- export
@@ -288,7 +306,7 @@ class CharacterLMModule(L.LightningModule):
         model.eval()
         hp = self.hparams
         info = {
-            "base_model": hp.lm,
+            "base_model": self.lm_options.name,
             "method": hp.method,
             "data_dir": data_source,
             "train_characters": sorted(train_characters),
@@ -315,10 +333,10 @@ class CharacterLMModule(L.LightningModule):
         return folder
 
     def _card(self, info: dict[str, Any], metrics: dict[str, float]) -> str:
-        hp, tok = self.hparams, self.tokenizer
+        hp, tok, lm, lora = self.hparams, self.tokenizer, self.lm_options, self.lora_options
         method = (
-            f"LoRA (r={hp.lora_r}, alpha={hp.lora_alpha}, dropout={hp.lora_dropout}, "
-            f"target_modules={hp.lora_target_modules}), merged into the weights"
+            f"LoRA (r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+            f"target_modules={lora.target_modules}), merged into the weights"
             if hp.method == "lora"
             else "full fine-tuning"
         )
@@ -329,14 +347,14 @@ class CharacterLMModule(L.LightningModule):
             "---",
             "# Character LM fine-tuned by `replugchar finetune-lm`",
             "",
-            f"- base model: `{hp.lm}`" + (f" (revision {hp.lm_revision})" if hp.lm_revision else ""),
+            f"- base model: `{lm.name}`" + (f" (revision {lm.revision})" if lm.revision else ""),
             f"- method: {method}",
-            f"- optimisation steps: {info['global_step']}, learning rate {hp.learning_rate}",
+            f"- optimisation steps: {info['global_step']}, learning rate {self.optimizer_options.learning_rate}",
             f"- data set: `{info['data_dir']}` (training split of the character hash split)",
             f"- tokenizer: pad `{tok.pad_token}` (id {tok.pad_token_id}) is not eos `{tok.eos_token}` "
             f"(id {tok.eos_token_id}); the loss covered each reply and the eos that ends it",
             f"- prompt template: `{TEMPLATE_FILE}` (use the same `model.template` when LSR scores with this LM)",
-            f"- max_length: {hp.max_length}",
+            f"- max_length: {lm.max_length}",
         ]
         for key in sorted(set(self.metrics_before) | set(metrics)):
             before = self.metrics_before.get(key)
@@ -382,113 +400,3 @@ class ExportCharacterLM(L.Callback):
             data_source=dm.source if dm is not None else "",
             metrics=metrics,
         )
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def _cuda_bf16(accelerator: Any) -> bool:
-    if str(accelerator) not in ("auto", "gpu", "cuda"):
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-class FinetuneCLI(LightningCLI):
-    """``replugchar finetune-lm --config ...``: validate, fit, export, validate; one command, no subcommands.
-
-    The optimiser and its schedule are the module's (AdamW over the trainable weights, warmup then linear decay),
-    so the CLI's generic ``--optimizer`` / ``--lr_scheduler`` options are off.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ExportCharacterLM, "export")
-        parser.add_argument(
-            "--ckpt_path",
-            type=str | None,
-            default=None,
-            help="resume from this Lightning checkpoint (e.g. <checkpoint dirpath>/last.ckpt) after a kill",
-        )
-
-    def before_instantiate_classes(self) -> None:
-        trainer = self.config.trainer
-        if trainer.precision is None:  # bf16 on GPU, fp32 on CPU unless the config says otherwise
-            trainer.precision = "bf16-mixed" if _cuda_bf16(trainer.accelerator) else "32-true"
-
-    def _set_seed(self) -> None:
-        """Refuse a reused checkpoint folder before anything else prints (LightningCLI seeds first)."""
-        self._check_checkpoint_folders(self.config.get("ckpt_path"))
-        super()._set_seed()
-
-    def _check_checkpoint_folders(self, ckpt_path: str | None) -> None:
-        """A checkpoint folder belongs to one run. Reusing one without resuming it would add ``last-v1.ckpt``
-        beside the old ``last.ckpt``, and a later resume from ``last.ckpt`` would pick the older run's step."""
-        from .checkpoint import load_checkpoint
-
-        if ckpt_path and ckpt_path not in ("last", "best"):
-            load_checkpoint(ckpt_path)
-        for cb in self.config.trainer.get("callbacks") or []:
-            dirpath = (cb.get("init_args") or {}).get("dirpath") if hasattr(cb, "get") else None
-            if not str(cb.get("class_path", "")).endswith("ModelCheckpoint") or not dirpath:
-                continue
-            old = sorted(Path(dirpath).glob("*.ckpt")) if Path(dirpath).is_dir() else []
-            if old and not ckpt_path:
-                raise ValueError(
-                    f"{dirpath}: holds checkpoints of an earlier run ({old[0].name}, ...): resume it with "
-                    f"--ckpt_path {Path(dirpath) / 'last.ckpt'}, or give this run another checkpoint dirpath"
-                )
-
-    def run_fit(self) -> dict[str, float]:
-        """Validation before -> fit (the export callback writes the LM) -> validation after; returns after."""
-        trainer, model, dm = self.trainer, self.model, self.datamodule
-        ckpt_path = self.config.get("ckpt_path")
-        for cb in trainer.callbacks:  # a resumed run overwrites its own last.ckpt, never writes last-v1.ckpt
-            if isinstance(cb, ModelCheckpoint):
-                cb._enable_version_counter = False
-        validate = trainer.limit_val_batches != 0 and dm.hparams.val_fraction > 0
-        if validate and not ckpt_path:
-            results = trainer.validate(model, datamodule=dm, verbose=False)
-            model.metrics_before = {k: float(v) for k, v in results[0].items()} if results else {}
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        after: dict[str, float] = {}
-        if validate:
-            if model.last_val_step == trainer.global_step:
-                after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            else:
-                results = trainer.validate(model, datamodule=dm, verbose=False)
-                after = {k: float(v) for k, v in results[0].items()} if results else {}
-        if trainer.global_rank == 0:
-            for key in ("val/loss", "val/eos_nll"):
-                if key in after:
-                    before = model.metrics_before.get(key)
-                    b = f"{before:.4f}" if before is not None else "n/a"
-                    log.info("finetune-lm: %s %s -> %s (held-out characters)", key, b, f"{after[key]:.4f}")
-            for cb in trainer.callbacks:
-                if isinstance(cb, ExportCharacterLM) and cb.written:
-                    log.info("finetune-lm: fine-tuned LM in %s (model.lm for LSR)", cb.written)
-        return after
-
-
-def main(argv: list[str] | None = None) -> FinetuneCLI:
-    """``replugchar finetune-lm [--config finetune.yaml] [--section.option value ...]``."""
-    with warnings.catch_warnings():
-        # `replugchar finetune-lm ...` hands over the arguments after the command name; sys.argv still holds
-        # the command, which LightningCLI would otherwise warn about
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = FinetuneCLI(
-            CharacterLMModule,
-            CharacterSFTDataModule,
-            args=list(sys.argv[1:] if argv is None else argv),
-            run=False,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            parser_kwargs={"prog": "replugchar finetune-lm"},
-        )
-    cli.run_fit()
-    return cli
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from ..core.options import check_ranges
 
 Direction = Literal["lm_to_retriever", "retriever_to_lm"]
 MIN_TEMPERATURE = 1e-4
@@ -115,6 +118,46 @@ class LSRLoss(nn.Module):
         if not valid.any():
             return sim.sum() * 0.0
         return per_query[valid].sum() / valid.sum()
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The LSR loss of ``fit`` (``model.loss``): the two temperatures, the KL direction, the LM target and the
+    two guards against a weak teacher (see :class:`LSRLoss` for the formula)."""
+
+    gamma: float = 0.1
+    """Retriever temperature γ in softmax(sim/γ)."""
+    beta: float = 0.05
+    """LM temperature β in softmax(log P_LM/β)."""
+    direction: Direction = "lm_to_retriever"
+    """``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`LSRLoss`) or ``retriever_to_lm`` = KL(P_R‖Q) as
+    written in REPLUG."""
+    lm_score: Literal["mean", "sum"] = "mean"
+    """LM target per candidate: mean per-token log-likelihood of the gold reply, or the sum."""
+    min_margin: float = 0.0
+    """Train only on turns whose LM best-vs-second margin (log-likelihood per token for ``lm_score: mean``) is
+    at least this (LLM-Embedder's filter against a weak teacher); 0 keeps all."""
+    top1_weight: float = 0.0
+    """Weight of a hard cross-entropy term on the LM's best candidate beside the KL."""
+
+    def __post_init__(self) -> None:
+        inf = float("inf")
+        checks = {
+            "gamma": 0 < self.gamma < inf,
+            "beta": 0 < self.beta < inf,
+            "min_margin": self.min_margin >= 0,
+            "top1_weight": self.top1_weight >= 0,
+        }
+        check_ranges("model.loss", self, checks)
+
+    def build(self) -> LSRLoss:
+        return LSRLoss(
+            gamma=self.gamma,
+            beta=self.beta,
+            direction=self.direction,
+            min_margin=self.min_margin,
+            top1_weight=self.top1_weight,
+        )
 
 
 def lm_margin(lm_logp: Tensor, mask: Tensor | None = None) -> Tensor:

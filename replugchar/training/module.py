@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import logging
 import zlib
-from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -15,181 +14,129 @@ import torch
 from torch import Tensor
 
 from ..core.data import Character, Example, QueryText, query_text
-from ..core.scoring import (
-    FEATURES,
-    ScoringRule,
-    dialogue_features,
-    generality_of,
-    query_weight,
-    score_settings,
-    window,
-)
-from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM, load_encoder
-from ..lm.score_cache import SCORER_OPTIONS, CachedScorer, build_scorer
+from ..core.options import as_options
+from ..core.scoring import FEATURES, ScoringRule, dialogue_features, window
+from ..lm.models import EMBEDDED_ENCODER, load_encoder
+from ..lm.score_cache import CachedScorer, ScorerOptions, build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
 from ..retrieval.index import SettingIndex, setting_records
-from .losses import Direction, LSRLoss, entropy
+from .head import DialogueHead, HeadOptions
+from .losses import LossOptions, entropy
+from .optim import OptimizerOptions
 
 log = logging.getLogger(__name__)
 
+GROUPS = {
+    "lm": "lm_options",
+    "template": "template",
+    "loss": "loss_options",
+    "head": "head_options",
+    "optimizer": "optimizer_options",
+}
+"""The option groups of :class:`LSRModule`: ``__init__`` argument (and hparams key) -> attribute."""
 
-class DialogueHead(torch.nn.Module):
-    """The learned numbers of the scoring rule: the dialogue-evidence weights w (one per
-    :data:`~replugchar.core.scoring.FEATURES`) and, with ``dim``, the generality vector v of g(s) = v·e_s with
-    its per-query weight λ + gate·(best cosine, empty history).
+FLAT_NAMES = {
+    "lm": ("lm", "name"),
+    "lm_revision": ("lm", "revision"),
+    "lm_dtype": ("lm", "dtype"),
+    "max_length": ("lm", "max_length"),
+    "lm_batch_tokens": ("lm", "max_batch_tokens"),
+    "score_cache_dir": ("lm", "score_cache_dir"),
+    "trust_remote_code": ("lm", "trust_remote_code"),
+    "gamma": ("loss", "gamma"),
+    "beta": ("loss", "beta"),
+    "kl_direction": ("loss", "direction"),
+    "lm_score": ("loss", "lm_score"),
+    "min_margin": ("loss", "min_margin"),
+    "top1_weight": ("loss", "top1_weight"),
+    "dialogue_features": ("head", "dialogue_features"),
+    "history_window": ("head", "history_window"),
+    "generality": ("head", "generality"),
+    "generality_l2": ("head", "generality_l2"),
+    "head_learning_rate": ("head", "learning_rate"),
+    "learning_rate": ("optimizer", "learning_rate"),
+    "weight_decay": ("optimizer", "weight_decay"),
+    "warmup_steps": ("optimizer", "warmup_steps"),
+}
+"""Where each option of the flat ``model`` section (before the option groups) went: ``old -> (group, field)``.
+:func:`grouped_hparams` reads checkpoints written then; README's option table is this one."""
 
-    w and v start at zero, so training begins from plain similarity; λ starts at 1 so that v gets a gradient
-    (with v = 0 the score does not depend on λ or the gate, so this changes nothing at the start)."""
 
-    def __init__(self, dim: int | None = None) -> None:
-        super().__init__()
-        self.weights = torch.nn.Parameter(torch.zeros(len(FEATURES)))
-        self.generality = torch.nn.Parameter(torch.zeros(dim)) if dim else None
-        self.prior_weight = torch.nn.Parameter(torch.tensor(1.0)) if dim else None
-        self.gate = torch.nn.Parameter(torch.zeros(2)) if dim else None
-
-    def forward(
-        self,
-        sim: Tensor,
-        features: Tensor,
-        settings: Tensor | None = None,
-        mask: Tensor | None = None,
-        history_empty: Tensor | None = None,
-    ) -> Tensor:
-        """(batch, k) scores from cosines (batch, k), features (batch, k, F) and, for the generality term, the
-        candidates' embeddings (batch, k, d), their mask (batch, k) and (batch,) bools: no history yet."""
-        if self.generality is None or settings is None:
-            return score_settings(sim, features, self.weights)  # (batch, k)
-        g = generality_of(settings, self.generality)  # (batch, k)
-        best = sim.detach().masked_fill(~mask, float("-inf")).max(-1).values  # (batch,)
-        weight = query_weight(best, history_empty, self.prior_weight, self.gate)  # (batch,)
-        return score_settings(sim, features, self.weights, g, weight)
+def grouped_hparams(hparams: dict) -> dict:
+    """``hparams`` of a checkpoint in the grouped form: flat ones (written before the option groups) regrouped
+    by :data:`FLAT_NAMES`, grouped ones unchanged, so ``fit --ckpt_path`` of an older run still parses."""
+    out: dict = {}
+    for key, value in hparams.items():
+        if key in FLAT_NAMES and not isinstance(value, dict):
+            group, field = FLAT_NAMES[key]
+            out.setdefault(group, {})[field] = value
+        else:
+            out[key] = value
+    return out
 
 
 class LSRModule(L.LightningModule):
+    """LSR training of the bi-encoder and the scoring head against a frozen LM (REPLUG, Shi et al. 2023).
+
+    Options come in groups (``model.lm``, ``model.template``, ``model.loss``, ``model.head``,
+    ``model.optimizer``), each a frozen dataclass documented field by field where its concept lives; the
+    module keeps them as typed attributes (``lm_options``, ``template``, ``loss_options``, ``head_options``,
+    ``optimizer_options``) and as plain dicts in ``hparams`` (checkpoints load without pickle)."""
+
     def __init__(
         self,
         encoder: str = EMBEDDED_ENCODER,
-        lm: str = EMBEDDED_LM,
+        lm: ScorerOptions = ScorerOptions(),
+        template: PromptTemplate = PromptTemplate(),
         k: int = 5,
-        gamma: float = 0.1,
-        beta: float = 0.05,
-        kl_direction: Direction = "lm_to_retriever",
-        lm_score: Literal["mean", "sum"] = "mean",
         query_text: QueryText = "query",
         share_encoders: bool = True,
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 0,
-        refresh_every: int = 50,
-        template: PromptTemplate | dict | None = None,
-        lm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-        lm_revision: str | None = None,
-        max_length: int = 512,
-        lm_batch_tokens: int = 4096,
-        score_cache_dir: str | None = "auto",
-        trust_remote_code: bool = False,
-        dialogue_features: bool = True,
-        history_window: int = 16,
         freeze_encoder: bool = False,
-        head_learning_rate: float = 0.05,
-        min_margin: float = 0.0,
-        top1_weight: float = 0.0,
-        generality: bool = False,
-        generality_l2: float = 0.05,
+        refresh_every: int = 50,
+        loss: LossOptions = LossOptions(),
+        head: HeadOptions = HeadOptions(),
+        optimizer: OptimizerOptions = OptimizerOptions(),
     ) -> None:
         """
         Args:
             encoder: bi-encoder to fine-tune: hub id, local folder, ``embedded:all-MiniLM-L6-v2`` or ``tiny:bert``.
-            lm: frozen causal LM that supervises retrieval: hub id, local folder,
-                ``embedded:SmolLM2-135M-Instruct`` or ``tiny:gpt2``. Never trained, never checkpointed.
+            lm: the frozen causal LM that supervises retrieval, its batching and score cache. Never trained,
+                never checkpointed.
+            template: LM prompt template (see :class:`~replugchar.lm.scoring.PromptTemplate`).
             k: candidate settings per query (top-k of the character's settings by the current index);
                 a character with at most k settings has all of them as candidates.
-            gamma: retriever temperature γ in softmax(sim/γ).
-            beta: LM temperature β in softmax(log P_LM/β).
-            kl_direction: ``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`~replugchar.training.losses.LSRLoss`)
-                or ``retriever_to_lm`` = KL(P_R‖Q) as written in REPLUG.
-            lm_score: LM target per candidate: mean per-token log-likelihood of the response, or the sum.
             query_text: what the encoder embeds for a query: the query alone (default), or the last context
                 turn + query (kept for old runs: it raises already-voiced settings; prefer dialogue features).
             share_encoders: one encoder for queries and settings (default); False trains a separate query
                 encoder initialised from the same weights.
-            learning_rate: AdamW learning rate.
-            weight_decay: AdamW weight decay.
-            warmup_steps: linear learning-rate warmup.
-            refresh_every: re-encode all settings and rebuild the FAISS index every this many steps (T).
-            template: LM prompt template (see :class:`~replugchar.lm.scoring.PromptTemplate`).
-            lm_dtype: ``auto`` = bfloat16 on GPU, float32 on CPU.
-            lm_revision: hub revision of ``lm`` (part of the score-cache key).
-            max_length: token limit of prompt + response; old context is cut first, the response never.
-            lm_batch_tokens: token budget of one LM forward pass (padded tokens counted).
-            score_cache_dir: persistent LM-score cache folder; "auto" = $REPLUGCHAR_CACHE/scores (default
-                ~/.cache/replugchar/scores); null keeps scores in memory for this run only.
-            trust_remote_code: allow model repositories to run their own code (off unless you trust them).
-            dialogue_features: learn the dialogue-evidence weights of :mod:`replugchar.core.scoring` (similarity of
-                each setting to the character's own and the partner's earlier turns) beside the encoder.
-            history_window: turns of the session before the query that the dialogue features read.
             freeze_encoder: train only the scoring head (the encoder stays the base model): seconds per epoch,
                 and the encoder cannot drift on a few hundred turns.
-            head_learning_rate: AdamW learning rate of the scoring head (its few weights need a large one).
-            min_margin: LSR trains only on turns whose LM best-vs-second margin (log-likelihood per token for
-                ``lm_score: mean``) is at least this (LLM-Embedder's filter against a weak teacher); 0 keeps all.
-            top1_weight: weight of a hard cross-entropy term on the LM's best candidate beside the KL.
-            generality: also learn the generality g(s) = v·e_s of each setting from its embedding (one weight per
-                dimension, so it carries to characters never seen) and its per-query weight (a gate on the
-                query's best similarity and on an empty history): the term that can lift "cheerful with
-                everyone" for "Hello!". Needs ``dialogue_features``.
-            generality_l2: penalty on ||v||² added to the loss: v has as many weights as the embedding has
-                dimensions and learns from a few hundred greetings.
+            refresh_every: re-encode all settings and rebuild the FAISS index every this many steps (T).
+            loss: the LSR loss: temperatures, KL direction, LM target, weak-teacher guards.
+            head: the learned scoring head: dialogue features, history window, generality, its learning rate.
+            optimizer: AdamW learning rate, weight decay and warmup of the encoder(s).
         """
         super().__init__()
-        checks = {
-            "k": k > 0,
-            "gamma": 0 < gamma < float("inf"),
-            "beta": 0 < beta < float("inf"),
-            "refresh_every": refresh_every > 0,
-            "learning_rate": learning_rate > 0,
-            "max_length": max_length > 0,
-            "lm_batch_tokens": lm_batch_tokens > 0,
-            "warmup_steps": warmup_steps >= 0,
-            "history_window": history_window >= 0,
-            "head_learning_rate": head_learning_rate > 0,
-            "min_margin": min_margin >= 0,
-            "top1_weight": top1_weight >= 0,
-            "generality_l2": generality_l2 >= 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"model.{name} is out of range: {locals()[name]!r}")
-        if freeze_encoder and not dialogue_features:
+        self.lm_options = as_options(ScorerOptions, lm, "model.lm")
+        self.template = as_options(PromptTemplate, template, "model.template")
+        self.loss_options = as_options(LossOptions, loss, "model.loss")
+        self.head_options = as_options(HeadOptions, head, "model.head")
+        self.optimizer_options = as_options(OptimizerOptions, optimizer, "model.optimizer")
+        for name, value in (("k", k), ("refresh_every", refresh_every)):
+            if value <= 0:
+                raise ValueError(f"model.{name} is out of range: {value!r}")
+        if freeze_encoder and not self.head_options.dialogue_features:
             raise ValueError(
-                "model.freeze_encoder: true leaves nothing to train unless model.dialogue_features: true"
+                "model.freeze_encoder: true leaves nothing to train unless model.head.dialogue_features: true"
             )
-        self.template = (
-            PromptTemplate(**template) if isinstance(template, dict) else (template or PromptTemplate())
-        )
         # hparams hold plain data only (a dataclass there would make checkpoints need pickle to load)
-        self.save_hyperparameters(ignore=["template"])
-        self.hparams["template"] = dataclasses.asdict(self.template)
-        self.encoder = load_encoder(encoder, trust_remote_code=trust_remote_code)
-        # sentence-transformers pools token embeddings itself: the HF model's own pooler (BERT, MPNet, ...) gets
-        # no gradient, and DDP fails on parameters that take no part in the loss; freeze it (no effect otherwise)
-        for mod in self.encoder.modules():
-            if isinstance(getattr(mod, "pooler", None), torch.nn.Module):
-                mod.pooler.requires_grad_(False)
-        self.query_encoder = None if share_encoders else copy.deepcopy(self.encoder)
-        if freeze_encoder:
-            for enc in (self.encoder, self.query_encoder):
-                if enc is not None:
-                    enc.requires_grad_(False)
-        if generality and not dialogue_features:
-            raise ValueError("model.generality: true needs model.dialogue_features: true (the head holds it)")
-        dim = self.encoder.get_embedding_dimension() if generality else None
-        self.head = DialogueHead(dim) if dialogue_features else None
+        self.save_hyperparameters(ignore=list(GROUPS))
+        self.hparams.update({name: dataclasses.asdict(getattr(self, attr)) for name, attr in GROUPS.items()})
+        self.encoder, self.query_encoder = self._load_encoders(encoder, share_encoders, freeze_encoder)
+        dim = self.encoder.get_embedding_dimension() if self.head_options.generality else None
+        self.head = DialogueHead(dim) if self.head_options.dialogue_features else None
         self._turn_cache: dict[tuple[bool, str], Tensor] = {}
-        self.loss_fn = LSRLoss(
-            gamma=gamma, beta=beta, direction=kl_direction, min_margin=min_margin, top1_weight=top1_weight
-        )
+        self.loss_fn = self.loss_options.build()
         self.characters: dict[str, Character] = {}
         self._scorer: CachedScorer | None = None  # not an nn.Module: the LM stays out of state_dict
         self.index: SettingIndex | None = None
@@ -199,6 +146,23 @@ class LSRModule(L.LightningModule):
         self.val_per_example: np.ndarray | None = None
         """After a validation epoch: (n, 3) rows of (dialogue hash, top-1 agreement 0/1, top-1 LM gain), in
         dataloader order, so two validations of the same split can be compared example by example."""
+
+    def _load_encoders(
+        self, spec: str, share: bool, freeze: bool
+    ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """(encoder, separate query encoder or None), the pooler frozen and, with ``freeze``, everything."""
+        encoder = load_encoder(spec, trust_remote_code=self.lm_options.trust_remote_code)
+        # sentence-transformers pools token embeddings itself: the HF model's own pooler (BERT, MPNet, ...) gets
+        # no gradient, and DDP fails on parameters that take no part in the loss; freeze it (no effect otherwise)
+        for mod in encoder.modules():
+            if isinstance(getattr(mod, "pooler", None), torch.nn.Module):
+                mod.pooler.requires_grad_(False)
+        query_encoder = None if share else copy.deepcopy(encoder)
+        if freeze:
+            for enc in (encoder, query_encoder):
+                if enc is not None:
+                    enc.requires_grad_(False)
+        return encoder, query_encoder
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -212,20 +176,14 @@ class LSRModule(L.LightningModule):
         """The frozen LM behind its score cache, loaded on first use onto this module's device."""
         if self._scorer is None:
             self._scorer = build_scorer(
-                **self.scorer_config(),
-                score_cache_dir=self.hparams.score_cache_dir,
-                device=str(self.device),
-                rank=self.global_rank,
+                self.lm_options, self.template, device=str(self.device), rank=self.global_rank
             )
         return self._scorer
 
     def scorer_config(self) -> dict:
-        """The scorer options (:data:`~replugchar.lm.score_cache.SCORER_OPTIONS`): export writes them to
-        retriever.json so ``evaluate`` scores with the LM and template that training used."""
-        return {
-            k: (dataclasses.asdict(self.template) if k == "template" else self.hparams[k])
-            for k in SCORER_OPTIONS
-        }
+        """The retriever.json ``"scorer"`` record (:meth:`~replugchar.lm.score_cache.ScorerOptions.record`):
+        export writes it so ``evaluate`` scores with the LM and template that training used."""
+        return self.lm_options.record(self.template)
 
     @property
     def rule(self) -> ScoringRule:
@@ -233,7 +191,7 @@ class LSRModule(L.LightningModule):
         head = self.head
         weights = tuple(head.weights.detach().cpu().tolist()) if head is not None else None
         rule = ScoringRule(
-            weights=weights or ScoringRule().weights, history_window=self.hparams.history_window
+            weights=weights or ScoringRule().weights, history_window=self.head_options.history_window
         )
         if head is not None and head.generality is not None:
             rule = dataclasses.replace(
@@ -316,7 +274,7 @@ class LSRModule(L.LightningModule):
             ScoreRequest(e, (self.index.records[i].text,)) for e, row in zip(examples, cands) for i in row
         ]
         scores = self.scorer.score(requests)
-        values = scores.logp_mean if self.hparams.lm_score == "mean" else scores.logp_sum
+        values = scores.logp_mean if self.loss_options.lm_score == "mean" else scores.logp_sum
         out = torch.full((len(examples), k), float("-inf"))
         pos = 0
         for row, ids in enumerate(cands):
@@ -349,7 +307,7 @@ class LSRModule(L.LightningModule):
         self, examples: list[Example], cands: list[list[int]], setting_emb: Tensor, pos: dict
     ) -> Tensor:
         """(batch, k, F) dialogue features of each candidate, from the session before each query."""
-        k, hw = self.hparams.k, self.hparams.history_window
+        k, hw = self.hparams.k, self.head_options.history_window
         out = torch.zeros((len(examples), k, len(FEATURES)), device=self.device)
         turns = [window(e.dialogue, hw) for e in examples]
         texts = [t.text for ts in turns for t in ts]
@@ -384,44 +342,56 @@ class LSRModule(L.LightningModule):
         return sim, mask
 
     def _step(self, examples: list[Example], prefix: str) -> Tensor:
+        """One LSR step: candidates from the index, the rule's scores, the LM's targets, the loss; logged."""
         cands = self.candidates(examples)
         sim, mask = self.similarities(examples, cands)
         lm = self.lm_targets(examples, cands)
         loss = self.loss_fn(sim, lm, mask)
-        if self.head is not None and self.head.generality is not None and self.hparams.generality_l2:
-            loss = loss + self.hparams.generality_l2 * self.head.generality.pow(2).sum()
+        if self.head is not None and self.head.generality is not None and self.head_options.generality_l2:
+            loss = loss + self.head_options.generality_l2 * self.head.generality.pow(2).sum()
         with torch.no_grad():
-            log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
-            neg = torch.finfo(sim.dtype).min
-            top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
-            agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
-            # lift: LM log-likelihood of the gold reply with the retriever's top-1 setting over the mean of the
-            # candidates (what a random candidate gets): > 0 means retrieval helps the LM. (A "gain" elsewhere in
-            # the package is over *no setting*.)
-            lm_mean = torch.where(target_ok := torch.isfinite(lm) & mask, lm, 0).sum(-1) / target_ok.sum(
-                -1
-            ).clamp(min=1)
-            top1_lift = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean
+            metrics, agree, top1_lift, valid = self._metrics(sim, lm, mask)
             if prefix == "val":
-                # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
-                groups = torch.tensor(
-                    [zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64
-                )
-                rows = torch.stack(
-                    [groups, agree.cpu().double(), top1_lift.cpu().double()], dim=1
-                )  # (batch, 3)
-                self._val_rows.append(rows[(valid & torch.isfinite(top1_lift)).cpu()])
-            metrics = {
-                "loss": loss,
-                "retriever_entropy": entropy(log_pr)[valid].mean(),
-                "lm_entropy": entropy(log_q)[valid].mean(),
-                "top1_agreement": agree[valid].float().mean(),
-                "top1_lift": top1_lift[valid & torch.isfinite(top1_lift)].mean(),
-            }
-        bs = len(examples)
+                self._keep_val_rows(examples, agree, top1_lift, valid)
+        self._log_metrics({"loss": loss, **metrics}, prefix, len(examples))
+        return loss
+
+    def _metrics(
+        self, sim: Tensor, lm: Tensor, mask: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """What explains training (Atlas, LLM-Embedder): both entropies, top-1 agreement with the LM's best
+        candidate and the top-1 lift; also the per-query (batch,) agreement, lift and rows the loss counted."""
+        log_pr, log_q, valid = self.loss_fn.distributions(sim, lm, mask)
+        neg = torch.finfo(sim.dtype).min
+        top1 = sim.masked_fill(~mask, neg).argmax(-1)  # (batch,)
+        agree = top1 == lm.masked_fill(~torch.isfinite(lm), neg).argmax(-1)
+        # lift: LM log-likelihood of the gold reply with the retriever's top-1 setting over the mean of the
+        # candidates (what a random candidate gets): > 0 means retrieval helps the LM. (A "gain" elsewhere in
+        # the package is over *no setting*.)
+        target_ok = torch.isfinite(lm) & mask
+        lm_mean = torch.where(target_ok, lm, 0).sum(-1) / target_ok.sum(-1).clamp(min=1)
+        top1_lift = lm.gather(1, top1[:, None]).squeeze(1) - lm_mean  # (batch,)
+        metrics = {
+            "retriever_entropy": entropy(log_pr)[valid].mean(),
+            "lm_entropy": entropy(log_q)[valid].mean(),
+            "top1_agreement": agree[valid].float().mean(),
+            "top1_lift": top1_lift[valid & torch.isfinite(top1_lift)].mean(),
+        }
+        return metrics, agree, top1_lift, valid
+
+    def _keep_val_rows(
+        self, examples: list[Example], agree: Tensor, top1_lift: Tensor, valid: Tensor
+    ) -> None:
+        """(dialogue hash, agreement, lift) rows of this validation batch, for the paired before/after report."""
+        # kept on the CPU in float64: a crc32 group id is exact there (and MPS has no float64)
+        groups = torch.tensor([zlib.crc32(e.dialogue_id.encode()) for e in examples], dtype=torch.float64)
+        rows = torch.stack([groups, agree.cpu().double(), top1_lift.cpu().double()], dim=1)  # (batch, 3)
+        self._val_rows.append(rows[(valid & torch.isfinite(top1_lift)).cpu()])
+
+    def _log_metrics(self, metrics: dict[str, Tensor], prefix: str, batch_size: int) -> None:
         self.log_dict(
             {f"{prefix}/{k}": v for k, v in metrics.items()},
-            batch_size=bs,
+            batch_size=batch_size,
             prog_bar=False,
             on_step=prefix == "train",
             on_epoch=True,
@@ -430,14 +400,13 @@ class LSRModule(L.LightningModule):
         self.log(
             f"{prefix}_top1",
             metrics["top1_agreement"],
-            batch_size=bs,
+            batch_size=batch_size,
             prog_bar=True,
             on_epoch=True,
             on_step=False,
             logger=False,
             sync_dist=True,
         )
-        return loss
 
     def on_train_epoch_start(self) -> None:
         # sentence-transformers loads in eval mode and Lightning keeps submodule modes: train with dropout on
@@ -478,12 +447,12 @@ class LSRModule(L.LightningModule):
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest}] if rest else []
         if head:  # no weight decay: zero weights mean "plain similarity", not a prior to shrink towards
-            groups.append({"params": head, "lr": self.hparams.head_learning_rate, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        warm = self.hparams.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: min(1.0, (step + 1) / warm) if warm else 1.0
+            groups.append({"params": head, "lr": self.head_options.learning_rate, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(
+            groups, lr=self.optimizer_options.learning_rate, weight_decay=self.optimizer_options.weight_decay
         )
+        options = self.optimizer_options
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: options.warmup(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def flush_scores(self) -> None:
@@ -517,4 +486,4 @@ class LSRModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the LM is not a registered submodule, so it is not in state_dict; say so in the checkpoint
-        checkpoint["replugchar"] = {"lm": self.hparams.lm, "lm_in_checkpoint": False}
+        checkpoint["replugchar"] = {"lm": self.lm_options.name, "lm_in_checkpoint": False}

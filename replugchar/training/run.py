@@ -6,16 +6,74 @@ score cache and character split that training used) and never import the CLI.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from .datamodule import LSRDataModule
-from .module import LSRModule
+from .datamodule import SPLIT_FLAT_NAMES, LSRDataModule
+from .module import FLAT_NAMES, LSRModule
+
+Moves = Mapping[str, Mapping[str, tuple[str, str]]]
+"""section -> old flat option -> (group, field): where an option of before the option groups went."""
+FIT_MOVES: Moves = {"model": FLAT_NAMES, "data": SPLIT_FLAT_NAMES}
+
+
+def check_moved_options(args: Sequence[str], moves: Moves = FIT_MOVES) -> None:
+    """A config file or flag written before the option groups (``model.lm_batch_tokens``, ``data.val_fraction``)
+    is one ``ValueError`` naming where each option went, not jsonargparse's "does not accept option"."""
+    found: list[str] = []
+    args = list(args)
+    for i, arg in enumerate(args):
+        value = args[i + 1] if i + 1 < len(args) else None
+        if "=" in arg:
+            arg, value = arg.split("=", 1)
+        if arg == "--config" and value:
+            found += [f"{value}: {m}" for m in _moved_in_config(value, moves)]
+        elif arg.startswith("--") and arg.count(".") == 1:
+            section, name = arg[2:].split(".")
+            if name in moves.get(section, {}) and not _is_group_value(value):
+                group, field = moves[section][name]
+                found.append(f"--{section}.{name} is now --{section}.{group}.{field}")
+    if found:
+        raise ValueError("options moved into groups (README 'Options'): " + "; ".join(found))
+
+
+def _moved_in_config(path: str, moves: Moves) -> list[str]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []  # jsonargparse names the unreadable file
+    out = []
+    for section, table in moves.items():
+        values = raw.get(section) if isinstance(raw, dict) else None
+        for name, value in (values or {}).items() if isinstance(values, dict) else ():
+            if name in table and not isinstance(value, dict):
+                group, field = table[name]
+                out.append(f"{section}.{name} is now {section}.{group}.{field}")
+    return out
+
+
+def _is_group_value(value: str | None) -> bool:
+    """``--model.lm`` followed by a group (a JSON/YAML mapping or a file of one), not an old flat value."""
+    if value is None:
+        return False
+    return value.lstrip().startswith("{") or Path(value).is_file()
+
+
+def parser_settings() -> None:
+    """jsonargparse reads the docstring under each field of an option group (``model.lm``, ``model.loss``, ...)
+    into ``--help``; every parser of a fit or finetune config (``fit``, ``finetune-lm``, the tools) sets it."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def run_parser():
     """A jsonargparse parser of a fit config's ``model`` and ``data`` sections (``trainer`` is accepted, unused)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    parser_settings()
     parser = ArgumentParser(prog="replugchar", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a fit config (configs/*.yaml)")
     parser.add_class_arguments(LSRModule, "model")
@@ -33,6 +91,7 @@ def load_run(config_args: Sequence[str], ckpt_path: str | None = None) -> tuple[
 
     from .checkpoint import load_checkpoint
 
+    check_moved_options(config_args)
     try:
         cfg = run_parser().parse_args(list(config_args))
     except ArgumentError as err:

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..core.data import Character, Example
+from ..core.data import Character, Example, SplitSpec
 from ..lm.scoring import ScoreRequest
 from .datamodule import LSRDataModule
 
@@ -169,9 +169,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "demo",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        seed: int = 0,
+        split: SplitSpec = SplitSpec(),
         batch_size: int = 8,
         max_train_examples: int | None = None,
         max_val_examples: int | None = None,
@@ -182,11 +180,10 @@ class CharacterSFTDataModule(L.LightningDataModule):
         """
         Args:
             data_dir: folder with characters.jsonl and dialogues.jsonl (shared schema), or "demo".
-            val_fraction: share of characters held out for validation, hashed per character id exactly as in
-                ``replugchar fit`` (:func:`replugchar.core.data.split_of`): keep it equal to the LSR run's value so
-                the teacher never trains on a character LSR validates or evaluation tests on.
-            test_fraction: share of characters kept out of training and validation (as in ``replugchar fit``).
-            seed: seed of the character split, the caps, the example order and the settings draws.
+            split: the character split, hashed per character id exactly as in ``replugchar fit``
+                (:class:`~replugchar.core.data.SplitSpec`): keep it equal to the LSR run's ``data.split`` so the
+                teacher never trains on a character LSR validates or evaluation tests on. Its seed also seeds
+                the caps, the example order and the settings draws.
             batch_size: examples per optimisation step (per device).
             max_train_examples: cap on training examples (random, seeded); null keeps all.
             max_val_examples: cap on validation examples; validation costs one forward pass per example.
@@ -200,25 +197,25 @@ class CharacterSFTDataModule(L.LightningDataModule):
         self.mix = check_settings_mix(settings_mix)
         if max_subset < 1:
             raise ValueError(f"data.max_subset must be >= 1, got {max_subset}")
-        # validates the shared options (fractions, batch size, caps, query types) with the same messages as fit
-        self.split = LSRDataModule(
+        # the examples are those of the LSR data module, validated with the same messages as fit
+        self.pool = LSRDataModule(
             data_dir=data_dir,
-            val_fraction=val_fraction,
+            split=split,
             batch_size=batch_size,
             max_train_examples=max_train_examples,
             max_val_examples=max_val_examples,
             query_types=query_types,
-            seed=seed,
-            test_fraction=test_fraction,
         )
-        self.save_hyperparameters()
+        self.split = self.pool.split
+        self.save_hyperparameters(ignore=["split"])
+        self.hparams["split"] = self.split.to_dict()  # plain data in checkpoints
         self.val_requests: list[ScoreRequest] = []
 
     def setup(self, stage: str | None = None) -> None:
-        self.split.setup(stage)
-        if not self.split.train_examples and stage in (None, "fit"):
-            self.split._require([], "training")  # raises DataError naming the data folder and split options
-        seed = self.hparams.seed
+        self.pool.setup(stage)
+        if not self.pool.train_examples and stage in (None, "fit"):
+            self.pool._require([], "training")  # raises DataError naming the data folder and split options
+        seed = self.split.seed
         # validation prompts are drawn once per example id, so every validation sees the same prompts
         self.val_requests = [
             ScoreRequest(
@@ -230,20 +227,20 @@ class CharacterSFTDataModule(L.LightningDataModule):
                     random.Random(f"{seed}:val:{e.example_id}"),
                 ),
             )
-            for e in self.split.val_examples
+            for e in self.pool.val_examples
         ]
 
     @property
     def characters(self) -> dict[str, Character]:
-        return self.split.characters
+        return self.pool.characters
 
     @property
     def train_examples(self) -> list[Example]:
-        return self.split.train_examples
+        return self.pool.train_examples
 
     @property
     def val_examples(self) -> list[Example]:
-        return self.split.val_examples
+        return self.pool.val_examples
 
     @property
     def train_characters(self) -> list[str]:
@@ -252,7 +249,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
 
     @property
     def source(self) -> str:
-        corpus = self.split.corpus
+        corpus = self.pool.corpus
         return corpus.source if corpus is not None else str(self.hparams.data_dir)
 
     def stream(self) -> SFTStream:
@@ -264,13 +261,13 @@ class CharacterSFTDataModule(L.LightningDataModule):
             batch_size=self.hparams.batch_size,
             mix=self.mix,
             max_subset=self.hparams.max_subset,
-            seed=self.hparams.seed,
+            seed=self.split.seed,
             rank=rank,
             world_size=world,
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.split.corpus is None:
+        if self.pool.corpus is None:
             self.setup("fit")
         stream = self.stream()
         trainer = self.trainer
@@ -282,21 +279,21 @@ class CharacterSFTDataModule(L.LightningDataModule):
             stream,
             batch_size=None,
             collate_fn=_as_list,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.split.seed),
         )
 
     def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
         return batch  # text: CharacterLMModule.reply_nll tokenises it and builds the tensors on its device
 
     def val_dataloader(self) -> DataLoader:
-        if self.split.corpus is None:
+        if self.pool.corpus is None:
             self.setup("validate")
-        if self.hparams.val_fraction > 0:
-            self.split._require(self.split.val_examples, "validation")
+        if self.split.val_fraction > 0:
+            self.pool._require(self.pool.val_examples, "validation")
         return DataLoader(
             self.val_requests,
             batch_size=self.hparams.batch_size,
             shuffle=False,
             collate_fn=_as_list,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.split.seed),
         )
