@@ -390,17 +390,17 @@ def test_bad_fitted_json_names_file_and_field(tmp_path, content, message):
 
 
 def _prior(**kw) -> dict:
-    return {"character_id": "c1", "setting_index": 0, "setting": "s", "prior": 0.5, "raw": 0.5, **kw}
+    return {"character_id": "c1", "index_in_character": 0, "setting": "s", "prior": 0.5, "raw": 0.5, **kw}
 
 
 @pytest.mark.parametrize(
     ("rows", "line", "message"),
     [
-        ([_prior(setting_index="0")], 1, "field 'setting_index' must be an integer"),
-        ([_prior(setting_index=1.5)], 1, "field 'setting_index' must be an integer"),
+        ([_prior(index_in_character="0")], 1, "field 'index_in_character' must be an integer"),
+        ([_prior(index_in_character=1.5)], 1, "field 'index_in_character' must be an integer"),
         ([_prior(prior=True)], 1, "field 'prior' is True"),
         ([_prior(prior=1e300)], 1, "priors are z-scores"),
-        ([_prior(), _prior(setting_index=1), _prior(prior=-0.5)], 3, "a second prior for 'c1'[0]"),
+        ([_prior(), _prior(index_in_character=1), _prior(prior=-0.5)], 3, "a second prior for 'c1'[0]"),
         ([_prior(character_id=7)], 1, "field 'character_id' must be a string"),
     ],
     ids=["index-string", "index-float", "prior-bool", "prior-huge", "duplicate", "character-int"],

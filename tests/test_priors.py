@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_import_jsonl_by_index_and_text_is_znormalised_within_character(tmp_path
         {"character_id": "b", "setting": "hates mornings", "score": 4},
     ]
     table = import_priors(_jsonl(tmp_path / "p.jsonl", rows), CHARS)
-    by = {(p.character_id, p.setting_index): p for p in table}
+    by = {(p.character_id, p.index_in_character): p for p in table}
     assert by[("a", 0)].prior > by[("a", 2)].prior > by[("a", 1)].prior
     for cid in CHARS:
         z = [p.prior for p in table if p.character_id == cid]
@@ -43,7 +44,7 @@ def test_import_csv(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("character_id,setting_id,score\nb,0,1\nb,1,3\n", encoding="utf-8")
     table = import_priors(path, CHARS)
-    assert [p.setting_index for p in table] == [0, 1] and table[1].prior > table[0].prior
+    assert [p.index_in_character for p in table] == [0, 1] and table[1].prior > table[0].prior
 
 
 @pytest.mark.parametrize(
@@ -89,13 +90,19 @@ def test_saved_priors_round_trip_and_loading_validates(tmp_path):
     assert load_priors(tmp_path / "priors.jsonl", CHARS) == table
     _jsonl(
         tmp_path / "bad.jsonl",
-        [{"character_id": "a", "setting_index": 9, "setting": "x", "prior": 1.0, "raw": 1.0}],
+        [{"character_id": "a", "index_in_character": 9, "setting": "x", "prior": 1.0, "raw": 1.0}],
     )
     with pytest.raises(DataError, match=r"bad.jsonl:1: prior for unknown setting 'a'\[9\]"):
         load_priors(tmp_path / "bad.jsonl", CHARS)
+    old = [
+        {**{k: v for k, v in asdict(p).items() if k != "index_in_character"}, "setting_index": i}
+        for i, p in enumerate(table)
+    ]
+    _jsonl(tmp_path / "old.jsonl", old)  # written before index_in_character had its one name
+    assert load_priors(tmp_path / "old.jsonl", CHARS) == table
     _jsonl(
         tmp_path / "nan.jsonl",
-        [{"character_id": "a", "setting_index": 0, "setting": "x", "prior": float("nan"), "raw": 1.0}],
+        [{"character_id": "a", "index_in_character": 0, "setting": "x", "prior": float("nan"), "raw": 1.0}],
     )
     with pytest.raises(DataError, match=r"nan.jsonl:1: field 'prior' is nan"):
         load_priors(tmp_path / "nan.jsonl", CHARS)

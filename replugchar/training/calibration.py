@@ -104,7 +104,7 @@ def validation_matrices(module, examples, chars, table=None):
     from ..lm.gains import lm_table, loo_priors
 
     width = max(len(chars[e.character_id].settings) for e in examples)
-    lookup = {(p.character_id, p.setting_index): p.prior for p in table or []}
+    lookup = {(p.character_id, p.index_in_character): p.prior for p in table or []}
     lm = lm_table(examples, chars, module.scorer)
     loo = loo_priors(examples, lm.gains)
     learned = module.rule

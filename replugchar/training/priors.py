@@ -48,7 +48,7 @@ JUDGE_TEMPLATE = (
 @dataclass(frozen=True)
 class Prior:
     character_id: str
-    setting_index: int
+    index_in_character: int
     setting: str
     prior: float  # z-normalised within the character: what the index blends
     raw: float  # the method's own scale (nats/token gain, expected 1-5 score, imported score)
@@ -155,7 +155,10 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
         if cid not in characters:
             raise DataError(f"{where}: field 'character_id': unknown character {cid!r}")
         settings = characters[cid].settings
-        sid = rec.get("setting_id", rec.get("setting_index", rec.get("setting")))
+        sid = next(
+            (rec[k] for k in ("setting_id", "index_in_character", "setting_index", "setting") if k in rec),
+            None,
+        )
         if isinstance(sid, str) and sid.strip().isdigit() and from_csv:  # CSV cells are text
             sid = int(sid)
         if isinstance(sid, int) and not isinstance(sid, bool):
@@ -190,7 +193,7 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
         raise DataError(f"{path}: no prior scores")
     prov = f"file={path.name}|sha1={hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
     table = _table(characters, raw, "import", prov)
-    covered = {(p.character_id, p.setting_index) for p in table}
+    covered = {(p.character_id, p.index_in_character) for p in table}
     partial = sorted(
         {cid for cid, _ in raw if any((cid, i) not in covered for i in range(len(characters[cid].settings)))}
     )
@@ -239,37 +242,43 @@ def load_priors(path: str | Path, characters: dict[str, Character] | None = None
     out, seen = [], {}
     for lineno, rec in iter_jsonl(path):
         where = f"{path}:{lineno}"
+        if "setting_index" in rec and "index_in_character" not in rec:  # the name before this release
+            rec = {("index_in_character" if k == "setting_index" else k): v for k, v in rec.items()}
         try:
             p = Prior(**{k: rec[k] for k in Prior.__dataclass_fields__ if k in rec})
         except TypeError as err:
             raise DataError(f"{where}: bad prior record ({err})") from None
         if not isinstance(p.character_id, str):
             raise DataError(f"{where}: field 'character_id' must be a string, got {p.character_id!r:.40}")
-        if not isinstance(p.setting_index, int) or isinstance(p.setting_index, bool):
-            raise DataError(f"{where}: field 'setting_index' must be an integer, got {p.setting_index!r:.40}")
+        if not isinstance(p.index_in_character, int) or isinstance(p.index_in_character, bool):
+            raise DataError(
+                f"{where}: field 'index_in_character' must be an integer, got {p.index_in_character!r:.40}"
+            )
         if not isinstance(p.prior, int | float) or isinstance(p.prior, bool) or not math.isfinite(p.prior):
             raise DataError(f"{where}: field 'prior' is {p.prior!r:.40} (must be a finite number)")
         if abs(p.prior) > MAX_ABS_PRIOR:
             raise DataError(
                 f"{where}: field 'prior' is {p.prior:g}; priors are z-scores (|prior| <= {MAX_ABS_PRIOR})"
             )
-        key = (p.character_id, p.setting_index)
+        key = (p.character_id, p.index_in_character)
         if key in seen:
             raise DataError(
-                f"{where}: a second prior for {p.character_id!r}[{p.setting_index}] (first at {seen[key]})"
+                f"{where}: a second prior for {p.character_id!r}[{p.index_in_character}] (first at {seen[key]})"
             )
         seen[key] = where
         if characters is not None:
             char = characters.get(p.character_id)
-            if char is None or not 0 <= p.setting_index < len(char.settings):
-                raise DataError(f"{where}: prior for unknown setting {p.character_id!r}[{p.setting_index}]")
+            if char is None or not 0 <= p.index_in_character < len(char.settings):
+                raise DataError(
+                    f"{where}: prior for unknown setting {p.character_id!r}[{p.index_in_character}]"
+                )
         out.append(p)
     return out
 
 
 def prior_vector(priors: Sequence[Prior], records) -> np.ndarray:
     """Align priors with index records (``SettingRecord``); settings without a prior get 0."""
-    lookup = {(p.character_id, p.setting_index): p.prior for p in priors}
+    lookup = {(p.character_id, p.index_in_character): p.prior for p in priors}
     return np.array(
         [lookup.get((r.character_id, r.index_in_character), 0.0) for r in records], dtype=np.float32
     )
