@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from replugchar.core.data import Example, Turn
+from replugchar.lm import scoring
 from replugchar.lm.score_cache import CachedScorer
 from replugchar.lm.scoring import (
     NO_SETTING,
@@ -56,9 +57,10 @@ def both_paths(model, tok, requests, template=AFTER, **kwargs):
 
 
 def shared_tokens(encoded) -> int:
-    """Tokens the prefix-shared path runs: a lone candidate's whole prompt; per group of a turn, its prefix and the
-    suffix tokens all members start with once (the last held back when a member's suffix is all shared), then each
-    member's remaining suffix, response and eos."""
+    """Tokens the prefix-shared path runs when each turn's candidates fit one row (``_TREE_ROW_TOKENS`` large): a
+    lone candidate's whole prompt; per group of a turn, its prefix once (the last token held back when a member's
+    suffix is empty), then the trie of its members' continuations ([held token +] suffix + response + eos): each
+    distinct leading part once."""
     groups: dict[tuple[int, ...], list] = {}
     for prefix, cont, n in encoded:
         groups.setdefault(tuple(prefix), []).append((cont, n))
@@ -67,13 +69,16 @@ def shared_tokens(encoded) -> int:
         if len(members) == 1:
             total += len(prefix) + len(members[0][0])
             continue
-        suffixes = [cont[: len(cont) - n] for cont, n in members]
-        common = next(
-            (i for i, ids in enumerate(zip(*suffixes)) if len(set(ids)) > 1), min(map(len, suffixes))
-        )
-        hold = int(any(len(x) == common for x in suffixes))
-        total += len(prefix) + common - hold + sum(hold + len(cont) - common for cont, _ in members)
+        hold = int(any(len(cont) == n for cont, n in members))
+        seqs = [prefix[len(prefix) - hold :] + tuple(cont) for cont, _ in members]
+        total += len(prefix) - hold + len({seq[:j] for seq in seqs for j in range(1, len(seq) + 1)})
     return total
+
+
+@pytest.fixture
+def one_row_per_turn(monkeypatch):
+    """Rows as wide as need be: each turn's candidates form one trie, so token counts have a closed form."""
+    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", 100_000)
 
 
 def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
@@ -150,7 +155,7 @@ def test_per_prompt_path_of_settings_after_equals_a_manual_forward(tiny_lm, exam
         )
 
 
-def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters):
+def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters, one_row_per_turn):
     model, tok = tiny_lm
     requests = candidates(examples, characters)
     shared, a, per_prompt, b = both_paths(model, tok, requests, max_batch_tokens=400)
@@ -167,7 +172,10 @@ def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, charact
     prefixes = {tuple(p) for p, _, _ in encoded}
     assert len(prefixes) == len(examples)
     assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
-    assert shared.tokens_forwarded == shared_tokens(encoded)
+    # at this budget a turn's trie is cut into rows (each runs the tokens its candidates share again)
+    wide = LMScorer(model, tok, AFTER, max_batch_tokens=100_000)
+    np.testing.assert_allclose(wide.score(requests).logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+    assert wide.tokens_forwarded == shared_tokens(encoded) < shared.tokens_forwarded
     assert shared.tokens_forwarded < per_prompt.tokens_forwarded - sum(len(p) for p in prefixes) * 3
     assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
     assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
@@ -187,7 +195,7 @@ def test_prefix_shared_scores_do_not_depend_on_the_token_budget(tiny_lm, example
         assert scorer.forward_passes > len({r.example.example_id for r in requests})
 
 
-def test_empty_suffix_and_single_candidates(tiny_lm, examples):
+def test_empty_suffix_and_single_candidates(tiny_lm, examples, one_row_per_turn):
     """A reply marker-less template gives the no-setting candidate an empty suffix (the held-back prefix token
     predicts the first response token); a turn with one candidate takes the per-prompt path."""
     model, tok = tiny_lm
@@ -198,11 +206,12 @@ def test_empty_suffix_and_single_candidates(tiny_lm, examples):
     np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
     assert a.n_tokens.tolist() == b.n_tokens.tolist()
     # the lone turn's whole prompt; each other turn's prefix once, its last token held back (the no-setting
-    # candidate has an empty suffix) and run again in front of each candidate's continuation
+    # candidate has an empty suffix) and run again once, at the root of the turn's row, in front of both
+    # continuations (which share nothing else: one starts with the response, the other with "Character")
     encoded = shared.encode_split_many(requests)
     lone = len(encoded[3][0]) + len(encoded[3][1])
     held = sum(len(encoded[g][0]) - 1 for g in (0, 1, 2))
-    continuations = sum(1 + len(c) for i, (_, c, _) in enumerate(encoded) if i != 3)
+    continuations = 3 + sum(len(c) for i, (_, c, _) in enumerate(encoded) if i != 3)
     assert shared.tokens_forwarded == lone + held + continuations == shared_tokens(encoded)
 
 
