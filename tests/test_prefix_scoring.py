@@ -283,6 +283,39 @@ def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_
     assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
 
 
+@pytest.mark.parametrize("cap", [1, 40, 160])
+def test_rows_of_any_width_give_the_same_scores(tiny_lm, examples, characters, monkeypatch, cap):
+    """A turn's candidates cut into rows of at most ``cap`` nodes: one candidate per row (1), several rows per
+    turn (40), one row for most turns (160), rows of different widths padded in one batch; a candidate asked
+    twice in one call (the same trie path) gets the same score twice."""
+    model, tok = tiny_lm
+    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", cap)
+    requests = candidates(examples[:6], characters)
+    requests += requests[:5]  # duplicates
+    want = LMScorer(model, tok, AFTER, share_prefix=False).score(requests)
+    scorer = LMScorer(model, tok, AFTER)
+    got = scorer.score(requests)
+    np.testing.assert_allclose(got.logp_sum, want.logp_sum, atol=ATOL, rtol=0)
+    assert got.logp_sum[-5:].tolist() == got.logp_sum[:5].tolist()
+
+
+def test_tree_row_runs_shared_tokens_once_and_predicts_each_target_from_its_own_path():
+    row = scoring._TreeRow(prefix_row=0)
+    row.insert(7, [1, 2, 3, 9, 8], n_resp=2)  # continuation [1, 2, 3] then response [9, 8]
+    assert row.new_nodes([1, 2, 4, 9]) == 2 and row.new_nodes([1, 2, 3]) == 0
+    row.insert(5, [1, 2, 4, 9], n_resp=1)
+    assert row.tokens == [1, 2, 3, 9, 8, 4, 9]  # [1, 2] once; the second 9 has another context
+    assert row.parents == [-1, 0, 1, 2, 3, 1, 5]
+    assert row.depths == [0, 1, 2, 3, 4, 2, 3]
+    assert (row.predictors, row.targets, row.owners) == ([2, 3, 5], [9, 8, 9], [7, 7, 5])
+    rows = scoring._tree_rows(0, [(0, [1, 2, 3, 9], 1), (1, [1, 2, 4, 9], 1), (2, [5, 9], 1)], cap=6)
+    assert [len(r.tokens) for r in rows] == [6, 2]  # the row is full at 6 nodes; [5, 9] starts the next
+    _, position_ids, sees = scoring._tree_batch(rows, cached=[10, 10], pad=0)
+    assert position_ids.tolist() == [[10, 11, 12, 13, 12, 13], [10, 11, 0, 0, 0, 0]]
+    assert sees[0, 3].tolist() == [True, True, True, True, False, False]  # ancestors and itself
+    assert sees[1, 4].tolist() == [False] * 4 + [True, False]  # padding sees itself only
+
+
 def test_padded_partition_trades_padding_against_forwards():
     widths = [40, 40, 39, 30, 30, 12, 12, 12, 11, 5]
     cached = [60] * len(widths)
