@@ -291,12 +291,13 @@ def _padded_partition(
     return cuts[::-1]
 
 
-_TREE_ROW_TOKENS = 160
+_TREE_ROW_TOKENS = 192
 """Most tokens in one continuation row of the prefix-shared path (a row of a single candidate may hold more). Why a
 cap: a row's tokens see one another through a dense (width x width) mask, mostly masked, so attention per token
-grows with the row's width; ~160 SmolLM2 tokens hold a ConvAI2 turn's k + 1 = 6 candidates, where the row's
-attention is still a few per cent of its forward. Wider rows would share no more (the shared tokens,
-``Character trait: i``, are run once per row already)."""
+grows with the row's width, while narrower rows run the tokens their candidates share (``Character trait: i``)
+once per row and copy the prefix's KV once per row. 192 SmolLM2 tokens hold a ConvAI2 turn's k + 1 = 6
+candidates; on 2 CPU cores caps of 128 / 192 / 320 gave 2.73x / 2.86x / 2.79x at k = 5 and 3.52x / 3.64x / 3.59x
+at k = 60 over the per-prompt path (``benchmarks/lm_scoring.py --prefix_share`` turns, one run)."""
 
 
 @dataclass
