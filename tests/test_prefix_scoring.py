@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from replugchar.core.data import Example, Turn
+from replugchar.lm import scoring
 from replugchar.lm.score_cache import CachedScorer
 from replugchar.lm.scoring import (
     NO_SETTING,
@@ -56,9 +57,10 @@ def both_paths(model, tok, requests, template=AFTER, **kwargs):
 
 
 def shared_tokens(encoded) -> int:
-    """Tokens the prefix-shared path runs: a lone candidate's whole prompt; per group of a turn, its prefix and the
-    suffix tokens all members start with once (the last held back when a member's suffix is all shared), then each
-    member's remaining suffix, response and eos."""
+    """Tokens the prefix-shared path runs when each turn's candidates fit one row (``_TREE_ROW_TOKENS`` large): a
+    lone candidate's whole prompt; per group of a turn, its prefix once (the last token held back when a member's
+    suffix is empty), then the trie of its members' continuations ([held token +] suffix + response + eos): each
+    distinct leading part once."""
     groups: dict[tuple[int, ...], list] = {}
     for prefix, cont, n in encoded:
         groups.setdefault(tuple(prefix), []).append((cont, n))
@@ -67,13 +69,16 @@ def shared_tokens(encoded) -> int:
         if len(members) == 1:
             total += len(prefix) + len(members[0][0])
             continue
-        suffixes = [cont[: len(cont) - n] for cont, n in members]
-        common = next(
-            (i for i, ids in enumerate(zip(*suffixes)) if len(set(ids)) > 1), min(map(len, suffixes))
-        )
-        hold = int(any(len(x) == common for x in suffixes))
-        total += len(prefix) + common - hold + sum(hold + len(cont) - common for cont, _ in members)
+        hold = int(any(len(cont) == n for cont, n in members))
+        seqs = [prefix[len(prefix) - hold :] + tuple(cont) for cont, _ in members]
+        total += len(prefix) - hold + len({seq[:j] for seq in seqs for j in range(1, len(seq) + 1)})
     return total
+
+
+@pytest.fixture
+def one_row_per_turn(monkeypatch):
+    """Rows as wide as need be: each turn's candidates form one trie, so token counts have a closed form."""
+    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", 100_000)
 
 
 def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
@@ -150,7 +155,7 @@ def test_per_prompt_path_of_settings_after_equals_a_manual_forward(tiny_lm, exam
         )
 
 
-def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters):
+def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters, one_row_per_turn):
     model, tok = tiny_lm
     requests = candidates(examples, characters)
     shared, a, per_prompt, b = both_paths(model, tok, requests, max_batch_tokens=400)
@@ -167,7 +172,10 @@ def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, charact
     prefixes = {tuple(p) for p, _, _ in encoded}
     assert len(prefixes) == len(examples)
     assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
-    assert shared.tokens_forwarded == shared_tokens(encoded)
+    # at this budget a turn's trie is cut into rows (each runs the tokens its candidates share again)
+    wide = LMScorer(model, tok, AFTER, max_batch_tokens=100_000)
+    np.testing.assert_allclose(wide.score(requests).logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+    assert wide.tokens_forwarded == shared_tokens(encoded) < shared.tokens_forwarded
     assert shared.tokens_forwarded < per_prompt.tokens_forwarded - sum(len(p) for p in prefixes) * 3
     assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
     assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
@@ -187,7 +195,7 @@ def test_prefix_shared_scores_do_not_depend_on_the_token_budget(tiny_lm, example
         assert scorer.forward_passes > len({r.example.example_id for r in requests})
 
 
-def test_empty_suffix_and_single_candidates(tiny_lm, examples):
+def test_empty_suffix_and_single_candidates(tiny_lm, examples, one_row_per_turn):
     """A reply marker-less template gives the no-setting candidate an empty suffix (the held-back prefix token
     predicts the first response token); a turn with one candidate takes the per-prompt path."""
     model, tok = tiny_lm
@@ -198,11 +206,12 @@ def test_empty_suffix_and_single_candidates(tiny_lm, examples):
     np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
     assert a.n_tokens.tolist() == b.n_tokens.tolist()
     # the lone turn's whole prompt; each other turn's prefix once, its last token held back (the no-setting
-    # candidate has an empty suffix) and run again in front of each candidate's continuation
+    # candidate has an empty suffix) and run again once, at the root of the turn's row, in front of both
+    # continuations (which share nothing else: one starts with the response, the other with "Character")
     encoded = shared.encode_split_many(requests)
     lone = len(encoded[3][0]) + len(encoded[3][1])
     held = sum(len(encoded[g][0]) - 1 for g in (0, 1, 2))
-    continuations = sum(1 + len(c) for i, (_, c, _) in enumerate(encoded) if i != 3)
+    continuations = 3 + sum(len(c) for i, (_, c, _) in enumerate(encoded) if i != 3)
     assert shared.tokens_forwarded == lone + held + continuations == shared_tokens(encoded)
 
 
@@ -272,6 +281,39 @@ def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_
     assert _full_attention_only(cfg(layer_types=["full_attention"]))
     assert not _full_attention_only(cfg(sliding_window=4096))
     assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
+
+
+@pytest.mark.parametrize("cap", [1, 40, 160])
+def test_rows_of_any_width_give_the_same_scores(tiny_lm, examples, characters, monkeypatch, cap):
+    """A turn's candidates cut into rows of at most ``cap`` nodes: one candidate per row (1), several rows per
+    turn (40), one row for most turns (160), rows of different widths padded in one batch; a candidate asked
+    twice in one call (the same trie path) gets the same score twice."""
+    model, tok = tiny_lm
+    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", cap)
+    requests = candidates(examples[:6], characters)
+    requests += requests[:5]  # duplicates
+    want = LMScorer(model, tok, AFTER, share_prefix=False).score(requests)
+    scorer = LMScorer(model, tok, AFTER)
+    got = scorer.score(requests)
+    np.testing.assert_allclose(got.logp_sum, want.logp_sum, atol=ATOL, rtol=0)
+    assert got.logp_sum[-5:].tolist() == got.logp_sum[:5].tolist()
+
+
+def test_tree_row_runs_shared_tokens_once_and_predicts_each_target_from_its_own_path():
+    row = scoring._TreeRow(prefix_row=0)
+    row.insert(7, [1, 2, 3, 9, 8], n_resp=2)  # continuation [1, 2, 3] then response [9, 8]
+    assert row.new_nodes([1, 2, 4, 9]) == 2 and row.new_nodes([1, 2, 3]) == 0
+    row.insert(5, [1, 2, 4, 9], n_resp=1)
+    assert row.tokens == [1, 2, 3, 9, 8, 4, 9]  # [1, 2] once; the second 9 has another context
+    assert row.parents == [-1, 0, 1, 2, 3, 1, 5]
+    assert row.depths == [0, 1, 2, 3, 4, 2, 3]
+    assert (row.predictors, row.targets, row.owners) == ([2, 3, 5], [9, 8, 9], [7, 7, 5])
+    rows = scoring._tree_rows(0, [(0, [1, 2, 3, 9], 1), (1, [1, 2, 4, 9], 1), (2, [5, 9], 1)], cap=6)
+    assert [len(r.tokens) for r in rows] == [6, 2]  # the row is full at 6 nodes; [5, 9] starts the next
+    _, position_ids, sees = scoring._tree_batch(rows, cached=[10, 10], pad=0)
+    assert position_ids.tolist() == [[10, 11, 12, 13, 12, 13], [10, 11, 0, 0, 0, 0]]
+    assert sees[0, 3].tolist() == [True, True, True, True, False, False]  # ancestors and itself
+    assert sees[1, 4].tolist() == [False] * 4 + [True, False]  # padding sees itself only
 
 
 def test_padded_partition_trades_padding_against_forwards():

@@ -10,7 +10,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -179,11 +179,7 @@ class Scores:
 
 # ----------------------------------------------------------------------------------------------- scorer
 def response_token_logprobs(
-    model,
-    ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    cache=None,
+    model, ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
     """log p of each response token (eos included) given everything before it: (batch, r_max), 0 off the response.
 
@@ -194,35 +190,21 @@ def response_token_logprobs(
     One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
     (:meth:`replugchar.training.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
     the negative of the score LSR reads.
-
-    With ``cache`` (a transformers ``DynamicCache`` holding a prefix of ``past`` columns per row, see
-    :meth:`LMScorer.score`), ``ids`` is the continuation after that prefix and ``attention_mask`` covers both,
-    (batch, past + width): masked columns may then sit inside the prefix and between prefix and continuation,
-    and positions still count real tokens only, so a row scores as if it had been run in one piece.
     """
     width = ids.shape[1]
     r_max = int(response_mask.sum(1).max())
-    # positions unaffected by padding; with a cache, those of the continuation's columns only: (batch, width)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-    cache_kwargs = (
-        {"use_cache": False} if cache is None else {_cache_argument(model): cache, "use_cache": True}
-    )
-    if cache is None:  # any LM that takes an int logits_to_keep (fakes in tests, remote code)
-        keep, drop_last = r_max + 1, True
-    else:
-        # a transformers model (it takes a DynamicCache): the positions that predict the last r_max tokens, as an
-        # index tensor, so that it gathers a contiguous (batch, r_max, hidden) copy; an int slices a strided view,
-        # which the LM head multiplies by a broadcast bmm at half the speed of a matmul (CPU, SmolLM2)
-        keep, drop_last = torch.arange(width - r_max - 1, width - 1, device=ids.device), False
-    logits = model(
-        input_ids=ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=keep,
-        **cache_kwargs,
-    ).logits
-    # (batch, r_max, vocab): the predictions of the last r_max tokens
-    logits = (logits[:, :-1] if drop_last else logits).float()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # positions unaffected by left padding
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=r_max + 1,
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )  # (batch, r_max, vocab): predictions of the last r_max tokens
     targets = ids[:, width - r_max :]  # (batch, r_max)
     # log p(target) = logit(target) - logsumexp(logits): no (batch, r_max, vocab) log-softmax tensor
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -309,13 +291,145 @@ def _padded_partition(
     return cuts[::-1]
 
 
+_TREE_ROW_TOKENS = 192
+"""Most tokens in one continuation row of the prefix-shared path (a row of a single candidate may hold more). Why a
+cap: a row's tokens see one another through a dense (width x width) mask, mostly masked, so attention per token
+grows with the row's width, while narrower rows run the tokens their candidates share (``Character trait: i``)
+once per row and copy the prefix's KV once per row. 192 SmolLM2 tokens hold a ConvAI2 turn's k + 1 = 6
+candidates; on 2 CPU cores caps of 128 / 192 / 320 gave 2.73x / 2.86x / 2.79x at k = 5 and 3.52x / 3.64x / 3.59x
+at k = 60 over the per-prompt path (``benchmarks/lm_scoring.py --prefix_share`` turns, one run)."""
+
+
+@dataclass
+class _TreeRow:
+    """One continuation row of the prefix-shared path: a trie of some candidates of one prefix, a token per node.
+
+    Why a trie: candidates of a turn also share the first tokens of their suffixes (``Character trait: i`` for
+    most ConvAI2 settings), so each distinct (parent, token) is run once. Node t holds ``tokens[t]``, sees the
+    cached prefix, its ancestors (``parents``, -1 for none) and itself, and sits ``depths[t]`` positions after
+    the prefix. Response token ``targets[j]`` of request ``owners[j]`` is predicted at node ``predictors[j]``.
+    """
+
+    prefix_row: int
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    predictors: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
+
+    def new_nodes(self, seq: Sequence[int]) -> int:
+        """How many nodes inserting ``seq`` would add."""
+        node = -1
+        for n, token in enumerate(seq):
+            node = self.children.get((node, token), -2)
+            if node == -2:
+                return len(seq) - n
+        return 0
+
+    def insert(self, owner: int, seq: Sequence[int], n_resp: int) -> None:
+        """Add request ``owner``'s continuation ``seq``, whose last ``n_resp`` tokens are scored (``seq`` has at
+        least one token before them: the first response token is predicted in the row, not in the cache)."""
+        node, path = -1, []
+        for token in seq:
+            child = self.children.get((node, token))
+            if child is None:
+                child = self.children[(node, token)] = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(self.depths[node] + 1 if node >= 0 else 0)
+            path.append(child)
+            node = child
+        for j in range(len(seq) - n_resp, len(seq)):
+            self.predictors.append(path[j - 1])
+            self.targets.append(seq[j])
+            self.owners.append(owner)
+
+
+def _tree_rows(prefix_row: int, members: Sequence[tuple[int, list[int], int]], cap: int) -> list[_TreeRow]:
+    """Pack one prefix's (request, continuation, n_response) members into rows of at most ``cap`` nodes (a row
+    takes at least one member). Members go in the order of their token ids, so that those sharing the most
+    tokens land in one row."""
+    rows = [_TreeRow(prefix_row)]
+    for owner, seq, n_resp in sorted(members, key=lambda m: m[1]):
+        if rows[-1].tokens and len(rows[-1].tokens) + rows[-1].new_nodes(seq) > cap:
+            rows.append(_TreeRow(prefix_row))
+        rows[-1].insert(owner, seq, n_resp)
+    return rows
+
+
+def _tree_batch(
+    rows: Sequence[_TreeRow], cached: Sequence[int], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, position_ids), each (batch, width), right-padded, and which row columns each column sees,
+    (batch, width, width): a node its ancestors and itself, padding itself only (a query that sees nothing gives
+    NaN, which a zero attention weight on it would not hide). Positions continue from the row's ``cached``
+    prefix tokens, as in the per-prompt prompt."""
+    width = max(len(r.tokens) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    sees = np.zeros((len(rows), width, width), dtype=bool)
+    sees[:, np.arange(width), np.arange(width)] = True
+    for b, row in enumerate(rows):
+        n = len(row.tokens)
+        ids[b, :n] = torch.tensor(row.tokens)
+        position_ids[b, :n] = torch.tensor(row.depths) + cached[b]
+        for t, parent in enumerate(row.parents):  # parents come first: their rows are complete
+            if parent >= 0:
+                sees[b, t] |= sees[b, parent]
+    return ids, position_ids, torch.from_numpy(sees)
+
+
+def _tree_token_logprobs(
+    model, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache, nodes, targets
+) -> torch.Tensor:
+    """log p of each target token (n,), predicted at flat position ``nodes[j]`` (row x width + column) of a
+    continuation batch run against ``cache`` with the 4D additive ``mask`` (batch, 1, width, cached + width).
+
+    Only those n positions go through the LM head, and they differ per row: a forward pre-hook on the output
+    embeddings gathers them from the (batch, width, hidden) states the model hands its head, so whatever the
+    model does around the head (a scale before, a cap after) still applies (a per-row boolean ``logits_to_keep``
+    exists in recent transformers only)."""
+
+    def gather(_module, args):
+        return (args[0].flatten(0, -2).index_select(0, nodes).unsqueeze(0), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            logits_to_keep=0,  # every position reaches the head's input, where `gather` keeps n of them
+            use_cache=True,
+            **{_cache_argument(model): cache},
+        ).logits[0]
+    finally:
+        handle.remove()
+    logits = logits.float()  # (n, vocab)
+    # log p(target) = logit(target) - logsumexp(logits): no (n, vocab) log-softmax tensor
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+_MASK_4D_ATTENTION = ("eager", "sdpa")
+"""Attention implementations that take the prefix-shared path's custom 4D (tree) mask as it is; flash attention
+kernels take padding masks only."""
+
+
 def supports_prefix_sharing(model) -> bool:
     """Whether ``model`` is a transformers model whose attention layers are all full (global) attention, so that
-    a prefix's plain ``DynamicCache`` can be reused. Other LMs, and sliding-window or linear-attention layers
-    (which keep a different cache), take the per-prompt path."""
+    a prefix's plain ``DynamicCache`` can be reused, whose attention takes a 4D mask and which has an output
+    embedding (the LM head, see :func:`_tree_token_logprobs`). Other LMs, sliding-window or linear-attention layers
+    (which keep a different cache) and flash-attention kernels take the per-prompt path."""
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel) and _full_attention_only(model.config)
+    return (
+        isinstance(model, PreTrainedModel)
+        and _full_attention_only(model.config)
+        and getattr(model.config, "_attn_implementation", "eager") in _MASK_4D_ATTENTION
+        and model.get_output_embeddings() is not None
+    )
 
 
 def _full_attention_only(cfg) -> bool:
@@ -341,8 +455,8 @@ class LMScorer:
 
     Prefix sharing: with a settings-after template (``PromptTemplate(settings_position="after")``) the k + 1
     candidates of a turn differ only after the dialogue, so :meth:`score` runs each distinct prefix once, keeps
-    its KV cache, and runs only ``setting line(s) + reply marker + response`` per candidate against it: ~k times
-    fewer tokens through the model per turn. Scores equal the per-prompt path's (same token ids, fp noise only).
+    its KV cache, and runs only ``setting line(s) + reply marker + response`` per candidate against it (the tokens
+    that candidates start with once per row of candidates): ~k times fewer tokens through the model per turn. Scores equal the per-prompt path's (same token ids, fp noise only).
     ``share_prefix=False`` forces the per-prompt path (benchmarks, checks); it does not change what a score is,
     so it is not part of :attr:`fingerprint`.
     """
@@ -550,17 +664,21 @@ class LMScorer:
         1. Requests are grouped by prefix ids (one turn, and the same truncation); a group of one gains nothing
            and takes the per-prompt path.
         2. Groups are run in prefix batches (left-padded, longest first, cut by :func:`_padded_partition`
-           within ``max_batch_tokens``). A group's cached prefix also takes the suffix tokens all its members
-           start with. The first response token is predicted at the position before it, which must lie in the
-           continuation batch: where a member's suffix is all cached, the last cached token is held back and run
-           in front of each continuation instead.
-        3. Continuations (the rest of the suffix + response + eos) are left-padded, longest first, cut by
-           :func:`_padded_partition` so that rows x (cached columns + continuation columns) stays within
+           within ``max_batch_tokens``). The first response token is predicted at the position before it, which
+           must lie in a continuation row: where a member's suffix is empty, the prefix's last token is held back
+           and run at the root of each of the group's rows instead.
+        3. A group's continuations (suffix + response + eos) are packed as tries into rows of at most
+           ``_TREE_ROW_TOKENS`` nodes (:func:`_tree_rows`): the suffix tokens candidates start with
+           (``Character trait: i``) are run once per row, not once per candidate. Rows are right-padded, widest
+           first, cut by :func:`_padded_partition` so that rows x (cached columns + row columns) stays within
            ``max_batch_tokens``; each batch gets its rows' prefix KV cache gathered from the prefix batch's
-           (:func:`_expanded_cache`), and the attention mask covers the cached columns, padding included.
+           (:func:`_expanded_cache`) and a 4D mask in which a node sees its prefix's real columns, its ancestors
+           and itself, at positions that continue from its prefix: each candidate scores as in one piece. Only the
+           positions that predict a response token go through the LM head (:func:`_tree_token_logprobs`).
 
         Peak memory: the prefix batch's cache and one gathered cache, each at most ``max_batch_tokens`` columns
-        of KV, plus one forward over at most that many tokens.
+        of KV, plus one forward over at most that many tokens and its mask, rows x width x (cached + width)
+        values, i.e. at most ``max_batch_tokens`` x the widest row.
         """
         logp_sum = np.zeros(len(encoded), dtype=np.float64)
         n_tokens = np.array([r for _, _, r in encoded], dtype=np.int64)
@@ -598,30 +716,32 @@ class LMScorer:
         encoded: Sequence[tuple[list[int], list[int], int]],
         logp_sum: np.ndarray,
     ) -> None:
-        """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation."""
-        full, common, heads = _prefix_heads(groups, encoded)
-        prefix_mask, layers = self._run_prefixes(heads)
-        # candidates: (prefix row, request index, continuation, response length), the continuation being
-        # [held-back token +] the rest of the suffix + response + eos
-        cands = [
-            (row, i, [*full[row][len(heads[row]) :], *encoded[i][1][common[row] :]], encoded[i][2])
-            for row, (_, members) in enumerate(groups)
-            for i in members
-        ]
-        # longest continuation first, cut where padding costs more than another forward (see _padded_partition)
-        cands.sort(key=lambda c: -len(c[2]))
+        """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation, its
+        turn's candidates packed as tries into rows (:class:`_TreeRow`)."""
+        heads, members = [], []
+        for prefix, group in groups:
+            # the first response token is predicted at the position before it, which must be in a row: where a
+            # member's suffix is empty, the prefix's last token is held back and run at the root of each row
+            hold = any(len(encoded[i][1]) == encoded[i][2] for i in group)
+            heads.append(list(prefix[:-1] if hold else prefix))
+            members.append([(i, [*prefix[len(heads[-1]) :], *encoded[i][1]], encoded[i][2]) for i in group])
+        layers, prefix_mask = self._run_prefixes(heads)
         head_len = [len(h) for h in heads]
-        widths, cached = [len(c[2]) for c in cands], [head_len[c[0]] for c in cands]
+        caps = [max(1, min(_TREE_ROW_TOKENS, self.max_batch_tokens - n)) for n in head_len]
+        rows = [row for g, group in enumerate(members) for row in _tree_rows(g, group, caps[g])]
+        # widest row first, cut where padding costs more than another forward (see _padded_partition)
+        rows.sort(key=lambda r: -len(r.tokens))
+        widths, cached = [len(r.tokens) for r in rows], [head_len[r.prefix_row] for r in rows]
         for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
-            self._score_continuations(cands[lo:hi], head_len, prefix_mask, layers, logp_sum)
+            self._score_tree_batch(rows[lo:hi], layers, prefix_mask, head_len, logp_sum)
 
-    def _run_prefixes(self, heads: Sequence[list[int]]):
-        """(prefix attention mask, KV cache tensors) of the left-padded prefixes, run once."""
+    def _run_prefixes(self, heads: Sequence[list[int]]) -> tuple[list, torch.Tensor]:
+        """One left-padded forward over the prefixes: their KV per layer, each (prefixes, kv_heads, past, head_dim),
+        and their attention mask (prefixes, past) on the model's device."""
         device = next(self.model.parameters()).device
         past = max(len(h) for h in heads)
-        ids = torch.full(
-            (len(heads), past), self.tokenizer.pad_token_id, dtype=torch.long
-        )  # (prefixes, past)
+        # (prefixes, past), left-padded
+        ids = torch.full((len(heads), past), self.tokenizer.pad_token_id, dtype=torch.long)
         prefix_mask = torch.zeros((len(heads), past), dtype=torch.long)
         for row, head in enumerate(heads):
             ids[row, past - len(head) :] = torch.tensor(head)
@@ -637,47 +757,44 @@ class LMScorer:
         self.forward_passes += 1
         self.tokens_forwarded += int(prefix_mask.sum())
         cache = getattr(out, "cache", None)
-        layers = _cache_tensors(cache if cache is not None else out.past_key_values)  # (prefixes, h, past, d)
-        del out, cache
-        return prefix_mask, layers
+        return _cache_tensors(cache if cache is not None else out.past_key_values), prefix_mask
 
-    def _score_continuations(
-        self, batch, head_len: list[int], prefix_mask, layers, logp_sum: np.ndarray
+    def _score_tree_batch(
+        self,
+        rows: Sequence[_TreeRow],
+        layers: list,
+        prefix_mask: torch.Tensor,
+        head_len: Sequence[int],
+        logp_sum: np.ndarray,
     ) -> None:
-        """One forward of continuations over their prefixes' cache; their log-likelihood sums into ``logp_sum``."""
+        """One continuation batch: the rows' prefix KV gathered from the prefix batch's (:func:`_expanded_cache`),
+        a 4D mask in which each node sees its prefix's real columns, its ancestors and itself; adds each target's
+        log p to its request's ``logp_sum``."""
         device = prefix_mask.device
-        past = prefix_mask.shape[1]
-        rows = torch.tensor([row for row, _, _, _ in batch], device=device)
+        dtype = next(self.model.parameters()).dtype
+        prefix_rows = torch.tensor([r.prefix_row for r in rows], device=device)
         # the first `start` cached columns are padding for every row of this batch: not gathered
-        start = past - max(head_len[row] for row, _, _, _ in batch)
-        cont, cont_mask, resp_mask = self.collate([(seq, n) for _, _, seq, n in batch])  # (rows, width)
-        cont_mask = cont_mask.to(device)
-        mask = torch.cat([prefix_mask[rows, start:], cont_mask], dim=1)  # (rows, past - start + width)
-        token_logp = response_token_logprobs(
-            self.model, cont.to(device), mask, resp_mask, cache=_expanded_cache(layers, rows, start)
+        start = prefix_mask.shape[1] - max(head_len[r.prefix_row] for r in rows)
+        cached = [head_len[r.prefix_row] for r in rows]
+        ids, position_ids, sees = _tree_batch(rows, cached, self.tokenizer.pad_token_id)  # (b, w), (b, w, w)
+        width = ids.shape[1]
+        lengths = torch.tensor([len(r.tokens) for r in rows], device=device)
+        real = torch.arange(width, device=device)[None] < lengths[:, None]  # (b, w): a node, not padding
+        sees_prefix = prefix_mask[prefix_rows, start:].bool()[:, None, :] & real[:, :, None]  # (b, w, past')
+        allowed = torch.cat([sees_prefix, sees.to(device)], dim=-1)[:, None]  # (b, 1, w, past' + w)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)  # additive, as eager attention adds it
+        nodes = torch.tensor([b * width + p for b, r in enumerate(rows) for p in r.predictors], device=device)
+        targets = torch.tensor([t for r in rows for t in r.targets], device=device)  # (n,)
+        token_logp = _tree_token_logprobs(
+            self.model,
+            ids.to(device),
+            mask,
+            position_ids.to(device),
+            _expanded_cache(layers, prefix_rows, start),
+            nodes,
+            targets,
         )
-        logp_sum[[i for _, i, _, _ in batch]] = token_logp.sum(-1).double().cpu().numpy()
+        np.add.at(logp_sum, [o for r in rows for o in r.owners], token_logp.double().cpu().numpy())
         self.forward_passes += 1
-        self.tokens_forwarded += int(cont_mask.sum())
-
-
-def _prefix_heads(groups, encoded) -> tuple[list[list[int]], list[int], list[list[int]]]:
-    """(full cached prefix, tokens of it shared by all members' suffixes, the part run as the prefix) per group.
-
-    A group's cached prefix also takes the tokens that all its members' suffixes start with (with the default
-    template, "Character" of both "Character trait:" and "Character:"): the same ids, run once. The last cached
-    token is held back where a member's suffix is all cached (so its continuation would be the response alone,
-    whose first token is predicted at the position before it)."""
-    full, common = [], []
-    for prefix, members in groups:
-        suffixes = [encoded[i][1][: len(encoded[i][1]) - encoded[i][2]] for i in members]
-        n = 0
-        while all(len(x) > n for x in suffixes) and len({x[n] for x in suffixes}) == 1:
-            n += 1
-        full.append([*prefix, *suffixes[0][:n]])
-        common.append(n)
-    hold = [
-        any(len(encoded[i][1]) - encoded[i][2] == n for i in members)
-        for (_, members), n in zip(groups, common)
-    ]
-    return full, common, [f[:-1] if h else f for f, h in zip(full, hold)]
+        self.tokens_forwarded += sum(len(r.tokens) for r in rows)
