@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_other", type=int, default=100, help="non-greeting test turns (seeded sample)")
     p.add_argument("--n_boot", type=int, default=2000)
     p.add_argument("--json", help="write the figures here")
-    p.add_argument("--override", nargs="*", default=[], help="extra fit-config options (--data.data_dir ...)")
-    args = p.parse_args(argv)
+    # any further options (--data.data_dir ..., --model.X ...) override the fit config
+    args, overrides = p.parse_known_args(argv)
 
-    module, dm = load_run(["--config", args.config, *args.override])
+    module, dm = load_run(["--config", args.config, *overrides])
     chars = dm.characters
     test = dm.test_examples or dm.val_examples
     greet = [e for e in test if e.query_type == "greeting"]

@@ -101,6 +101,11 @@ RETRIEVE = ["retrieve", "--retriever", "/nowhere", "--character", "c", "--query"
         (["index", "--out", "x", "--kind", "lsh"], "index: --kind:"),
         (["export", "--out", "x", "--prior_weight", "much"], "export: --prior_weight:"),
         (["evaluate", "--k", "five"], "evaluate: --k: expected int, got 'five'"),
+        (["teacher-report", "--val_fraction", "1.5"], "--val_fraction must be in [0, 1), got 1.5"),
+        (
+            ["score", "--config", "configs/debug.yaml", "--model.k", "x"],
+            "config: --model.k: expected int, got 'x'",
+        ),
         (["teacher-report", "--splitt", "val"], "teacher-report: unrecognized arguments: --splitt val"),
         (["score", "--config", "/nowhere.yaml"], "score: --config: File does not exist: '/nowhere.yaml'"),
         (
@@ -132,6 +137,34 @@ def test_the_old_folder_flags_still_work_for_one_release(capsys):
     assert err.count("is deprecated, use --retriever") == 3 and err.count("is deprecated, use --out") == 1, (
         err
     )
+    for name in ("evaluate", "teacher-report"):
+        _, kwargs = parse(name, ["--lm_batch_tokens", "123"])
+        assert kwargs["max_batch_tokens"] == 123, name
+
+
+def test_top_level_help_lists_each_command_with_its_summary(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name, command in COMMANDS.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(command.summary)}$", out, flags=re.MULTILINE), (
+            name
+        )
+    assert "Command(" not in out
+
+
+def test_export_with_priors_writes_a_folder_that_loads(tmp_path):
+    """The priors table travels inside the export; a file added after its manifest would refuse to load."""
+    from replugchar.cli.commands import run
+    from replugchar.retrieval.retriever import Retriever
+
+    priors = tmp_path / "priors.jsonl"
+    run("priors", ["lm-utility", "--config", "configs/debug.yaml", "--out", str(priors)])
+    out = tmp_path / "export"
+    run("export", ["--config", "configs/debug.yaml", "--priors", str(priors), "--out", str(out)])
+    loaded = Retriever.load(out)  # verifies the manifest
+    assert (out / "priors.jsonl").read_text(encoding="utf-8") == priors.read_text(encoding="utf-8")
+    assert "priors.jsonl" in (out / "manifest.json").read_text(encoding="utf-8")
+    assert loaded.index.priors is not None and (loaded.index.priors != 0).any()
 
 
 def test_bare_bool_flags_and_explicit_values():

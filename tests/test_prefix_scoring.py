@@ -283,6 +283,22 @@ def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_
     assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
 
 
+def test_alibi_models_take_the_per_prompt_path_with_the_same_scores(tiny_lm, examples, characters):
+    """Bloom passes every other check (eager attention, full layers) but builds ALiBi from a 2D mask."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    _, tok = tiny_lm
+    torch.manual_seed(0)
+    config = BloomConfig(
+        vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=2, attn_implementation="eager"
+    )
+    bloom = BloomForCausalLM(config).eval()
+    assert not supports_prefix_sharing(bloom)
+    requests = candidates(examples[:2], characters)
+    _, shared, _, per_prompt = both_paths(bloom, tok, requests)
+    np.testing.assert_allclose(shared.logp_sum, per_prompt.logp_sum, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("cap", [1, 40, 160])
 def test_rows_of_any_width_give_the_same_scores(tiny_lm, examples, characters, monkeypatch, cap):
     """A turn's candidates cut into rows of at most ``cap`` nodes: one candidate per row (1), several rows per

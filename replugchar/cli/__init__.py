@@ -27,7 +27,7 @@ def _help() -> str:
         "Train and use a dense retriever of role-play character settings supervised by a frozen LM (REPLUG LSR).",
         "",
         "commands:",
-        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        *(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()),
         "",
         "options: --traceback (or REPLUGCHAR_DEBUG=1) shows the full traceback of an error",
     ]

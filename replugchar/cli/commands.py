@@ -19,10 +19,11 @@ import dataclasses
 import importlib
 import inspect
 import os
-import re
 import sys
 import typing
 from collections.abc import Callable
+
+from ..core.options import one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         "compare retrievers on held-out characters by the frozen LM's likelihood of gold replies",
         "replugchar.evaluation.evaluate:evaluate",
-        renamed={"--trained": "--retriever", "--out_dir": "--out"},
+        renamed={"--trained": "--retriever", "--out_dir": "--out", "--lm_batch_tokens": "--max_batch_tokens"},
     ),
     "chat": Command(
         "talk to a character: retrieved settings (score, similarity, prior) and the LM's reply",
@@ -98,6 +99,7 @@ COMMANDS: dict[str, Command] = {
     "teacher-report": Command(
         "how well an LM separates settings: margins, oracle gap, agreement with similarity",
         "replugchar.evaluation.teacher_report:report",
+        renamed={"--lm_batch_tokens": "--max_batch_tokens"},
     ),
 }
 
@@ -231,21 +233,3 @@ def _renamed(argv: list[str], renamed: dict[str, str]) -> list[str]:
             arg = renamed[flag] + sep + value
         out.append(arg)
     return out
-
-
-def one_line(message: str) -> str:
-    """jsonargparse's error as one line that names the option: ``--k: expected int | None, got 'x'``."""
-    text = message.strip()
-    required = re.match(r"the following arguments are required: (.*)", text)
-    if required:
-        names = [n.strip() for n in required.group(1).split(",")]
-        return "needs " + ", ".join(n if n.startswith("-") else f"--{n}" for n in names)
-    key = re.match(r'Parser key "([^"]+)":\s*(.*)', text, flags=re.DOTALL)
-    if key:
-        given = re.search(r"(?:Given|Got) value:\s*(.*)", key.group(2))
-        expected = re.search(r"Expected a (.*?)(?:\. Got value|$)", key.group(2), flags=re.MULTILINE)
-        what = f"expected {expected.group(1).strip()}" if expected else key.group(2).splitlines()[0].strip()
-        line = f"--{key.group(1)}: {what}" + (f", got {given.group(1).strip()!r}" if given else "")
-        line = re.sub(r"(?:typing\.)?Literal\[([^\]]*)\]", r"one of \1", line)
-        return re.sub(r"<class '([\w.]+)'>", r"\1", line)
-    return " ".join(text.split())

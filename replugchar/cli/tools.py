@@ -252,9 +252,8 @@ def export(
         data_dir=str(dm.hparams.data_dir),
         train_characters=sorted({e.character_id for e in dm.train_examples}),
         split=dm.split.to_dict(),
+        extra=(lambda tmp: save_priors(table, tmp / "priors.jsonl")) if table else None,
     )
-    if table:
-        save_priors(table, folder / "priors.jsonl")
     print(f"retriever exported to {folder} (scoring rule: {json.dumps(rule.to_dict())})")
 
 

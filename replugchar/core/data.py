@@ -310,12 +310,14 @@ SPLITS = ("train", "val", "test")
 
 
 def check_split(val_fraction: float, test_fraction: float = 0.0, where: str = "data.split") -> None:
-    """``ValueError`` naming the option (under ``where``) when the character split's fractions are out of range."""
+    """``ValueError`` naming the option (under ``where``; ``""`` for a command's own ``--flags``) when the
+    character split's fractions are out of range."""
+    name = f"{where}." if where else "--"
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"{where}.val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"{name}val_fraction must be in [0, 1), got {val_fraction}")
     if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
-            f"{where}.test_fraction must be in [0, 1 - val_fraction), got {test_fraction} "
+            f"{name}test_fraction must be in [0, 1 - val_fraction), got {test_fraction} "
             f"(val_fraction={val_fraction})"
         )
 
@@ -354,8 +356,8 @@ class SplitSpec:
     """Which character is in which split (``data.split``): a hash of (seed, character id) against two fractions.
 
     One group read by ``fit``, ``finetune-lm`` and the tools, and stored in retriever.json as ``"split"``
-    (:meth:`to_dict`), which ``evaluate`` and ``teacher-report`` read back instead of re-declaring it: so no
-    validation or test character ever reaches the retriever's or the teacher's training data."""
+    (:meth:`to_dict`), which ``evaluate`` reads back instead of re-declaring it (``teacher-report`` reads no
+    export: it takes the fractions as options); so no validation or test character reaches training data."""
 
     val_fraction: float = 0.2
     """Share of *characters* held out for validation (no character is in two splits); hashed per character id

@@ -11,6 +11,7 @@ there would make a checkpoint need pickle to load), which :func:`as_options` tur
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -37,3 +38,21 @@ def check_ranges(where: str, group: Any, checks: dict[str, bool]) -> None:
     for name, ok in checks.items():
         if not ok:
             raise ValueError(f"{where}.{name} is out of range: {getattr(group, name)!r}")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's error as one line that names the option: ``--k: expected int | None, got 'x'``."""
+    text = message.strip()
+    required = re.match(r"the following arguments are required: (.*)", text)
+    if required:
+        names = [n.strip() for n in required.group(1).split(",")]
+        return "needs " + ", ".join(n if n.startswith("-") else f"--{n}" for n in names)
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', text, flags=re.DOTALL)
+    if key:
+        given = re.search(r"(?:Given|Got) value:\s*(.*)", key.group(2))
+        expected = re.search(r"Expected a (.*?)(?:\. Got value|$)", key.group(2), flags=re.MULTILINE)
+        what = f"expected {expected.group(1).strip()}" if expected else key.group(2).splitlines()[0].strip()
+        line = f"--{key.group(1)}: {what}" + (f", got {given.group(1).strip()!r}" if given else "")
+        line = re.sub(r"(?:typing\.)?Literal\[([^\]]*)\]", r"one of \1", line)
+        return re.sub(r"<class '([\w.]+)'>", r"\1", line)
+    return " ".join(text.split())

@@ -235,7 +235,7 @@ def select_examples(data_dir, split, val_fraction, test_fraction, seed, max_exam
     """(examples, characters): the split's examples, minus characters the retriever trained on, capped."""
     everything = split == "all"
     if not everything:
-        check_split(val_fraction, test_fraction)
+        check_split(val_fraction, test_fraction, where="")
     corpus = Corpus.load(data_dir)
     examples = corpus.examples
     if not everything:

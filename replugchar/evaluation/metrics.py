@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import atomic_file, write_text
 from ..core.data import Character, Example
 from ..lm.gains import LMTable, lm_table, loo_priors  # noqa: F401  (re-exported: the evaluation API)
 
@@ -273,20 +274,16 @@ def plot(result: EvalResult, path: str | Path) -> None:
             ax.set_ylim(bottom=lo * 0.97)
     axes[0].legend(title="query type")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def save_result(result: EvalResult, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps(
-            {"table": result.table, "paired": result.paired, "pool": result.pool, "meta": result.meta},
-            indent=2,
-        ),
-        encoding="utf-8",
-    )
-    (out / "results.md").write_text(markdown_table(result) + "\n", encoding="utf-8")
+    record = {"table": result.table, "paired": result.paired, "pool": result.pool, "meta": result.meta}
+    write_text(out / "results.json", json.dumps(record, indent=2))  # atomic: a kill leaves the old or the new
+    write_text(out / "results.md", markdown_table(result) + "\n")
     plot(result, out / "results.png")
     return out

@@ -427,9 +427,15 @@ def supports_prefix_sharing(model) -> bool:
     return (
         isinstance(model, PreTrainedModel)
         and _full_attention_only(model.config)
+        and not _alibi(model.config)
         and getattr(model.config, "_attn_implementation", "eager") in _MASK_4D_ATTENTION
         and model.get_output_embeddings() is not None
     )
+
+
+def _alibi(cfg) -> bool:
+    """ALiBi models build their position bias from a 2D padding mask and cannot take the tree mask."""
+    return getattr(cfg, "model_type", "") in ("bloom", "mpt") or bool(getattr(cfg, "alibi", False))
 
 
 def _full_attention_only(cfg) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -154,11 +155,14 @@ def export_retriever(
     data_dir: str | None = None,
     train_characters: list[str] | None = None,
     split: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the export folder for ``module`` (an :class:`~replugchar.training.module.LSRModule`) over its characters.
 
     ``rule`` defaults to the module's learned weights with λ = 0 and no threshold (``priors fit-weight`` fits
-    those on validation characters)."""
+    those on validation characters). ``extra(folder)`` writes more files into the folder before its manifest
+    (``export --priors`` keeps the priors table there): a file added after the manifest would make the folder
+    fail to load."""
     out = Path(out_dir)
     rule = rule or module.rule
     records = setting_records(module.characters)
@@ -194,6 +198,8 @@ def export_retriever(
         (tmp / "retriever.json").write_text(
             json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
+        if extra is not None:
+            extra(tmp)
         write_manifest(tmp)  # last: it lists every other file
     log.info("retriever exported to %s", out)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..core.options import one_line
 from .datamodule import SPLIT_FLAT_NAMES, LSRDataModule
 from .module import FLAT_NAMES, LSRModule
 
@@ -95,7 +96,7 @@ def load_run(config_args: Sequence[str], ckpt_path: str | None = None) -> tuple[
     try:
         cfg = run_parser().parse_args(list(config_args))
     except ArgumentError as err:
-        raise ValueError(f"config: {err}") from None
+        raise ValueError(f"config: {one_line(str(err))}") from None
     dm = LSRDataModule(**cfg.data.as_dict())
     dm.setup("fit")
     module = LSRModule(**cfg.model.as_dict())
