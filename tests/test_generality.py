@@ -217,3 +217,18 @@ def test_add_characters_command(export, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = replugchar("retrieve", "--retriever", out, "--character", "dora", "--query", "Hello!")
     assert proc.returncode == 0 and "I am cheerful with everyone." in proc.stdout.splitlines()[2]
+
+
+def test_evaluate_scores_the_dialogue_row_with_the_rule_as_exported(export, characters):
+    """``evaluate``'s "dialogue" row is the export as it serves (without priors): its generality keeps the rule's
+    base weight λ, which a row with λ zeroed would silently drop."""
+    from replugchar.evaluation.evaluate import _retrievers
+
+    r = Retriever.load(export)
+    retriever, rule, uses_priors = _retrievers(r, r, prior_weight=0.1)["dialogue"]
+    assert not uses_priors and rule.prior_weight == r.rule.prior_weight == 1.0
+    settings = characters["alice"].settings
+    served = r.rank(settings, "Hello!", ())
+    np.testing.assert_array_equal(retriever.rank(settings, "Hello!", (), rule=rule), served)
+    without_lambda = dataclasses.replace(rule, prior_weight=0.0)
+    assert not np.allclose(r.rank(settings, "Hello!", (), rule=without_lambda), served)

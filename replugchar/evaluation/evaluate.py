@@ -265,7 +265,9 @@ def _retrievers(base, exported, prior_weight: float) -> dict:
         rule = exported.rule
         out["trained"] = (exported, zero, False)
         out["trained+prior"] = (exported, dataclasses.replace(zero, prior_weight=prior_weight), True)
-        out["dialogue"] = (exported, dataclasses.replace(rule, prior_weight=0.0), False)
+        # the exported rule as it serves: without priors its generality term is w(x, h)·g(s), whose base weight
+        # is the rule's λ, so λ stays (zeroing it would change the learned generality's weight)
+        out["dialogue"] = (exported, rule, False)
         out["dialogue+prior"] = (exported, dataclasses.replace(rule, prior_weight=prior_weight), True)
     return out
 
