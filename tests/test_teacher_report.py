@@ -138,3 +138,33 @@ def test_an_unknown_option_fails(tmp_path):
     path.write_text("lm: tiny:gpt2\nsplitt: val\n")
     with pytest.raises(ValueError, match=r"teacher-report: .*'splitt'"):
         main(["--config", str(path)])
+
+
+def test_the_split_comes_from_an_export_when_given(tmp_path, monkeypatch):
+    """With --retriever the report judges the characters of the export's stored split, as evaluate does."""
+    import os
+    import shutil
+
+    from replugchar.evaluation import teacher_report as tr
+    from replugchar.evaluation.evaluate import select_examples
+
+    folder = tmp_path / "export"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "export_v1"), folder)
+    config = json.loads((folder / "retriever.json").read_text(encoding="utf-8"))
+    config["split"] = {"val_fraction": 0.5, "test_fraction": 0.25, "seed": 3}
+    (folder / "retriever.json").write_text(json.dumps(config), encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(
+        tr, "_table_of", lambda spec, examples, *a: seen.append(examples) or _no_table(examples)
+    )
+    monkeypatch.setattr(tr, "teacher_report", lambda *a, **k: {"n_examples": float(len(seen[-1]))})
+    options = dict(lm="tiny:gpt2", data_dir="demo", split="test", max_examples=None, base_encoder="tiny:bert")
+    tr.report(retriever=str(folder), **options)
+    stored, _ = select_examples("demo", "test", 0.5, 0.25, 3, None)
+    assert [e.example_id for e in seen[-1]] == [e.example_id for e in stored]
+    tr.report(retriever=str(folder), val_fraction=0.2, test_fraction=0.1, **options)  # flags override it
+    assert {e.example_id for e in seen[-1]} != {e.example_id for e in stored}
+
+
+def _no_table(examples) -> LMTable:
+    return table([0.0] * len(examples), [[0.0]] * len(examples))

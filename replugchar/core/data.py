@@ -356,8 +356,8 @@ class SplitSpec:
     """Which character is in which split (``data.split``): a hash of (seed, character id) against two fractions.
 
     One group read by ``fit``, ``finetune-lm`` and the tools, and stored in retriever.json as ``"split"``
-    (:meth:`to_dict`), which ``evaluate`` reads back instead of re-declaring it (``teacher-report`` reads no
-    export: it takes the fractions as options); so no validation or test character reaches training data."""
+    (:meth:`to_dict`), which ``evaluate`` and ``teacher-report --retriever`` read back instead of re-declaring it;
+    so no validation or test character reaches training data."""
 
     val_fraction: float = 0.2
     """Share of *characters* held out for validation (no character is in two splits); hashed per character id

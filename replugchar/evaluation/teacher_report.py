@@ -76,9 +76,10 @@ def report(
     other_lm: str | None = None,
     data_dir: str = "demo",
     split: Literal["val", "test", "all"] = "val",
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
-    seed: int = 0,
+    retriever: str | None = None,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int | None = None,
     max_examples: int | None = 200,
     base_encoder: str = EMBEDDED_ENCODER,
     template: PromptTemplate | None = None,
@@ -98,9 +99,11 @@ def report(
         split: "val" / "test" = that character split of (val_fraction, test_fraction, seed), as in the fit
             config; "all" = every example. Characters a ``finetune-lm`` folder (lm or other_lm) trained on are
             always left out.
-        val_fraction: as in the training data config.
-        test_fraction: as in the training data config.
-        seed: split seed, also of the example sample.
+        retriever: an export folder whose stored character split (retriever.json "split", what its ``fit``
+            used) picks the characters, so the report judges the same held-out characters as ``evaluate``.
+        val_fraction: None = the export's (``--retriever``), else 0.2.
+        test_fraction: None = the export's, else 0.0.
+        seed: split seed, also of the example sample; None = the export's, else 0.
         max_examples: cap on examples (LM cost: 1 + settings pairs per example, once; then cached).
         base_encoder: the encoder whose cosine similarity is the baseline retriever.
         template: LM prompt template (as in the fit config, so the score cache is shared).
@@ -115,8 +118,11 @@ def report(
 
     from ..lm.models import load_encoder
     from ..retrieval.retriever import Retriever
-    from .evaluate import select_examples
+    from .evaluate import resolve_split, select_examples
 
+    val_fraction, test_fraction, seed = resolve_split(
+        _stored_config(retriever) if retriever else {}, val_fraction, test_fraction, seed
+    )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     exclude = finetuned_characters(lm) | (finetuned_characters(other_lm) if other_lm else set())
@@ -148,6 +154,16 @@ def report(
         write_text(out, json.dumps({**numbers, **meta}, indent=2) + "\n")
         log.info("teacher report written to %s", out)
     return numbers
+
+
+def _stored_config(folder: str) -> dict:
+    """retriever.json of an export folder, checked against its schema (only the split is read here)."""
+    from pathlib import Path
+
+    from ..retrieval.export_schema import check_retriever_config, read_json
+
+    path = Path(folder) / "retriever.json"
+    return check_retriever_config(read_json(path, what="retriever.json"), path)
 
 
 def _table_of(spec: str, examples, characters, scoring: dict, template, device: str) -> LMTable:
