@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from replugchar.core.atomic import write_text
 from replugchar.core.scoring import ScoringRule
 from replugchar.evaluation.metrics import bootstrap_ci
 from replugchar.lm.gains import lm_table
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         result[f"pooled|{name}"] = {"change": float(diff.mean()), "ci": [lo, hi], "n": len(diff)}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
     return result
 
 

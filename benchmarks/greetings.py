@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 
+from replugchar.core.atomic import write_text
 from replugchar.core.scoring import ScoringRule
 from replugchar.evaluation.metrics import bootstrap_ci
 from replugchar.lm.gains import lm_table
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         result["gate"] = {t: float(np.mean(w)) for t, w in weights.items()}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
     return result
 
 
