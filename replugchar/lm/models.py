@@ -137,6 +137,17 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = get_args(Dtype)
 
 
+LM_FLAT_NAMES = {
+    "lm": ("lm", "name"),
+    "lm_revision": ("lm", "revision"),
+    "lm_dtype": ("lm", "dtype"),
+    "max_length": ("lm", "max_length"),
+    "trust_remote_code": ("lm", "trust_remote_code"),
+}
+"""Flat option names of before the groups -> (group, field) of :class:`LMOptions`: shared by the rename tables
+of ``fit`` and ``finetune-lm``, which both take these."""
+
+
 @dataclass(frozen=True)
 class LMOptions:
     """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen scorer, see

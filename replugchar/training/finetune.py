@@ -34,7 +34,7 @@ import torch
 from ..core.atomic import atomic_folder
 from ..core.options import as_options, check_ranges
 from ..lm.finetuned import TRAIN_CHARACTERS_FILE
-from ..lm.models import LMOptions, load_causal_lm
+from ..lm.models import LM_FLAT_NAMES, LMOptions, load_causal_lm
 from ..lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
 from .optim import OptimizerOptions
 
@@ -42,11 +42,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "replugchar_template.json"
 FLAT_NAMES = {
-    "lm": ("lm", "name"),
-    "lm_revision": ("lm", "revision"),
-    "lm_dtype": ("lm", "dtype"),
-    "max_length": ("lm", "max_length"),
-    "trust_remote_code": ("lm", "trust_remote_code"),
+    **LM_FLAT_NAMES,
     "lora_r": ("lora", "r"),
     "lora_alpha": ("lora", "alpha"),
     "lora_dropout": ("lora", "dropout"),

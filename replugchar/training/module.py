@@ -16,7 +16,7 @@ from torch import Tensor
 from ..core.data import Character, Example, QueryText, query_text
 from ..core.options import as_options
 from ..core.scoring import FEATURES, ScoringRule, dialogue_features, window
-from ..lm.models import EMBEDDED_ENCODER, load_encoder
+from ..lm.models import EMBEDDED_ENCODER, LM_FLAT_NAMES, load_encoder
 from ..lm.score_cache import CachedScorer, ScorerOptions, build_scorer
 from ..lm.scoring import PromptTemplate, ScoreRequest
 from ..retrieval.index import SettingIndex, setting_records
@@ -36,13 +36,9 @@ GROUPS = {
 """The option groups of :class:`LSRModule`: ``__init__`` argument (and hparams key) -> attribute."""
 
 FLAT_NAMES = {
-    "lm": ("lm", "name"),
-    "lm_revision": ("lm", "revision"),
-    "lm_dtype": ("lm", "dtype"),
-    "max_length": ("lm", "max_length"),
+    **LM_FLAT_NAMES,
     "lm_batch_tokens": ("lm", "max_batch_tokens"),
     "score_cache_dir": ("lm", "score_cache_dir"),
-    "trust_remote_code": ("lm", "trust_remote_code"),
     "gamma": ("loss", "gamma"),
     "beta": ("loss", "beta"),
     "kl_direction": ("loss", "direction"),
