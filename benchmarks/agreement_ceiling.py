@@ -14,7 +14,7 @@ They are scored by top-1 agreement with the LM's best setting under K-fold cross
 difference that resamples whole dialogues. A probe that cannot beat similarity says the LM-best label is noise
 at this budget for a linear head; full fine-tuning has more capacity, and docs/results.md reports both.
 
-LM scores come from the score cache (filled by ``replugchar score`` or ``replugchar fit`` with the same config);
+LM log-likelihoods come from the log-likelihood cache (filled by ``replugchar loglik`` or ``replugchar fit`` with the same config);
 missing pairs are scored by the frozen LM. Options after the probe's own are fit-config overrides.
 
     python benchmarks/agreement_ceiling.py --config configs/spc.yaml \\
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from replugchar.evaluation.metrics import bootstrap_ci
-from replugchar.lm.scoring import ScoreRequest
+from replugchar.lm.likelihood import LoglikRequest
 from replugchar.training.losses import LSRLoss
 from replugchar.training.run import load_run
 
@@ -42,7 +42,7 @@ PROBES = {"gen": (True, False), "diag": (False, True), "both": (True, True)}
 def fit_probe(
     kind: str, q: torch.Tensor, s: torch.Tensor, lm: torch.Tensor, loss_fn: LSRLoss, l2: float, steps: int
 ):
-    """Fit one probe on (n, d) queries, (n, k, d) settings and (n, k) LM scores; returns its scoring function."""
+    """Fit one probe on (n, d) queries, (n, k, d) settings and (n, k) LM log-likelihoods; returns its scoring function."""
     use_gen, use_diag = PROBES[kind]
     d = q.shape[1]
     w = torch.zeros(d, requires_grad=True)
@@ -80,15 +80,15 @@ def main() -> None:
     if k < 2:
         raise SystemExit("every character needs at least 2 settings for an agreement probe")
     settings = [s[:k] for s in settings]  # characters with more settings: their first k (all of them in SPC)
-    requests = [ScoreRequest(e, (t,)) for e, ss in zip(examples, settings) for t in ss]
-    scores = module.scorer.score(requests)
-    module.flush_scores()
-    values = scores.logp_mean if loss.lm_score == "mean" else scores.logp_sum
+    requests = [LoglikRequest(e, (t,)) for e, ss in zip(examples, settings) for t in ss]
+    logliks = module.likelihood.loglik(requests)
+    module.flush_logliks()
+    values = logliks.logp_mean if loss.lm_loglik == "mean" else logliks.logp_sum
     lm = torch.as_tensor(values, dtype=torch.float32).view(len(examples), k)  # (n, k)
     q = torch.as_tensor(module.encode_all(module.query_strings(examples), queries=True))  # (n, d)
     s = torch.as_tensor(module.encode_all([t for ss in settings for t in ss])).view(len(examples), k, -1)
     best = lm.argmax(1).numpy()
-    mean_lp = scores.logp_mean.reshape(len(examples), k)
+    mean_lp = logliks.logp_mean.reshape(len(examples), k)
     mean_lp = mean_lp - mean_lp.mean(1, keepdims=True)  # gain of each setting over a random candidate
 
     def gain(top: np.ndarray) -> np.ndarray:

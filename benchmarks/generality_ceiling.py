@@ -15,7 +15,7 @@ resamples whole dialogues, the change in top-1 gain over plain similarity of:
   training characters), which the small LM can compute for a new character at index time, without its
   dialogues. This one calls the LM (about N·(settings of the val + test characters) pairs).
 
-It reads the score cache: fill it first with ``replugchar score --config C --split every --data.query_types
+It reads the log-likelihood cache: fill it first with ``replugchar loglik --config C --split every --data.query_types
 '[greeting]' --data.max_train_examples null --data.max_val_examples null``.
 
     python benchmarks/generality_ceiling.py --configs configs/convai2.yaml configs/spc.yaml --lm_bank 6
@@ -37,7 +37,7 @@ from replugchar.core.atomic import write_text
 from replugchar.core.scoring import ScoringRule
 from replugchar.evaluation.metrics import bootstrap_ci
 from replugchar.lm.gains import lm_table
-from replugchar.lm.scoring import NO_SETTING, ScoreRequest
+from replugchar.lm.likelihood import NO_SETTING, LoglikRequest
 from replugchar.training.run import load_run
 
 SCALES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -89,14 +89,14 @@ def load(config: str, lm_bank: int) -> DataSet:
         ("val", dm.val_examples),
         ("test", dm.test_examples),
     ):
-        table = lm_table(examples, chars, module.scorer)
+        table = lm_table(examples, chars, module.likelihood)
         sims = [retriever.rank_example(e, chars[e.character_id].settings) for e in examples]
         data.splits[name] = Split(
             [e.character_id for e in examples], [e.dialogue_id for e in examples], table.gains, sims
         )
     if lm_bank:
         data.bank = bank_generality(module, dm, lm_bank)
-    module.flush_scores()
+    module.flush_logliks()
     return data
 
 
@@ -106,9 +106,9 @@ def bank_generality(module, dm, n: int) -> dict[str, float]:
     bank = random.Random(0).sample(pool, min(n, len(pool)))
     wanted = {e.character_id for e in dm.val_examples + dm.test_examples}
     texts = sorted({s for c in wanted for s in dm.characters[c].settings})
-    requests = [ScoreRequest(b, NO_SETTING) for b in bank]
-    requests += [ScoreRequest(b, (s,)) for s in texts for b in bank]
-    means = module.scorer.score(requests).logp_mean
+    requests = [LoglikRequest(b, NO_SETTING) for b in bank]
+    requests += [LoglikRequest(b, (s,)) for s in texts for b in bank]
+    means = module.likelihood.loglik(requests).logp_mean
     gains = means[len(bank) :].reshape(len(texts), len(bank)) - means[: len(bank)]
     return dict(zip(texts, gains.mean(1).tolist()))
 

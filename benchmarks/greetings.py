@@ -1,7 +1,7 @@
 """Greetings on test characters: does the learned generality help where similarity cannot?
 
 For the test characters of a fit config (neither training nor the validation fit saw them), every greeting turn
-and a seeded sample of the other turns are scored by the frozen LM (through the shared score cache), and the
+and a seeded sample of the other turns are scored by the frozen LM (through the shared log-likelihood cache), and the
 exported retriever's rule is compared with plain similarity and with today's rule (the same export without its
 learned generality). Each row: the mean top-1 gain over no setting (nats/token) and the paired change against
 similarity with a 95% interval that resamples whole dialogues. Also prints the learned g's top and bottom
@@ -37,7 +37,9 @@ def top1_gains(retriever: Retriever, examples, chars, gains, rule: ScoringRule) 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="the fit config (data split, LM, template, score cache)")
+    p.add_argument(
+        "--config", required=True, help="the fit config (data split, LM, template, log-likelihood cache)"
+    )
     p.add_argument("--retriever", required=True, help="its export folder")
     p.add_argument("--max_other", type=int, default=100, help="non-greeting test turns (seeded sample)")
     p.add_argument("--n_boot", type=int, default=2000)
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     greet = [e for e in test if e.query_type == "greeting"]
     other = _cap([e for e in test if e.query_type != "greeting"], args.max_other, dm.split.seed)
     examples = greet + other
-    table = lm_table(examples, chars, module.scorer)
-    module.flush_scores()
+    table = lm_table(examples, chars, module.likelihood)
+    module.flush_logliks()
     gains = table.gains
     retriever = Retriever.load(args.retriever)
     full = retriever.rule

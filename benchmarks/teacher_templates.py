@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     for position in ("before", "after"):
         module, dm = load_run(["--config", args.config, "--model.template.settings_position", position])
         examples, chars = dm.val_examples, dm.characters
-        tables[position] = lm_table(examples, chars, module.scorer).gains
-        module.flush_scores()
+        tables[position] = lm_table(examples, chars, module.likelihood).gains
+        module.flush_logliks()
     retriever = module.as_retriever(ScoringRule())
     sim_best = np.array(
         [int(np.argmax(retriever.rank_example(e, chars[e.character_id].settings))) for e in examples]

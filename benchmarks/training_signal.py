@@ -1,7 +1,7 @@
 """Which LSR training signal survives a weak teacher? Variants of the dialogue head's loss, cross-validated.
 
 With a frozen encoder the head's inputs are fixed: cosine similarities S, dialogue features F and the LM's gains G
-of every setting of every training turn (G from the score cache, so nothing is scored twice). Each variant of
+of every setting of every training turn (G from the log-likelihood cache, so nothing is scored twice). Each variant of
 :class:`~replugchar.training.losses.LSRLoss` (β, the margin filter δ, the hard top-1 term) trains the four weights with
 minibatch AdamW as ``fit`` does, on half of the training characters, and is tested on the other half (2 folds by
 character): the held-out top-1 gain over similarity, alone and with a λ·prior (leave-one-dialogue-out LM utility),
@@ -85,7 +85,7 @@ def main() -> None:
     args, rest = p.parse_known_args()
     module, dm = load_run(["--config", args.config, *rest])
     examples, chars = dm.train_examples, dm.characters
-    table = lm_table(examples, chars, module.scorer)
+    table = lm_table(examples, chars, module.likelihood)
     gains = table.gain_matrix()
     sims, feats = turn_features(module, examples, chars)
     priors = np.zeros_like(sims)

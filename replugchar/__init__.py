@@ -2,15 +2,20 @@
 
 The public API is imported lazily (``replugchar --help`` must not load torch)::
 
-    from replugchar import Retriever, ScoringRule, LSRLoss, LMScorer, PromptTemplate, SettingIndex, fix_tokenizer
+    from replugchar import Retriever, ScoringRule, LSRLoss, LMLikelihood, PromptTemplate, SettingIndex, fix_tokenizer
+
+"Score" is the retrieval rule's (:class:`ScoringRule`); the frozen LM gives log-likelihoods (:class:`LMLikelihood`,
+``loglik``). The LM names of 0.1 (``LMScorer``, ``CachedScorer``, ...) still resolve, with a warning, for one
+release.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "Retriever": "retrieval.retriever",
@@ -18,13 +23,13 @@ _API = {
     "ScoringRule": "core.scoring",
     "FEATURES": "core.scoring",
     "LSRLoss": "training.losses",
-    "LMScorer": "lm.scoring",
-    "PromptTemplate": "lm.scoring",
-    "ScoreRequest": "lm.scoring",
-    "fix_tokenizer": "lm.scoring",
-    "CachedScorer": "lm.score_cache",
-    "build_scorer": "lm.score_cache",
-    "ScorerOptions": "lm.score_cache",
+    "LMLikelihood": "lm.likelihood",
+    "PromptTemplate": "lm.likelihood",
+    "LoglikRequest": "lm.likelihood",
+    "fix_tokenizer": "lm.likelihood",
+    "CachedLikelihood": "lm.loglik_cache",
+    "build_likelihood": "lm.loglik_cache",
+    "LikelihoodOptions": "lm.loglik_cache",
     "SplitSpec": "core.data",
     "SettingIndex": "retrieval.index",
     "LSRModule": "training.module",
@@ -39,27 +44,35 @@ _API = {
     "export_retriever": "retrieval.export",
     "evaluate": "evaluation.evaluate",
 }
+_RENAMED = {
+    "LMScorer": "LMLikelihood",
+    "ScoreRequest": "LoglikRequest",
+    "CachedScorer": "CachedLikelihood",
+    "ScorerOptions": "LikelihoodOptions",
+    "build_scorer": "build_likelihood",
+}
+"""0.1 name -> today's: "score" now means only the retrieval rule's."""
 __all__ = [
     "FEATURES",
-    "CachedScorer",
+    "CachedLikelihood",
     "Character",
     "Corpus",
     "DataError",
     "Example",
     "Hit",
-    "LMScorer",
+    "LMLikelihood",
     "LSRDataModule",
     "LSRLoss",
     "LSRModule",
+    "LikelihoodOptions",
+    "LoglikRequest",
     "PromptTemplate",
     "Retriever",
-    "ScoreRequest",
-    "ScorerOptions",
     "ScoringRule",
     "SettingIndex",
     "SplitSpec",
     "Turn",
-    "build_scorer",
+    "build_likelihood",
     "evaluate",
     "export_retriever",
     "fix_tokenizer",
@@ -71,8 +84,8 @@ if TYPE_CHECKING:
     from .core.data import Character, Corpus, DataError, Example, SplitSpec, Turn, iter_jsonl
     from .core.scoring import FEATURES, ScoringRule
     from .evaluation.evaluate import evaluate
-    from .lm.score_cache import CachedScorer, ScorerOptions, build_scorer
-    from .lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer
+    from .lm.likelihood import LMLikelihood, LoglikRequest, PromptTemplate, fix_tokenizer
+    from .lm.loglik_cache import CachedLikelihood, LikelihoodOptions, build_likelihood
     from .retrieval.export import export_retriever
     from .retrieval.index import SettingIndex
     from .retrieval.retriever import Hit, Retriever
@@ -83,6 +96,14 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(
+            f"replugchar.{name} is now replugchar.{new} (the old name goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        name = new
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'replugchar' has no attribute {name!r}")

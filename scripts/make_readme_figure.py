@@ -7,7 +7,7 @@ the given config and run and lets it save its main figure (``REPLUGCHAR_NB_FIGUR
     python scripts/make_readme_figure.py --config configs/demo.yaml --run runs/demo
 
 The run is the ``default_root_dir`` of ``replugchar fit`` (it holds ``retriever/``, the trained export). The LM
-scores come from the config's score cache, so a run whose validation was scored already costs few LM calls.
+log-likelihoods come from the config's cache, so a run whose validation was computed already costs few LM calls.
 """
 
 from __future__ import annotations

@@ -255,7 +255,7 @@ def data_dir(tmp_path: Path, characters: list | None = None, dialogues: list | N
 
 def score_requests(n: int):
     """``n`` distinct, deterministic (example, setting) requests of varied lengths (no model needed)."""
-    from replugchar.lm.scoring import ScoreRequest
+    from replugchar.lm.likelihood import LoglikRequest
 
     out = []
     for i in range(n):
@@ -268,7 +268,7 @@ def score_requests(n: int):
             response=f"Answer number {i}.",
             context=context,
         )
-        out.append(ScoreRequest(ex, (f"I am trait {i % 4}.",)))
+        out.append(LoglikRequest(ex, (f"I am trait {i % 4}.",)))
     return out
 
 

@@ -1,7 +1,7 @@
 """Bad input gives an error a user can act on: it names the file and line (or the option) and what is wrong.
 
 Every faulty data folder of ``FAULTY_DATA`` is rejected in-process with its exact message, and through the console
-script (``replugchar score`` / ``replugchar fit``) with one line on stderr, ``replugchar: error: <file>:<line>: ...``,
+script (``replugchar loglik`` / ``replugchar fit``) with one line on stderr, ``replugchar: error: <file>:<line>: ...``,
 exit code 2 and no traceback.
 
 Not covered here: NaN/inf in imported prior scores and priors for unknown settings (replugchar.training.priors).
@@ -33,8 +33,8 @@ from replugchar.core.data import (
     load_characters,
     load_examples,
 )
-from replugchar.lm.score_cache import ScorerOptions
-from replugchar.lm.scoring import LMScorer, ScoreRequest
+from replugchar.lm.likelihood import LMLikelihood, LoglikRequest
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.index import SettingIndex, setting_records
 from replugchar.training.datamodule import LSRDataModule
 from replugchar.training.losses import LSRLoss
@@ -296,24 +296,24 @@ def test_empty_and_missing_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- LM prompt length
-def _scorer(max_length: int) -> LMScorer:
+def _likelihood(max_length: int) -> LMLikelihood:
     model, tok = tiny_gpt2()
-    return LMScorer(model, tok, max_length=max_length)
+    return LMLikelihood(model, tok, max_length=max_length)
 
 
-def test_over_long_prompt_at_scoring_names_the_example(tmp_path):
+def test_over_long_prompt_names_the_example(tmp_path):
     [ex] = load_examples(
         write_jsonl(tmp_path / "d.jsonl", [dialogue("ex-long", response="r" * 300)]),
         load_characters(write_jsonl(tmp_path / "c.jsonl", [character("c1")])),
     )
-    scorer = _scorer(max_length=200)
+    likelihood = _likelihood(max_length=200)
     with pytest.raises(
         ValueError,
         match=r"example 'ex-long': prompt \(\d+ tokens\) \+ response \(302\) exceed "
         r"model\.lm\.max_length=200 even without dialogue context; the response is never truncated",
     ):
-        scorer.score([ScoreRequest(ex, ("I am a cat.",))])
-    assert scorer.pairs_scored == 0
+        likelihood.loglik([LoglikRequest(ex, ("I am a cat.",))])
+    assert likelihood.pairs_computed == 0
 
 
 def test_old_context_is_dropped_first_and_the_response_kept_whole():
@@ -326,12 +326,12 @@ def test_old_context_is_dropped_first_and_the_response_kept_whole():
         response="A whole response.",
         context=(Turn("user", oldest), Turn("character", "middle " + "y" * 40), Turn("user", newest)),
     )
-    scorer = _scorer(max_length=120)
-    full = scorer.template.render(("trait",), ex.context, ex.query)
-    assert len(scorer.tokenizer(full).input_ids) > 120  # the whole prompt does not fit
-    ids, n_resp = scorer.encode(ScoreRequest(ex, ("trait",)))
+    likelihood = _likelihood(max_length=120)
+    full = likelihood.template.render(("trait",), ex.context, ex.query)
+    assert len(likelihood.tokenizer(full).input_ids) > 120  # the whole prompt does not fit
+    ids, n_resp = likelihood.encode(LoglikRequest(ex, ("trait",)))
     assert len(ids) <= 120
-    tok = scorer.tokenizer
+    tok = likelihood.tokenizer
     assert ids[-n_resp:] == [*tok(" A whole response.", add_special_tokens=False).input_ids, tok.eos_token_id]
     prompt = tok.decode(ids[:-n_resp])
     assert "OLDEST" not in prompt and "NEWEST turn." in prompt and "trait" in prompt and "Hello?" in prompt
@@ -359,7 +359,7 @@ def test_module_option_out_of_range(group, option, value):
 
     path = ".".join(p for p in ("model", group, option) if p)
     kwargs = {option: value} if not group else {group: {option: value}}
-    kwargs.setdefault("lm", ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    kwargs.setdefault("lm", LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
     with pytest.raises(ValueError, match=rf"{re.escape(path)} is out of range: {re.escape(repr(value))}"):
         LSRModule(encoder="tiny:bert", **kwargs)
 
@@ -599,7 +599,7 @@ def assert_names_record(line: str, folder: Path, faulty: Faulty) -> None:
 
 # each run is one interpreter start (~10 s here, most of it importing lightning): every kind of fault once
 # through `score`, the main ones through `fit`; every row's exact message is checked in-process above
-SCORE_CASES = [
+LOGLIK_CASES = [
     "malformed-json", "not-an-object", "missing-field", "setting-int", "query-int", "role", "no-settings",
     "duplicate-character-id", "duplicate-setting", "duplicate-example-id", "unknown-character", "empty-response",
     "over-long-response", "bad-utf8", "lone-surrogate",
@@ -608,13 +608,13 @@ FIT_CASES = ["malformed-json", "missing-field", "query-int", "unknown-character"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SCORE_CASES)
-def test_score_on_faulty_data_prints_one_line(tmp_path, name):
+@pytest.mark.parametrize("name", LOGLIK_CASES)
+def test_loglik_on_faulty_data_prints_one_line(tmp_path, name):
     faulty = BY_NAME[name]
     folder = faulty.build(tmp_path)
-    proc = replugchar("score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
+    proc = replugchar("loglik", "--config", "configs/debug.yaml", "--data.data_dir", folder)
     assert_names_record(one_error_line(proc), folder, faulty)
-    assert "score cache" not in proc.stdout  # nothing was scored
+    assert "log-likelihood cache" not in proc.stdout  # nothing was computed
 
 
 @pytest.mark.slow
@@ -635,7 +635,7 @@ def test_fit_on_faulty_data_prints_one_line(tmp_path, name):
 def test_traceback_flag_shows_the_traceback(tmp_path):
     faulty = BY_NAME["unknown-character"]
     folder = faulty.build(tmp_path)
-    proc = replugchar("--traceback", "score", "--config", "configs/debug.yaml", "--data.data_dir", folder)
+    proc = replugchar("--traceback", "loglik", "--config", "configs/debug.yaml", "--data.data_dir", folder)
     assert proc.returncode == 1, proc.stderr[-3000:]  # the exception is re-raised, not turned into exit 2
     assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-3000:]
     error = r"replugchar\.core\.data\.DataError: .*" + faulty.message
@@ -688,7 +688,7 @@ def test_help_lists_every_command():
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^  (\S+)  ", proc.stdout, flags=re.MULTILINE)
     expected = [
-        "fit", "validate", "score", "priors", "index", "export", "retrieve", "add-characters", "evaluate", "chat",
+        "fit", "validate", "loglik", "priors", "index", "export", "retrieve", "add-characters", "evaluate", "chat",
         "finetune-lm",
         "teacher-report",
     ]  # fmt: skip

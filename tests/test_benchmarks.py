@@ -53,10 +53,10 @@ def test_agreement_ceiling_smoke_run_prints_every_probe_against_similarity(tmp_p
     assert "16 examples" in proc.stdout and "3-fold CV by character" in proc.stdout
 
 
-def test_lm_scoring_smoke_run_prints_the_four_methods(tmp_path):
+def test_lm_likelihood_smoke_run_prints_the_four_methods(tmp_path):
     out_json = tmp_path / "lm.json"
     proc = run_script(
-        "lm_scoring.py", "--lm", "tiny:gpt2", "--data", "demo", "--pairs", "40", "--naive_pairs", "10",
+        "lm_likelihood.py", "--lm", "tiny:gpt2", "--data", "demo", "--pairs", "40", "--naive_pairs", "10",
         "--threads", "1", "--json", out_json,
     )  # fmt: skip
     result = json.loads(out_json.read_text())
@@ -68,18 +68,18 @@ def test_lm_scoring_smoke_run_prints_the_four_methods(tmp_path):
     assert 0 < result["padding_efficiency"] <= 1
     for label in (
         "(a) naive per-pair loop",
-        "(b) LMScorer.score",
+        "(b) LMLikelihood.loglik",
         "(c) raw forward",
-        "(d) CachedScorer 2nd epoch",
+        "(d) CachedLikelihood 2nd epoch",
     ):
         assert f"| {label}" in proc.stdout
     assert "demo_data" in result["config"]["data_source"]
 
 
-def test_lm_scoring_prefix_share_smoke_run_prints_both_paths_at_every_k(tmp_path):
+def test_lm_likelihood_prefix_share_smoke_run_prints_both_paths_at_every_k(tmp_path):
     out_json = tmp_path / "prefix.json"
     proc = run_script(
-        "lm_scoring.py", "--prefix_share", "--lm", "tiny:gpt2", "--data", "demo", "--pairs", "24",
+        "lm_likelihood.py", "--prefix_share", "--lm", "tiny:gpt2", "--data", "demo", "--pairs", "24",
         "--min_turns", "2", "--threads", "1", "--json", out_json,
     )  # fmt: skip
     result = json.loads(out_json.read_text())

@@ -19,8 +19,8 @@ from replugchar.core.data import Turn
 from replugchar.core.scoring import ScoringRule
 from replugchar.lm import decoding
 from replugchar.lm.decoding import replug_next_token_logprobs
-from replugchar.lm.score_cache import ScorerOptions
-from replugchar.lm.scoring import PromptTemplate
+from replugchar.lm.likelihood import PromptTemplate
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.retriever import Hit, Retriever
 
 TEMPLATE = PromptTemplate()
@@ -31,7 +31,9 @@ def _export(tmp_path_factory, characters, name: str, rule: ScoringRule | None = 
     from replugchar.retrieval.export import export_retriever
     from replugchar.training.module import LSRModule
 
-    module = LSRModule(encoder="tiny:bert", k=3, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    module = LSRModule(
+        encoder="tiny:bert", k=3, lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None)
+    )
     module.characters = dict(characters)
     return str(export_retriever(module, tmp_path_factory.mktemp(name) / "retriever", rule=rule))
 
@@ -88,7 +90,7 @@ def test_one_shot_prints_settings_table_and_reply(export_dir, characters, capsys
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "User: Hello!" in lines
-    assert "LM tiny:gpt2" in lines[0]  # --lm defaults to retriever.json's scorer LM
+    assert "LM tiny:gpt2" in lines[0]  # --lm defaults to retriever.json's likelihood LM
     header = next(
         i for i, line in enumerate(lines) if line.split()[:5] == ["rank", "score", "sim", "dialog", "prior"]
     )

@@ -93,8 +93,8 @@ RETRIEVE = ["retrieve", "--retriever", "/nowhere", "--character", "c", "--query"
         (RETRIEVE[:3], "retrieve needs --character, --query"),
         (["chat", "--retriever", "r", "--character", "c", "--mode", "beam"], "chat: --mode:"),
         (
-            ["score", "--split", "nope"],
-            "score: --split: expected one of 'train', 'val', 'test', 'all', 'every'",
+            ["loglik", "--split", "nope"],
+            "loglik: --split: expected one of 'train', 'val', 'test', 'all', 'every'",
         ),
         (["priors", "fit-weight", "--out", "x.json"], "priors fit-weight needs --priors"),
         (["priors", "guess", "--out", "x"], "priors: unknown method 'guess' (choose from lm-utility"),
@@ -103,11 +103,11 @@ RETRIEVE = ["retrieve", "--retriever", "/nowhere", "--character", "c", "--query"
         (["evaluate", "--k", "five"], "evaluate: --k: expected int, got 'five'"),
         (["teacher-report", "--val_fraction", "1.5"], "--val_fraction must be in [0, 1), got 1.5"),
         (
-            ["score", "--config", "configs/debug.yaml", "--model.k", "x"],
+            ["loglik", "--config", "configs/debug.yaml", "--model.k", "x"],
             "config: --model.k: expected int, got 'x'",
         ),
         (["teacher-report", "--splitt", "val"], "teacher-report: unrecognized arguments: --splitt val"),
-        (["score", "--config", "/nowhere.yaml"], "score: --config: File does not exist: '/nowhere.yaml'"),
+        (["loglik", "--config", "/nowhere.yaml"], "loglik: --config: File does not exist: '/nowhere.yaml'"),
         (
             ["evaluate", "--config", "/nowhere.yaml"],
             "evaluate: --config: File does not exist: '/nowhere.yaml'",
@@ -138,8 +138,21 @@ def test_the_old_folder_flags_still_work_for_one_release(capsys):
         err
     )
     for name in ("evaluate", "teacher-report"):
-        _, kwargs = parse(name, ["--lm_batch_tokens", "123"])
-        assert kwargs["max_batch_tokens"] == 123, name
+        _, kwargs = parse(name, ["--lm_batch_tokens", "123", "--score_cache_dir=/c"])
+        assert kwargs["max_batch_tokens"] == 123 and kwargs["loglik_cache_dir"] == "/c", name
+
+
+def test_the_old_score_command_runs_loglik_for_one_release(capsys):
+    """``score`` became ``loglik`` when "score" came to mean only the retrieval rule's: the old name still runs
+    the same command, with a warning on stderr; it is not listed as a command of its own."""
+
+    with pytest.raises(SystemExit) as stop:
+        main(["score", "--help"])
+    assert stop.value.code in (0, None)
+    out, err = capsys.readouterr()
+    assert "usage: replugchar loglik" in out and "--split" in out
+    assert "'score' is deprecated, use 'loglik'" in err
+    assert "score" not in COMMANDS and "loglik" in COMMANDS
 
 
 def test_top_level_help_lists_each_command_with_its_summary(capsys):
@@ -235,7 +248,7 @@ def test_an_override_reaches_the_module_and_the_datamodule(monkeypatch):
     assert _get(raw["model"], k_path) != 3 and _get(raw["data"], batch_path) != 2
     monkeypatch.setattr(sys, "argv", ["replugchar"])
     _, kwargs = parse(
-        "score", ["--config", "configs/debug.yaml", f"--model.{k_path}", "3", f"--data.{batch_path}", "2"]
+        "loglik", ["--config", "configs/debug.yaml", f"--model.{k_path}", "3", f"--data.{batch_path}", "2"]
     )
     module, dm = kwargs[FIT_CONFIG].load()
     assert _get(module.hparams, k_path) == 3

@@ -105,7 +105,7 @@ def test_config_parses_and_keeps_every_value(path):
         cfg = parse_finetune(path)
         assert cfg.export.output_dir == raw["export"]["output_dir"], f"{path.name}: export.output_dir"
     else:
-        assert command in ("fit", "validate", "score", "priors", "index", "export"), command
+        assert command in ("fit", "validate", "loglik", "priors", "index", "export"), command
         cfg = parse(path)
     for section in ("model", "data"):
         for key, value in (raw.get(section) or {}).items():
@@ -160,7 +160,7 @@ def test_the_untouched_copy_parses(tmp_path, debug_raw):
     path.write_text(yaml.safe_dump(debug_raw))
     cfg = parse(path)
     assert cfg.model.encoder == "tiny:bert" and cfg.model.lm.name == "tiny:gpt2"
-    assert cfg.model.lm.score_cache_dir is None  # the debug run must not write a persistent cache
+    assert cfg.model.lm.loglik_cache_dir is None  # the debug run must not write a persistent cache
 
 
 def test_eval_demo_uses_the_split_of_the_demo_run():

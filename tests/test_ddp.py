@@ -1,5 +1,5 @@
 """Scale out: ``replugchar fit`` under Lightning DDP (2 CPU processes, gloo) scores the same (example, setting)
-pairs into the score cache as 1 process, each rank into its own shards, and reports the same validation loss
+pairs into the log-likelihood cache as 1 process, each rank into its own shards, and reports the same validation loss
 before training."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def fit(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "replugchar.cli", "fit", "--config", "configs/debug.yaml",
         "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--model.lm.score_cache_dir", str(run_dir / "cache"),
+        "--model.lm.loglik_cache_dir", str(run_dir / "cache"),
         "--trainer.max_epochs", "1", "--trainer.max_steps", "-1",  # one epoch: every pair is scored
         *extra,
     ]  # fmt: skip
@@ -63,7 +63,7 @@ def printed_val_loss(stdout: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
-def test_ddp_two_cpu_processes_score_the_same_cache_and_report_the_same_val_loss(tmp_path):
+def test_ddp_two_cpu_processes_fill_the_same_cache_and_report_the_same_val_loss(tmp_path):
     one, two = tmp_path / "one", tmp_path / "ddp"
     single = fit(one, "--trainer.devices", "1")  # first: it also builds the tiny models in $REPLUGCHAR_CACHE
     assert single.returncode == 0, single.stderr[-4000:]

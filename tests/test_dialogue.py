@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from replugchar.core.data import Character, Corpus, DataError, Example, Turn
 from replugchar.core.scoring import FEATURES, ScoringRule, dialogue_features
+from replugchar.lm.likelihood import LMLikelihood
+from replugchar.lm.loglik_cache import CachedLikelihood, LikelihoodOptions
 from replugchar.lm.models import byte_tokenizer
-from replugchar.lm.score_cache import CachedScorer, ScorerOptions
-from replugchar.lm.scoring import LMScorer
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training import calibration
@@ -115,7 +115,7 @@ def test_scoring_rule_round_trips_and_rejects_bad_values():
 
 def test_search_is_rank_and_equals_faiss_without_history(tmp_path):
     characters = {"a": Character("a", tuple(SETTINGS)), "b": Character("b", ("I sail.", "I hate noise."))}
-    module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    module = LSRModule(encoder="tiny:bert", lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
     module.characters = characters
     with torch.no_grad():
         module.head.weights.copy_(torch.tensor([-1.0, 0.0, 0.5, 0.0]))
@@ -181,13 +181,15 @@ def test_lsr_learns_a_negative_weight_for_already_voiced_settings():
         k=4,
         freeze_encoder=True,
         refresh_every=5,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
         loss=LossOptions(beta=0.5),
         head=HeadOptions(learning_rate=0.1),
     )
     module.characters = characters
     tok = byte_tokenizer(1024)
-    module.set_scorer(CachedScorer(LMScorer(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm")))
+    module.set_likelihood(
+        CachedLikelihood(LMLikelihood(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm"))
+    )
     before = dict(module.encoder.state_dict())
     trainer = toy_trainer(max_steps=30)
     trainer.fit(

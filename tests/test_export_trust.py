@@ -24,7 +24,7 @@ from replugchar.cli.tools import _read_history, read_fitted
 from replugchar.core.atomic import atomic_folder, remove_stale
 from replugchar.core.data import MAX_TEXT_CHARS, DataError
 from replugchar.core.scoring import FEATURES, ScoringRule
-from replugchar.lm.score_cache import ScorerOptions
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.export_schema import FORMAT, FolderError, write_manifest
 from replugchar.retrieval.retriever import Retriever
@@ -38,7 +38,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "export_v1"
 
 @pytest.fixture(scope="module")
 def module(characters):
-    m = LSRModule(encoder="tiny:bert", k=3, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    m = LSRModule(encoder="tiny:bert", k=3, lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
     m.characters = dict(characters)
     return m
 
@@ -321,7 +321,7 @@ def test_retriever_json_never_turns_remote_code_on(remote_code_export, tmp_path)
         base_encoder="tiny:bert",
         methods=["base", "trained"],
         distractors=0,
-        score_cache_dir=None,
+        loglik_cache_dir=None,
     )
     assert not marker.exists()
     # the person running the command can turn it on, and that is the only way

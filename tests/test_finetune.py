@@ -26,8 +26,8 @@ from replugchar.cli.lightning_cli import FinetuneCLI
 from replugchar.cli.lightning_cli import run_finetune as main
 from replugchar.core.data import Character, Example, SplitSpec, Turn
 from replugchar.lm.finetuned import finetuned_characters
+from replugchar.lm.likelihood import LMLikelihood, LoglikRequest, PromptTemplate
 from replugchar.lm.models import LMOptions, load_causal_lm
-from replugchar.lm.scoring import LMScorer, PromptTemplate, ScoreRequest
 from replugchar.training.finetune import (
     TEMPLATE_FILE,
     TRAIN_CHARACTERS_FILE,
@@ -255,7 +255,7 @@ def test_the_package_path_learns_to_stop(toy_data):
         assert tok.decode(generated[:-1]) == " " + example.response
 
 
-def test_the_training_loss_is_the_negative_of_the_lm_score(corpus_dir):
+def test_the_training_loss_is_the_negative_of_the_lm_loglik(corpus_dir):
     """Training sees sequences exactly as LSR scores them: same tokens, layout, reply mask and eos."""
     dm = CharacterSFTDataModule(data_dir=str(corpus_dir), batch_size=4, split=SplitSpec(val_fraction=0.3))
     dm.setup("validate")
@@ -266,7 +266,7 @@ def test_the_training_loss_is_the_negative_of_the_lm_score(corpus_dir):
     assert any(r.settings for r in requests) and any(e.context for e in dm.val_examples)
     with torch.no_grad():
         nll, reply = module.reply_nll(requests)
-    scores = LMScorer(model, module.tokenizer, TEMPLATE, max_length=256).score(requests)
+    scores = LMLikelihood(model, module.tokenizer, TEMPLATE, max_length=256).loglik(requests)
     np.testing.assert_array_equal(reply.sum(1).numpy(), scores.n_tokens)
     np.testing.assert_allclose(-nll.sum(1).double().numpy(), scores.logp_sum, rtol=1e-5, atol=1e-4)
 
@@ -295,7 +295,7 @@ def test_lora_and_full_fine_tuning_lower_the_held_out_loss(corpus_dir, method, l
         assert changed
 
 
-def test_the_saved_folder_scores_exactly_as_the_in_memory_model(corpus_dir, tmp_path):
+def test_the_saved_folder_has_the_logliks_of_the_in_memory_model(corpus_dir, tmp_path):
     """An LM whose pad is its eos and that has no unk gets a new ``<|pad|>``; the folder keeps it."""
     base, tok = load_causal_lm("tiny:gpt2")
     tok = copy.deepcopy(tok)
@@ -329,10 +329,10 @@ def test_the_saved_folder_scores_exactly_as_the_in_memory_model(corpus_dir, tmp_
     )
     template = PromptTemplate(**json.loads((folder / TEMPLATE_FILE).read_text()))
     assert template == module.template
-    requests = [ScoreRequest(e, dm.characters[e.character_id].settings[:2]) for e in dm.val_examples]
-    requests += [ScoreRequest(e) for e in dm.val_examples]
-    in_memory = LMScorer(module.lm.eval(), module.tokenizer, module.template).score(requests)
-    reloaded = LMScorer(loaded, loaded_tok, template).score(requests)
+    requests = [LoglikRequest(e, dm.characters[e.character_id].settings[:2]) for e in dm.val_examples]
+    requests += [LoglikRequest(e) for e in dm.val_examples]
+    in_memory = LMLikelihood(module.lm.eval(), module.tokenizer, module.template).loglik(requests)
+    reloaded = LMLikelihood(loaded, loaded_tok, template).loglik(requests)
     np.testing.assert_array_equal(reloaded.n_tokens, in_memory.n_tokens)
     np.testing.assert_array_equal(reloaded.logp_sum, in_memory.logp_sum)
     trained = finetuned_characters(folder)
@@ -470,7 +470,7 @@ def test_the_debug_config_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "n/a" not in loss_line and "->" in loss_line, loss_line  # measured before and after
     assert f"fine-tuned LM: {Path('runs/finetune_debug/lm')}" in report
     model, tok = load_causal_lm(str(folder))
-    assert LMScorer(model, tok).score(cli.datamodule.val_requests[:2]).n_tokens.min() > 1
+    assert LMLikelihood(model, tok).loglik(cli.datamodule.val_requests[:2]).n_tokens.min() > 1
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -613,10 +613,12 @@ def test_japanese_end_to_end_with_lora(write_data, tmp_path):
     loaded, tok = load_causal_lm(str(folder))
     template = PromptTemplate(**json.loads((folder / TEMPLATE_FILE).read_text(encoding="utf-8")))
     assert template.setting_line == ja["model"]["template"]["setting_line"]
-    requests = [ScoreRequest(e, dm.characters[e.character_id].settings) for e in dm.val_examples]
+    requests = [LoglikRequest(e, dm.characters[e.character_id].settings) for e in dm.val_examples]
     assert "人物設定" in template.render(requests[0].settings, (), requests[0].example.query)
-    expected = LMScorer(module.lm.eval(), module.tokenizer, module.template, max_length=1024).score(requests)
-    got = LMScorer(loaded, tok, template, max_length=1024).score(requests)
+    expected = LMLikelihood(module.lm.eval(), module.tokenizer, module.template, max_length=1024).loglik(
+        requests
+    )
+    got = LMLikelihood(loaded, tok, template, max_length=1024).loglik(requests)
     np.testing.assert_array_equal(got.logp_sum, expected.logp_sum)
     text = dialogues[-1]["response"]
     assert (

@@ -14,7 +14,7 @@ from test_bad_input import replugchar
 
 from replugchar.core.data import Character, SplitSpec
 from replugchar.core.scoring import ScoringRule
-from replugchar.lm.score_cache import ScorerOptions
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.export import add_characters, export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.calibration import fit_generality
@@ -36,7 +36,7 @@ def module(characters):
     m = LSRModule(
         encoder="tiny:bert",
         k=5,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
         head=HeadOptions(generality=True),
     )
     m.characters = dict(characters)

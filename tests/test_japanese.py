@@ -25,8 +25,8 @@ import yaml
 from replugchar.core.data import Corpus, SplitSpec, split_characters
 from replugchar.evaluation import metrics as ev
 from replugchar.evaluation.evaluate import evaluate
-from replugchar.lm.score_cache import ScorerOptions
-from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest
+from replugchar.lm.likelihood import NO_SETTING, LMLikelihood, LoglikRequest, PromptTemplate
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.index import SettingIndex
 from replugchar.retrieval.retriever import Retriever
@@ -250,13 +250,13 @@ def test_corpus_load_round_trips_japanese_text_exactly(ja_dir):
 
 
 # ----------------------------------------------------------------------------------------------- (b) LM scoring
-def test_lm_scorer_encodes_japanese_byte_level_and_scores_finitely(tiny_lm, ja_dir, ja_template):
+def test_lm_likelihood_encodes_japanese_byte_level_and_is_finite(tiny_lm, ja_dir, ja_template):
     model, tok = tiny_lm
     corpus = Corpus.load(ja_dir)
-    scorer = LMScorer(model, tok, ja_template, max_length=512)
+    likelihood = LMLikelihood(model, tok, ja_template, max_length=512)
     ex = next(e for e in corpus.examples if e.example_id == "rpc-ja00-t05")  # 4 context turns
     setting = corpus.characters[ex.character_id].settings[1]
-    request = ScoreRequest(ex, (setting,))
+    request = LoglikRequest(ex, (setting,))
 
     prompt = ja_template.render((setting,), ex.context, ex.query)
     assert prompt.startswith(f"人物設定: {setting}\n")
@@ -264,7 +264,7 @@ def test_lm_scorer_encodes_japanese_byte_level_and_scores_finitely(tiny_lm, ja_d
     assert prompt.endswith(f"相手: {ex.query}\n本人:")
     assert "人物設定:" not in ja_template.render(NO_SETTING, ex.context, ex.query)
 
-    ids, n_resp = scorer.encode(request)
+    ids, n_resp = likelihood.encode(request)
     response = ja_template.response.format(text=ex.response)  # " <response>"
     # byte level: one token per UTF-8 byte (3 per kana/kanji, 4 for the emoji), nothing unknown ...
     assert len(ids) - n_resp == len(prompt.encode("utf-8"))
@@ -277,25 +277,25 @@ def test_lm_scorer_encodes_japanese_byte_level_and_scores_finitely(tiny_lm, ja_d
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     per_token = [float(logp[t - 1, ids[t]]) for t in range(len(ids) - n_resp, len(ids))]
-    scores = scorer.score([request])
+    scores = likelihood.loglik([request])
     assert scores.n_tokens[0] == n_resp
     assert scores.logp_sum[0] == pytest.approx(sum(per_token), abs=1e-3)
     assert scores.logp_sum[0] != pytest.approx(sum(per_token[:-1]), abs=1e-3)  # the eos term is in the sum
 
     # a batch of Japanese requests of different lengths (left padding) gives the one-by-one scores
     requests = [
-        ScoreRequest(e, (corpus.characters[e.character_id].settings[i % 10],))
+        LoglikRequest(e, (corpus.characters[e.character_id].settings[i % 10],))
         for i, e in enumerate(corpus.examples)
     ]
-    requests += [ScoreRequest(e, NO_SETTING) for e in corpus.examples[:4]]
-    batched = scorer.score(requests)
+    requests += [LoglikRequest(e, NO_SETTING) for e in corpus.examples[:4]]
+    batched = likelihood.loglik(requests)
     assert np.isfinite(batched.logp_sum).all() and (batched.logp_sum < 0).all()
     assert np.isfinite(batched.logp_mean).all()
     expected_tokens = [
         len(ja_template.response.format(text=r.example.response).encode()) + 1 for r in requests
     ]
     assert batched.n_tokens.tolist() == expected_tokens
-    singles = np.array([scorer.score([r]).logp_sum[0] for r in requests[:6]])
+    singles = np.array([likelihood.loglik([r]).logp_sum[0] for r in requests[:6]])
     np.testing.assert_allclose(batched.logp_sum[:6], singles, atol=1e-3)
 
 
@@ -324,7 +324,7 @@ def fitted(ja_dir, ja_template, tmp_path_factory):
         encoder="tiny:bert",
         template=ja_template,
         k=K,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
         optimizer=OptimizerOptions(learning_rate=1e-3),
     )
     seen = record_candidates(module)
@@ -380,7 +380,7 @@ def test_lsr_fit_on_japanese_uses_faiss_candidates_of_the_own_character(fitted):
     assert all(len(recs) == K and {r.character_id for r in recs} == {e.character_id} for e, recs in val)
     # every (example, setting) candidate went through the LM exactly once
     pairs = {(e.example_id, r.text) for _, e, recs in fitted.seen for r in recs}
-    assert module.scorer.scorer.pairs_scored == len(pairs)
+    assert module.likelihood.lm.pairs_computed == len(pairs)
 
     after = module.encoder.state_dict()
     assert any(not torch.equal(fitted.before[k], after[k]) for k in fitted.before)
@@ -450,7 +450,7 @@ def test_evaluate_on_japanese_runs_every_method(fitted, ja_dir, ja_template, tmp
         max_examples=None,
         distractors=5,
         n_boot=50,
-        score_cache_dir=None,
+        loglik_cache_dir=None,
         out=str(out_dir),
         max_length=512,
     )
@@ -538,7 +538,7 @@ def test_real_persona_chat_subset_fits_exports_and_retrieves(tmp_path, ja_templa
         encoder="tiny:bert",
         template=ja_template,
         k=K,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
     )
     seen = record_candidates(module)
     before = {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}

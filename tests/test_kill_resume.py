@@ -1,6 +1,6 @@
 """SIGKILL at the worst moment, then run again: finished work is kept, nothing half-written is ever read.
 
-(a) LM scoring behind the Parquet score cache, (b) LightningCLI training resumed from last.ckpt,
+(a) LM scoring behind the Parquet log-likelihood cache, (b) LightningCLI training resumed from last.ckpt,
 (c) SettingIndex.save and export_retriever killed while writing.
 """
 
@@ -24,8 +24,8 @@ import torch
 from conftest import REPO, score_requests, sigkill, start_python, subprocess_env, tiny_gpt2, wait_until
 from torch.utils.data import DataLoader
 
-from replugchar.lm.score_cache import CachedScorer
-from replugchar.lm.scoring import LMScorer
+from replugchar.lm.likelihood import LMLikelihood
+from replugchar.lm.loglik_cache import CachedLikelihood
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -41,16 +41,16 @@ from conftest import score_requests  # tests/conftest.py
 from replugchar.core.data import Character
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.index import SettingIndex, setting_records
-from replugchar.lm.scoring import LMScorer
+from replugchar.lm.likelihood import LMLikelihood
 from replugchar.lm.models import load_causal_lm
 from replugchar.training.module import LSRModule
-from replugchar.lm.score_cache import CachedScorer, ScorerOptions
+from replugchar.lm.loglik_cache import CachedLikelihood, LikelihoodOptions
 
 root = Path(sys.argv[1])
 characters = {{"c1": Character("c1", ("I bake bread.", "I have a cat.")), "c2": Character("c2", ("I sail.",))}}
 records = setting_records(characters)
 emb = np.eye(len(records), 8, dtype=np.float32)
-module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+module = LSRModule(encoder="tiny:bert", lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
 module.characters = characters
 module.eval()
 
@@ -92,10 +92,10 @@ def hanging_write_table(table, where, **kwargs):
 
 pq.write_table = hanging_write_table
 model, tok = load_causal_lm("tiny:gpt2")
-cache = CachedScorer(LMScorer(model, tok, max_length=256), root / "scores", shard_size={SHARD})
+cache = CachedLikelihood(LMLikelihood(model, tok, max_length=256), root / "scores", shard_size={SHARD})
 requests = score_requests({N_REQUESTS})
 for i in range(0, len(requests), {CHUNK}):
-    cache.score(requests[i : i + {CHUNK}])
+    cache.loglik(requests[i : i + {CHUNK}])
 cache.flush()
 print("FINISHED", flush=True)
 """
@@ -120,7 +120,7 @@ def killed_victim(tmp_path_factory, session_cache) -> Path:
     return out
 
 
-def test_scoring_killed_mid_run_keeps_whole_shards_and_resumes(killed_victim, tmp_path):
+def test_loglik_killed_mid_run_keeps_whole_shards_and_resumes(killed_victim, tmp_path):
     import shutil
 
     cache_dir = shutil.copytree(killed_victim / "scores", tmp_path / "scores")  # the rerun below adds shards
@@ -136,36 +136,36 @@ def test_scoring_killed_mid_run_keeps_whole_shards_and_resumes(killed_victim, tm
         pq.read_table(half_written)
 
     model, tok = tiny_gpt2()
-    lm = LMScorer(model, tok, max_length=256)
-    rerun = CachedScorer(lm, cache_dir, shard_size=SHARD)
+    lm = LMLikelihood(model, tok, max_length=256)
+    rerun = CachedLikelihood(lm, cache_dir, shard_size=SHARD)
     cached = len(rerun)
     assert cached == 2 * SHARD
     requests = score_requests(N_REQUESTS)
-    resumed = rerun.score(requests)
-    assert lm.pairs_scored == N_REQUESTS - cached  # nothing that a shard holds is scored again
+    resumed = rerun.loglik(requests)
+    assert lm.pairs_computed == N_REQUESTS - cached  # nothing that a shard holds is scored again
     assert rerun.hits == cached
     # the cached scores are the LM's scores, not garbage from the killed process
-    hit = [r for r in requests[:40] if r in CachedScorer(None, cache_dir, fingerprint=lm.fingerprint)]
-    fresh = LMScorer(model, tok, max_length=256).score(hit)
+    hit = [r for r in requests[:40] if r in CachedLikelihood(None, cache_dir, fingerprint=lm.fingerprint)]
+    fresh = LMLikelihood(model, tok, max_length=256).loglik(hit)
     idx = [requests.index(r) for r in hit]
     np.testing.assert_allclose(resumed.logp_sum[idx], fresh.logp_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_damaged_shard_is_skipped_and_rescored(tmp_path, caplog):
+def test_damaged_shard_is_skipped_and_recomputed(tmp_path, caplog):
     model, tok = tiny_gpt2()
     requests = score_requests(12)
-    first = CachedScorer(LMScorer(model, tok, max_length=256), tmp_path, shard_size=6)
-    first.score(requests[:6])
-    first.score(requests[6:])
+    first = CachedLikelihood(LMLikelihood(model, tok, max_length=256), tmp_path, shard_size=6)
+    first.loglik(requests[:6])
+    first.loglik(requests[6:])
     shards = sorted(first.folder.glob("shard-*.parquet"))
     assert len(shards) == 2
     shards[0].write_bytes(shards[0].read_bytes()[:40])  # e.g. a copy cut short by a full disk
-    lm = LMScorer(model, tok, max_length=256)
-    with caplog.at_level(logging.WARNING, logger="replugchar.lm.score_cache"):
-        again = CachedScorer(lm, tmp_path, shard_size=6)
+    lm = LMLikelihood(model, tok, max_length=256)
+    with caplog.at_level(logging.WARNING, logger="replugchar.lm.loglik_cache"):
+        again = CachedLikelihood(lm, tmp_path, shard_size=6)
     assert len(again) == 6 and "skipping unreadable shard" in caplog.text
-    np.testing.assert_allclose(again.score(requests).logp_sum, first.score(requests).logp_sum, rtol=1e-5)
-    assert lm.pairs_scored == 6
+    np.testing.assert_allclose(again.loglik(requests).logp_sum, first.loglik(requests).logp_sum, rtol=1e-5)
+    assert lm.pairs_computed == 6
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -293,17 +293,17 @@ def test_index_and_export_killed_while_writing_are_absent_or_whole(killed_victim
     assert SettingIndex.load(root / "index_old", expected_dim=8).meta["encoder_fingerprint"] == "v1"
 
 
-def test_scores_computed_during_training_reach_the_disk_cache(tmp_path):
+def test_logliks_computed_during_training_reach_the_disk_cache(tmp_path):
     # the cache buffers shard_size=256 scores; the module must flush what an epoch/fit leaves behind,
     # or every run loses its last <256 pairs and the next run scores them again
     from replugchar.core.data import Character, Example
-    from replugchar.lm.score_cache import ScorerOptions
+    from replugchar.lm.loglik_cache import LikelihoodOptions
     from replugchar.training.module import LSRModule
 
     module = LSRModule(
         encoder="tiny:bert",
         k=2,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=str(tmp_path), max_length=256),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=str(tmp_path), max_length=256),
     )
     module.characters = {"c1": Character("c1", ("I bake bread.", "I have a cat.", "I sail."))}
     batches = [[Example(f"e{i}", "c1", f"d{i}", query=f"Hi {i}?", response=f"Hello {i}.")] for i in range(3)]
@@ -317,7 +317,7 @@ def test_scores_computed_during_training_reach_the_disk_cache(tmp_path):
         limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=list))
-    scored = len(module.scorer)
+    scored = len(module.likelihood)
     assert scored == 6
-    on_disk = CachedScorer(None, tmp_path, fingerprint=module.scorer.fingerprint)
+    on_disk = CachedLikelihood(None, tmp_path, fingerprint=module.likelihood.fingerprint)
     assert len(on_disk) == scored

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("langchain_core")
 
 from replugchar.core.scoring import FEATURES, ScoringRule
-from replugchar.lm.score_cache import ScorerOptions
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.langchain import ReplugcharRetriever
 from replugchar.retrieval.retriever import Retriever
@@ -39,7 +39,7 @@ ALL = float("-inf")  # threshold that keeps every setting
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, characters):
     module = LSRModule(
-        encoder="tiny:bert", k=EXPORT_K, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None)
+        encoder="tiny:bert", k=EXPORT_K, lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None)
     )
     module.characters = dict(characters)
     n = sum(len(c.settings) for c in characters.values())

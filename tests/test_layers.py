@@ -16,7 +16,7 @@ LAYERS = ("core", "lm", "retrieval", "training", "evaluation", "cli")
 NARROWED = {
     # (importer layer, imported layer): (the only modules of it the importer may use, why)
     ("retrieval", "lm"): (
-        {"replugchar.lm.scoring"},
+        {"replugchar.lm.likelihood"},
         "serving needs the prompt template (retriever.json, REPLUG decoding), not LM loading, caches or gains",
     ),
     ("evaluation", "training"): (
@@ -167,8 +167,8 @@ def test_data_serving_and_evaluation_load_no_lightning():
     modules = [
         "replugchar.core.data",
         "replugchar.core.scoring",
-        "replugchar.lm.scoring",
-        "replugchar.lm.score_cache",
+        "replugchar.lm.likelihood",
+        "replugchar.lm.loglik_cache",
         "replugchar.retrieval.retriever",
         "replugchar.retrieval.export",
         "replugchar.evaluation.evaluate",

@@ -1,5 +1,5 @@
 """LSRLoss: values by hand in both KL directions, batchmean, the pin against sentence-transformers, gradients,
-masks, -inf LM scores and argument validation."""
+masks, -inf LM log-likelihoods and argument validation."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_mask_drops_padding_candidates():
     assert back.item() == pytest.approx(want_back, rel=1e-5)
 
 
-def test_minus_inf_lm_score_gets_zero_target_mass():
+def test_minus_inf_lm_loglik_gets_zero_target_mass():
     lm = torch.tensor([[-1.0, float("-inf"), -0.7], LM[1]])
     sim = torch.tensor(SIM, requires_grad=True)
     # KL(Q||P_R): Q = 0 on the impossible candidate, P_R still spreads over all three
@@ -144,7 +144,7 @@ def test_minus_inf_lm_score_gets_zero_target_mass():
 
 
 @pytest.mark.parametrize("direction", ["lm_to_retriever", "retriever_to_lm"])
-def test_row_without_finite_lm_score_is_left_out_of_the_mean(direction):
+def test_row_without_finite_lm_loglik_is_left_out_of_the_mean(direction):
     inf = float("-inf")
     sim = torch.tensor(SIM, requires_grad=True)
     lm = torch.tensor([[inf, inf, inf], LM[1]])

@@ -10,8 +10,8 @@ from conftest import character, write_jsonl
 from torch.utils.data import DataLoader
 
 from replugchar.core.data import Character, DataError, Example, load_characters
-from replugchar.lm.score_cache import CachedScorer, ScorerOptions
-from replugchar.lm.scoring import Scores
+from replugchar.lm.likelihood import Logliks
+from replugchar.lm.loglik_cache import CachedLikelihood, LikelihoodOptions
 from replugchar.training.losses import MIN_TEMPERATURE, LossOptions, LSRLoss
 from replugchar.training.optim import OptimizerOptions
 
@@ -40,7 +40,7 @@ def assert_finite(loss, grad):
 @pytest.mark.parametrize(
     ("lm", "gamma", "beta"),
     [
-        ([[-1.0, -1.0, -1.0]] * 2, 0.05, 0.1),  # all-equal LM scores: a flat target
+        ([[-1.0, -1.0, -1.0]] * 2, 0.05, 0.1),  # all-equal LM log-likelihoods: a flat target
         ([[-1.0, -INF, -2.0], [-INF, -3.0, -3.0]], 0.05, 0.1),  # one candidate the LM cannot produce
         ([[-INF, -INF, -INF], [-1.0, -2.0, -3.0]], 0.05, 0.1),  # a row with no finite candidate
         ([[-1.0, -2.0, -3.0]] * 2, 1e-4, 1e-4),  # very sharp temperatures
@@ -76,7 +76,7 @@ def test_masked_padding_gets_no_gradient(direction):
     assert grad[0, 2] == 0 and grad[1, 1:].abs().sum() == 0
 
 
-def test_equal_lm_scores_pull_the_retriever_to_uniform():
+def test_equal_lm_logliks_pull_the_retriever_to_uniform():
     # a flat LM target is still a target: the gradient pushes the favoured candidate down
     loss, grad = loss_and_grad([[-1.0, -1.0, -1.0]], sim=[[0.9, 0.1, -0.3]])
     assert loss > 0 and grad[0, 0] > 0 and grad[0, 2] < 0
@@ -123,13 +123,13 @@ def test_temperature_below_the_floor_is_rejected(option, value, direction):
     ids=["at-floor", "logp-1e38", "one-logp-3e38", "one-logp-3e38-at-floor"],
 )
 def test_temperatures_at_or_above_the_floor_give_finite_loss_and_gradient(lm, gamma, beta, direction):
-    """At or above MIN_TEMPERATURE, and for any finite (or -inf) LM scores, loss and gradient are finite."""
+    """At or above MIN_TEMPERATURE, and for any finite (or -inf) LM log-likelihoods, loss and gradient are finite."""
     loss, grad = loss_and_grad(lm, gamma=gamma, beta=beta, direction=direction)
     assert_finite(loss, grad)
     assert loss >= -1e-6  # a KL divergence
 
 
-def test_positive_inf_lm_score_is_an_error():
+def test_positive_inf_lm_loglik_is_an_error():
     with pytest.raises(FloatingPointError):
         loss_and_grad([[INF, -1.0, -2.0]] * 2)
 
@@ -154,7 +154,7 @@ class RuleLM:
 
     fingerprint = "rule-lm"
 
-    def score(self, requests) -> Scores:
+    def loglik(self, requests) -> Logliks:
         out = []
         for r in requests:
             mode, setting = r.example.response, r.settings[0] if r.settings else ""
@@ -168,7 +168,7 @@ class RuleLM:
                 out.append(-3e4 if setting.endswith("1.") else -1e4)
             else:
                 out.append(-float(len(setting) % 7))
-        return Scores(np.array(out, dtype=np.float64), np.full(len(out), 5, dtype=np.int64))
+        return Logliks(np.array(out, dtype=np.float64), np.full(len(out), 5, dtype=np.int64))
 
 
 def _examples() -> list[list[Example]]:
@@ -201,7 +201,7 @@ def test_training_on_edge_batches_never_makes_nan_weights(direction):
         encoder="tiny:bert",
         k=3,
         refresh_every=1,
-        lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
         loss=LossOptions(gamma=0.01, beta=0.05, direction=direction),
         optimizer=OptimizerOptions(learning_rate=5e-2),
     )
@@ -210,7 +210,7 @@ def test_training_on_edge_batches_never_makes_nan_weights(direction):
         "pair": Character("pair", ("I am trait 0.", "I am trait 1.")),
         "many": Character("many", tuple(f"I am trait {i}." for i in range(5))),
     }
-    module.set_scorer(CachedScorer(RuleLM(), fingerprint=RuleLM.fingerprint))
+    module.set_likelihood(CachedLikelihood(RuleLM(), fingerprint=RuleLM.fingerprint))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     batches = _examples()
     record = Record()

@@ -13,8 +13,8 @@ import torch
 from replugchar.cli.lightning_cli import LSRCLI
 from replugchar.core.data import SplitSpec
 from replugchar.core.options import as_options
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.lm.models import LMOptions
-from replugchar.lm.score_cache import ScorerOptions
 from replugchar.training.datamodule import LSRDataModule
 from replugchar.training.head import HeadOptions
 from replugchar.training.losses import LossOptions
@@ -23,7 +23,7 @@ from replugchar.training.optim import OptimizerOptions
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP_CLASSES = {
-    "lm": ScorerOptions,
+    "lm": LikelihoodOptions,
     "loss": LossOptions,
     "head": HeadOptions,
     "optimizer": OptimizerOptions,
@@ -77,8 +77,8 @@ def test_old_flat_hparams_regroup_to_the_same_module():
     grouped = grouped_hparams(OLD_FLAT_HPARAMS)
     assert grouped_hparams(grouped) == grouped  # grouped hparams pass through unchanged
     module = LSRModule(**grouped)
-    assert module.lm_options == ScorerOptions(
-        name="tiny:gpt2", dtype="float32", max_length=384, max_batch_tokens=8192, score_cache_dir=None
+    assert module.lm_options == LikelihoodOptions(
+        name="tiny:gpt2", dtype="float32", max_length=384, max_batch_tokens=8192, loglik_cache_dir=None
     )
     assert module.loss_options == LossOptions(0.2, 0.5, "retriever_to_lm", "sum", 0.01, 0.5)
     assert module.head_options == HeadOptions(True, 8, True, 0.02, 0.1)
@@ -128,7 +128,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch):
     ("dtype", "device", "frozen", "expected"),
     [
         ("auto", "cpu", True, "float32"),
-        ("auto", "cuda", True, "bfloat16"),  # the frozen scorer, the frozen base of a LoRA fine-tune
+        ("auto", "cuda", True, "bfloat16"),  # the frozen likelihood, the frozen base of a LoRA fine-tune
         ("auto", "cuda:1", False, "float32"),  # full fine-tuning keeps float32 master weights
         ("float16", "cpu", True, "float16"),
     ],
@@ -137,13 +137,42 @@ def test_auto_dtype_is_resolved_in_one_place(dtype, device, frozen, expected):
     assert LMOptions(dtype=dtype).resolved_dtype(device, frozen=frozen) == expected
 
 
+def test_options_renamed_off_score_name_their_new_key_and_old_checkpoints_resume(tmp_path, monkeypatch):
+    """0.1's ``model.lm.score_cache_dir`` / ``model.loss.lm_score`` ("score" now means only the rule's): one line
+    naming the new key in a config file or a flag; a checkpoint holding them in its groups resumes."""
+    from replugchar.cli.lightning_cli import run_lightning
+    from replugchar.training.run import load_run
+
+    debug = str(REPO / "configs" / "debug.yaml")
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  lm: {score_cache_dir: null}\n  loss: {lm_score: sum}\n")
+    monkeypatch.setattr(sys, "argv", ["replugchar"])
+    with pytest.raises(ValueError) as err:
+        run_lightning(["fit", "--config", debug, "--config", str(old)])
+    assert "model.lm.score_cache_dir is now model.lm.loglik_cache_dir" in str(err.value)
+    assert "model.loss.lm_score is now model.loss.lm_loglik" in str(err.value)
+    for flag in (["--model.lm.score_cache_dir", "/x"], ["--model.loss.lm_score=sum"]):
+        with pytest.raises(ValueError, match=r"--model\.(lm\.score_cache_dir|loss\.lm_score) is now"):
+            load_run(["--config", debug, *flag])
+
+    cache = str(tmp_path / "cache")  # debug.yaml has null: the checkpoint's value must win
+    grouped_01 = {**grouped_hparams(OLD_FLAT_HPARAMS), "lm": {"name": "tiny:gpt2", "score_cache_dir": cache}}
+    grouped_01["loss"] = {"gamma": 0.2, "lm_score": "sum"}
+    ckpt = tmp_path / "v01.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": grouped_01}, ckpt)
+    cfg = ParseOnlyFitCLI(LSRModule, LSRDataModule, args=["fit", "--config", debug, "--ckpt_path", str(ckpt)])
+    assert cfg.config.fit.model.lm.loglik_cache_dir == cache and cfg.config.fit.model.loss.lm_loglik == "sum"
+    module = LSRModule(**grouped_hparams(grouped_01))
+    assert module.lm_options.loglik_cache_dir == cache and module.loss_options.lm_loglik == "sum"
+
+
 def test_the_scorer_record_keeps_the_export_format_names():
     """retriever.json's "scorer" record is export format 1: its key names did not move with the options."""
-    from replugchar.lm.scoring import PromptTemplate
-    from replugchar.retrieval.export_schema import _SCORER_SPEC
+    from replugchar.lm.likelihood import PromptTemplate
+    from replugchar.retrieval.export_schema import _LM_RECORD_SPEC
 
-    record = ScorerOptions(name="tiny:gpt2", max_batch_tokens=123).record(PromptTemplate())
-    assert set(record) == set(_SCORER_SPEC)
+    record = LikelihoodOptions(name="tiny:gpt2", max_batch_tokens=123).record(PromptTemplate())
+    assert set(record) == set(_LM_RECORD_SPEC)
     assert record["lm"] == "tiny:gpt2" and record["lm_batch_tokens"] == 123
 
 

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from conftest import REPO
 
-from replugchar.lm.score_cache import ScorerOptions
+from replugchar.lm.loglik_cache import LikelihoodOptions
 
 pytestmark = pytest.mark.usefixtures("rc_cache")
 
@@ -113,8 +113,8 @@ def test_package_sources_have_no_unsafe_constructs():
 
 
 def test_trust_remote_code_defaults_to_false():
+    from replugchar.lm.loglik_cache import LikelihoodOptions
     from replugchar.lm.models import LMOptions, load_causal_lm, load_encoder
-    from replugchar.lm.score_cache import ScorerOptions
     from replugchar.training.finetune import CharacterLMModule
     from replugchar.training.module import LSRModule
 
@@ -122,7 +122,7 @@ def test_trust_remote_code_defaults_to_false():
         param = inspect.signature(fn).parameters["trust_remote_code"]
         assert param.default is False, fn.__qualname__
     # fit's and finetune-lm's LM options (model.lm.trust_remote_code), and the modules' defaults of them
-    assert LMOptions().trust_remote_code is False and ScorerOptions().trust_remote_code is False
+    assert LMOptions().trust_remote_code is False and LikelihoodOptions().trust_remote_code is False
     for module in (LSRModule, CharacterLMModule):
         assert inspect.signature(module.__init__).parameters["lm"].default.trust_remote_code is False
 
@@ -134,12 +134,12 @@ def test_export_holds_safetensors_only_and_no_frozen_lm(tmp_path):
     from replugchar.retrieval.export import export_retriever
     from replugchar.training.module import LSRModule
 
-    module = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    module = LSRModule(encoder="tiny:bert", lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
     module.characters = {
         "c1": Character("c1", ("I bake bread.", "I have a cat.")),
         "c2": Character("c2", ("I sail.",)),
     }
-    assert module.scorer is not None  # the frozen LM is loaded ...
+    assert module.likelihood is not None  # the frozen LM is loaded ...
     keys = list(module.state_dict())
     # ... but never part of the checkpoint: the encoder and the dialogue head's few weights only
     assert keys and all(k.startswith(("encoder.", "head.")) for k in keys)

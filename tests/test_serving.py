@@ -12,7 +12,7 @@ import pytest
 
 from replugchar.core.data import Character
 from replugchar.core.scoring import ScoringRule
-from replugchar.lm.score_cache import ScorerOptions
+from replugchar.lm.loglik_cache import LikelihoodOptions
 from replugchar.retrieval.export import export_retriever
 from replugchar.retrieval.retriever import Retriever
 from replugchar.training.module import LSRModule
@@ -37,7 +37,9 @@ def _characters() -> dict[str, Character]:
 
 @pytest.fixture(scope="module", params=["flat", "ivf", "hnsw"])
 def served(request, tmp_path_factory):
-    module = LSRModule(encoder="tiny:bert", k=5, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    module = LSRModule(
+        encoder="tiny:bert", k=5, lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None)
+    )
     module.characters = _characters()
     n = 200
     priors = np.random.default_rng(1).normal(size=n)

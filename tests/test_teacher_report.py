@@ -69,7 +69,7 @@ def test_mismatched_inputs_are_refused():
 
 @pytest.mark.slow
 def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsys, caplog):
-    """Scores through the shared cache, excludes the fine-tune's training characters, compares two LMs."""
+    """Logliks through the shared cache, excludes the fine-tune's training characters, compares two LMs."""
     dm = CharacterSFTDataModule(
         data_dir="demo", batch_size=4, max_train_examples=16, split=SplitSpec(val_fraction=0.25)
     )
@@ -101,7 +101,7 @@ def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsy
         "max_examples": None,
         "base_encoder": "tiny:bert",
         "max_length": 1024,
-        "score_cache_dir": str(cache),
+        "loglik_cache_dir": str(cache),
         "out": str(tmp_path / "report.json"),
     }
     config.write_text(yaml.safe_dump(options))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from replugchar.core.data import Example
-from replugchar.lm.scoring import LMScorer, ScoreRequest, fix_tokenizer
+from replugchar.lm.likelihood import LMLikelihood, LoglikRequest, fix_tokenizer
 
 WORDS = [
     "hello",
@@ -139,23 +139,23 @@ def test_naive_pad_mask_drops_the_eos_when_pad_equals_eos():
 @pytest.fixture(scope="module")
 def request_():
     ex = Example("ex-eos", "c", "d", "Hello! How are you?", "Fine, thanks. And you?")
-    return ScoreRequest(ex, ("I am a cheerful baker.",))
+    return LoglikRequest(ex, ("I am a cheerful baker.",))
 
 
 def test_encode_ends_with_eos_and_counts_it_as_a_response_token(tiny_lm, request_):
     model, tok = tiny_lm
-    scorer = LMScorer(model, tok)
-    ids, n_response = scorer.encode(request_)
+    likelihood = LMLikelihood(model, tok)
+    ids, n_response = likelihood.encode(request_)
     response_ids = tok(" " + request_.example.response, add_special_tokens=False).input_ids
     assert ids[-1] == tok.eos_token_id
     assert n_response == len(response_ids) + 1
     assert ids[-n_response:] == [*response_ids, tok.eos_token_id]
-    assert scorer.score([request_]).n_tokens.tolist() == [n_response]
+    assert likelihood.loglik([request_]).n_tokens.tolist() == [n_response]
 
 
-def test_score_includes_the_eos_log_probability(tiny_lm, request_):
+def test_loglik_includes_the_eos_log_probability(tiny_lm, request_):
     model, tok = tiny_lm
-    before = LMScorer(model, tok).score([request_]).logp_sum[0]
+    before = LMLikelihood(model, tok).loglik([request_]).logp_sum[0]
 
     # Same LM, but the eos logit is lowered by D at every position (a bias on the output layer)
     shift = 30.0
@@ -167,22 +167,22 @@ def test_score_includes_the_eos_log_probability(tiny_lm, request_):
         head.bias.zero_()
         head.bias[tok.eos_token_id] = -shift
     edited.lm_head = head.requires_grad_(False)
-    after = LMScorer(edited, tok).score([request_]).logp_sum[0]
+    after = LMLikelihood(edited, tok).loglik([request_]).logp_sum[0]
 
     # log P(eos | response) drops by ~D; the other tokens gain at most log(1 / (1 - P(eos))) each (tiny).
     # If the eos were not scored the score would *rise* slightly instead.
     assert before - after == pytest.approx(shift, abs=0.5)
 
 
-def test_scorer_on_fixed_llama_style_tokenizer_scores_eos_in_a_padded_batch():
+def test_likelihood_on_fixed_llama_style_tokenizer_counts_eos_in_a_padded_batch():
     tok = llama_style_tokenizer()
     model = tiny_gpt2(len(tok))
     fix_tokenizer(tok, model)
-    scorer = LMScorer(model, tok, max_batch_tokens=4096)
-    short = ScoreRequest(Example("a", "c", "d", "hello", "fine"), ("how are you",))
-    long = ScoreRequest(Example("b", "c", "d", "how are you", "fine thanks how are you"), ())
-    batched = scorer.score([short, long])
-    assert scorer.forward_passes == 1  # one padded batch
+    likelihood = LMLikelihood(model, tok, max_batch_tokens=4096)
+    short = LoglikRequest(Example("a", "c", "d", "hello", "fine"), ("how are you",))
+    long = LoglikRequest(Example("b", "c", "d", "how are you", "fine thanks how are you"), ())
+    batched = likelihood.loglik([short, long])
+    assert likelihood.forward_passes == 1  # one padded batch
     assert batched.n_tokens.tolist() == [2, 6]  # response words + eos
-    one_by_one = [scorer.score([r]).logp_sum[0] for r in (short, long)]
+    one_by_one = [likelihood.loglik([r]).logp_sum[0] for r in (short, long)]
     assert batched.logp_sum.tolist() == pytest.approx(one_by_one, abs=1e-4)

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from replugchar.core.data import Character, Example
+from replugchar.lm.likelihood import LMLikelihood, PromptTemplate
+from replugchar.lm.loglik_cache import CachedLikelihood, LikelihoodOptions
 from replugchar.lm.models import byte_tokenizer, load_encoder
-from replugchar.lm.score_cache import CachedScorer, ScorerOptions
-from replugchar.lm.scoring import LMScorer, PromptTemplate
 from replugchar.training.datamodule import collate_examples
 from replugchar.training.losses import LossOptions
 from replugchar.training.module import LSRModule
@@ -42,7 +42,7 @@ class CopyLM(torch.nn.Module):
     def __init__(self, vocab_size: int, boost: float = 8.0) -> None:
         super().__init__()
         self.config = types.SimpleNamespace(n_positions=1024, vocab_size=vocab_size, _name_or_path="copy-lm")
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # dtype/device for LMScorer
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # dtype/device for LMLikelihood
         self.boost = boost
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
@@ -108,14 +108,16 @@ def toy_module(characters, **kwargs) -> LSRModule:
     options = {
         "k": 4,
         "refresh_every": 5,
-        "lm": ScorerOptions(name="tiny:gpt2", score_cache_dir=None),
+        "lm": LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None),
         "loss": LossOptions(gamma=0.1, beta=0.5),
         "optimizer": OptimizerOptions(learning_rate=1e-3, weight_decay=0.0),
     }
     module = LSRModule(encoder="tiny:bert", **{**options, **kwargs})
     module.characters = characters
     tok = byte_tokenizer(1024)
-    module.set_scorer(CachedScorer(LMScorer(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm")))
+    module.set_likelihood(
+        CachedLikelihood(LMLikelihood(CopyLM(len(tok)), tok, module.template, lm_key="copy-lm"))
+    )
     return module
 
 
@@ -177,7 +179,7 @@ def test_lsr_training_ranks_the_setting_the_lm_needs_first(toy, tmp_path):
     assert any(not torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
     assert all(torch.isfinite(v).all() for v in weights_after.values() if v.is_floating_point())
     # each (example, setting) pair went through the LM once, however many epochs
-    assert module.scorer.scorer.pairs_scored == len(examples) * 4
+    assert module.likelihood.lm.pairs_computed == len(examples) * 4
 
     trainer.save_checkpoint(tmp_path / "toy.ckpt")
     ckpt = torch.load(tmp_path / "toy.ckpt", map_location="cpu", weights_only=True)
@@ -195,18 +197,20 @@ def test_checkpoint_with_custom_template_loads_weights_only(toy, tmp_path):
     assert LSRModule.load_from_checkpoint(tmp_path / "t.ckpt").template.setting_line == "Trait: {setting}\n"
 
 
-def test_fit_persists_the_lm_scores_it_computed(toy, tmp_path):
+def test_fit_persists_the_lm_logliks_it_computed(toy, tmp_path):
     characters, examples, _ = toy
     L.seed_everything(0, verbose=False)
     module = LSRModule(
-        encoder="tiny:bert", k=4, lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=str(tmp_path / "scores"))
+        encoder="tiny:bert",
+        k=4,
+        lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=str(tmp_path / "scores")),
     )
     module.characters = characters
     trainer = toy_trainer(max_steps=2)
     trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=8, collate_fn=collate_examples))
-    scored = module.scorer.scorer.pairs_scored
+    scored = module.likelihood.lm.pairs_computed
     assert scored == 2 * 8 * 4
-    on_disk = CachedScorer(None, tmp_path / "scores", fingerprint=module.scorer.fingerprint)
+    on_disk = CachedLikelihood(None, tmp_path / "scores", fingerprint=module.likelihood.fingerprint)
     assert len(on_disk) == scored
 
 
@@ -264,7 +268,7 @@ def test_cli_fit_debug_config_trains_reports_and_exports(tmp_path):
     assert state and all(k.startswith(("encoder.", "head.")) for k in state)
     assert not any(part in k for k in state for part in ("lm_head", "wte", "scorer", "query_encoder"))
     assert ckpt["replugchar"] == {"lm": "tiny:gpt2", "lm_in_checkpoint": False}
-    fresh = LSRModule(encoder="tiny:bert", lm=ScorerOptions(name="tiny:gpt2", score_cache_dir=None))
+    fresh = LSRModule(encoder="tiny:bert", lm=LikelihoodOptions(name="tiny:gpt2", loglik_cache_dir=None))
     assert sum(v.numel() for v in state.values()) == sum(v.numel() for v in fresh.state_dict().values())
     fresh.load_state_dict(state, strict=True)
     np.testing.assert_allclose(fresh.encode_all(texts), emb, atol=1e-5)

@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-from .commands import COMMANDS, resolve, run
+from .commands import COMMANDS, RENAMED_COMMANDS, resolve, run
 
 
 def _help() -> str:
@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> None:
         print(_help())
         return
     command, rest = argv[0], argv[1:]
+    if command in RENAMED_COMMANDS:
+        print(
+            f"replugchar: warning: '{command}' is deprecated, use '{RENAMED_COMMANDS[command]}' "
+            "(the old name goes in the next release)",
+            file=sys.stderr,
+        )
+        command = RENAMED_COMMANDS[command]
     if command not in COMMANDS:
         print(
             f"replugchar: error: unknown command '{command}' (choose from {', '.join(COMMANDS)})",

@@ -3,7 +3,7 @@
 For each user turn: the character's settings are ranked by :meth:`Retriever.search` with the dialogue so far
 (the dialogue-aware rule of :mod:`replugchar.core.scoring` sees it), the relevance threshold is applied, the table is
 printed (rank, score, similarity, dialogue part, prior), and the LM answers from a prompt rendered by the
-retriever's own :class:`~replugchar.lm.scoring.PromptTemplate` (the one it was trained with). Modes:
+retriever's own :class:`~replugchar.lm.likelihood.PromptTemplate` (the one it was trained with). Modes:
 
 * ``concat`` -- the top-k settings as trait lines of one prompt;
 * ``top1`` -- the best setting only;

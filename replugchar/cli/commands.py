@@ -5,7 +5,7 @@ A tool command is a function whose signature and docstring are its ``--help`` (t
 is a new parameter and nothing else. ``fit`` / ``validate`` are LightningCLI's and ``finetune-lm`` has its own
 LightningCLI; they take the argument list as it is.
 
-``--config`` means one of two things: for the tools that read the fit YAML (``FIT_CONFIG``: score, priors, index,
+``--config`` means one of two things: for the tools that read the fit YAML (``FIT_CONFIG``: loglik, priors, index,
 export) it is that YAML, and options after it that start with ``--model.`` / ``--data.`` override it (parsed later,
 by :func:`replugchar.training.run.load_run`, so an error in the tool's own options costs no torch or Lightning
 import); for every other command it is a YAML of the command's own options (``configs/eval_*.yaml``).
@@ -39,6 +39,10 @@ class Command:
 
 _TOOLS = "replugchar.cli.tools"
 _READ = {"--dir": "--retriever"}  # 0.x spelling of the export folder a command reads
+_LM_FLAGS = {
+    "--lm_batch_tokens": "--max_batch_tokens",
+    "--score_cache_dir": "--loglik_cache_dir",
+}  # 0.1 spellings
 
 COMMANDS: dict[str, Command] = {
     "fit": Command(
@@ -48,8 +52,9 @@ COMMANDS: dict[str, Command] = {
     "validate": Command(
         "validation metrics of a checkpoint (--config ... --ckpt_path ...)", kind="lightning"
     ),
-    "score": Command(
-        "precompute frozen-LM scores of a data set into the persistent cache", f"{_TOOLS}:score"
+    "loglik": Command(
+        "precompute the frozen LM's log-likelihoods of a data set into the persistent cache",
+        f"{_TOOLS}:loglik",
     ),
     "priors": Command(
         "generality priors (lm-utility | judge | import) and fit-weight (dialogue scale, λ, threshold)",
@@ -85,7 +90,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         "compare retrievers on held-out characters by the frozen LM's likelihood of gold replies",
         "replugchar.evaluation.evaluate:evaluate",
-        renamed={"--trained": "--retriever", "--out_dir": "--out", "--lm_batch_tokens": "--max_batch_tokens"},
+        renamed={"--trained": "--retriever", "--out_dir": "--out", **_LM_FLAGS},
     ),
     "chat": Command(
         "talk to a character: retrieved settings (score, similarity, prior) and the LM's reply",
@@ -99,9 +104,12 @@ COMMANDS: dict[str, Command] = {
     "teacher-report": Command(
         "how well an LM separates settings: margins, oracle gap, agreement with similarity",
         "replugchar.evaluation.teacher_report:report",
-        renamed={"--lm_batch_tokens": "--max_batch_tokens"},
+        renamed=_LM_FLAGS,
     ),
 }
+
+RENAMED_COMMANDS = {"score": "loglik"}
+"""Old command name -> new, for one release ("score" is the retrieval rule's; the LM gives log-likelihoods)."""
 
 FIT_CONFIG = "fit"  # the parameter of a tool that reads the fit YAML (a FitConfig, filled from --config)
 CONFIG_HELP = (

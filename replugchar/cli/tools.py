@@ -1,7 +1,7 @@
-"""Tool commands: score, priors, index, export, retrieve, add-characters.
+"""Tool commands: loglik, priors, index, export, retrieve, add-characters.
 
 Each is a typed function: its signature and docstring are its ``--help`` (:mod:`replugchar.cli.commands` builds the
-parser). The ones that take ``fit`` read the same YAML as ``fit`` (``--config``), so the LM, template, score cache
+parser). The ones that take ``fit`` read the same YAML as ``fit`` (``--config``), so the LM, template, log-likelihood cache
 and character split are the ones training used; ``--model.X`` / ``--data.X`` options after it override the YAML.
 The YAML is parsed only when the command needs the model (:meth:`FitConfig.load`), after its own options are
 checked: a missing file or a bad flag must not wait for torch and Lightning.
@@ -48,37 +48,39 @@ def _need_file(path: str | None, flag: str) -> None:
         raise FileNotFoundError(f"{path}: file not found ({flag})")
 
 
-def score(
+def loglik(
     fit: FitConfig, split: Literal["train", "val", "test", "all", "every"] = "all", chunk: int = 64
 ) -> None:
-    """Fill the score cache for every (example, setting) pair of a split and its no-setting prompt.
+    """Fill the log-likelihood cache for every (example, setting) pair of a split and its no-setting prompt.
 
     Args:
-        split: all = train + val (what fit scores); every = train + val + test.
+        split: all = train + val (what fit reads); every = train + val + test.
         chunk: pairs per cache flush.
     """
     from tqdm.auto import tqdm
 
-    from ..lm.scoring import NO_SETTING, ScoreRequest
+    from ..lm.likelihood import NO_SETTING, LoglikRequest
 
     module, dm = fit.load()
-    scorer = module.scorer
+    likelihood = module.likelihood
     requests = []
     for e in _examples(dm, split):
-        requests.append(ScoreRequest(e, NO_SETTING))
-        requests += [ScoreRequest(e, (s,)) for s in dm.characters[e.character_id].settings]
-    todo = [r for r in requests if r not in scorer]
-    print(f"score: {len(requests)} pairs, {len(requests) - len(todo)} already cached, {len(todo)} to score")
-    for i in tqdm(range(0, len(todo), chunk), desc="LM scoring", unit="chunk"):
-        scorer.score(todo[i : i + chunk])
-        scorer.flush()
-    print(f"score cache: {scorer.folder} ({len(scorer)} scores)")
+        requests.append(LoglikRequest(e, NO_SETTING))
+        requests += [LoglikRequest(e, (s,)) for s in dm.characters[e.character_id].settings]
+    todo = [r for r in requests if r not in likelihood]
+    print(
+        f"loglik: {len(requests)} pairs, {len(requests) - len(todo)} already cached, {len(todo)} to compute"
+    )
+    for i in tqdm(range(0, len(todo), chunk), desc="LM log-likelihoods", unit="chunk"):
+        likelihood.loglik(todo[i : i + chunk])
+        likelihood.flush()
+    print(f"log-likelihood cache: {likelihood.folder} ({len(likelihood)} pairs)")
 
 
 def _save_priors(module, table, out: str, method: str) -> None:
     from ..training.priors import save_priors
 
-    module.flush_scores()
+    module.flush_logliks()
     save_priors(table, out)
     print(f"{len(table)} priors ({method}) written to {out}")
 
@@ -93,7 +95,7 @@ def priors_lm_utility(fit: FitConfig, out: str) -> None:
 
     module, dm = fit.load()
     _save_priors(
-        module, lm_utility_priors(dm.train_examples, dm.characters, module.scorer), out, "lm-utility"
+        module, lm_utility_priors(dm.train_examples, dm.characters, module.likelihood), out, "lm-utility"
     )
 
 

@@ -17,7 +17,7 @@ QUERY_TYPES = ("greeting", "closing", "other")
 ROLES = ("user", "character")
 MAX_TEXT_CHARS = 4000
 """Texts longer than this are rejected at load time: a setting or turn this long is almost always a data bug,
-and the LM prompt has a token budget anyway (see :mod:`replugchar.lm.scoring` for the truncation policy)."""
+and the LM prompt has a token budget anyway (see :mod:`replugchar.lm.likelihood` for the truncation policy)."""
 
 
 class DataError(ValueError):

@@ -19,9 +19,9 @@ import numpy as np
 from ..core.data import Corpus, check_split, split_characters
 from ..core.scoring import ScoringRule
 from ..lm.gains import LMTable
+from ..lm.likelihood import LoglikRequest, PromptTemplate
+from ..lm.loglik_cache import LikelihoodOptions, build_likelihood
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
-from ..lm.score_cache import ScorerOptions, build_scorer
-from ..lm.scoring import PromptTemplate, ScoreRequest
 from . import metrics as ev
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def evaluate(
     lm_dtype: str | None = None,
     max_length: int | None = None,
     max_batch_tokens: int = 4096,
-    score_cache_dir: str | None = "auto",
+    loglik_cache_dir: str | None = "auto",
     methods: list[str] | None = None,
     trust_remote_code: bool = False,
 ) -> ev.EvalResult:
@@ -79,14 +79,15 @@ def evaluate(
         max_examples: cap on evaluated examples (LM cost: 1 + settings pairs per example).
         k: ranking depth for nDCG@k, the ensemble and recall of shown settings.
         prior_weight: λ for the "+prior" methods; None = the trained export's fitted value, else 0.1.
-        concat_k: if > 0, also score the top-``concat_k`` settings concatenated in the prompt (extra LM calls).
+        concat_k: if > 0, also the LM's log-likelihood with the top-``concat_k`` settings concatenated in the
+            prompt (extra LM calls).
         distractors: settings of other characters added to each pool for the harder ranking metrics (0 = off).
         ensemble_temperature: temperature of softmax(score) weights of the REPLUG ensemble.
         n_boot: bootstrap resamples (over dialogues) for the intervals.
         lm_dtype: None = the trained retriever's, else "auto" (bfloat16 on GPU, float32 on CPU).
         max_length: token limit of prompt + response; None = the trained retriever's, else 512.
         max_batch_tokens: token budget per LM forward pass (padded tokens counted).
-        score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
+        loglik_cache_dir: shared log-likelihood cache ("auto" = $REPLUGCHAR_CACHE/logliks; null = in memory).
         methods: subset of :data:`~replugchar.evaluation.metrics.METHODS` (default all that are available).
         trust_remote_code: let the LM's repository run its own code. Only this option (your config or command
             line) turns it on; an export folder's retriever.json never does.
@@ -108,17 +109,17 @@ def evaluate(
     if prior_weight is None:
         prior_weight = exported.rule.prior_weight if exported else 0.1
     stored = config.get("scorer", {})
-    options = ScorerOptions(
+    options = LikelihoodOptions(
         name=lm,
         revision=None if own_lm else stored.get("lm_revision"),
         dtype=lm_dtype or stored.get("lm_dtype", "auto"),
         max_length=max_length or stored.get("max_length", 512),
         max_batch_tokens=max_batch_tokens,
         trust_remote_code=trust_remote_code,
-        score_cache_dir=score_cache_dir,
+        loglik_cache_dir=loglik_cache_dir,
     )
-    scorer = build_scorer(options, template or stored.get("template") or config.get("template"))
-    table = ev.lm_table(examples, chars, scorer)
+    likelihood = build_likelihood(options, template or stored.get("template") or config.get("template"))
+    table = ev.lm_table(examples, chars, likelihood)
     ranking = _Ranking(
         examples,
         chars,
@@ -130,14 +131,21 @@ def evaluate(
         seed,
     )
     result = _compare(
-        ranking, list(methods or ev.METHODS), scorer, k, concat_k, distractors, ensemble_temperature, n_boot
+        ranking,
+        list(methods or ev.METHODS),
+        likelihood,
+        k,
+        concat_k,
+        distractors,
+        ensemble_temperature,
+        n_boot,
     )
     result.meta = {
         **_meta(data_dir, split, examples, base_encoder, retriever, prior_weight, k, distractors),
-        "lm": scorer.scorer.lm_key if scorer.scorer else None,
+        "lm": likelihood.lm.lm_key if likelihood.lm else None,
         "scoring": exported.rule.to_dict() if exported else None,
-        "score_cache": str(scorer.folder),
-        "lm_pairs_scored_now": scorer.misses,
+        "loglik_cache": str(likelihood.folder),
+        "lm_pairs_computed_now": likelihood.misses,
     }
     folder = ev.save_result(result, out)
     print(ev.markdown_table(result))
@@ -146,7 +154,7 @@ def evaluate(
 
 
 def _meta(data_dir, split, examples, base_encoder, retriever, prior_weight, k, distractors) -> dict:
-    """What results.json says the table was computed on (with the LM and score cache of the run)."""
+    """What results.json says the table was computed on (with the LM and log-likelihood cache of the run)."""
     return {
         "data_dir": str(data_dir),
         "split": split,
@@ -175,7 +183,7 @@ class _Ranking:
 
 
 def _frozen_lm(config: dict, lm: str | None) -> tuple[str, bool]:
-    """(the LM to score with, whether the caller named it): ``lm``, else the export's, else SmolLM2."""
+    """(the LM that judges, whether the caller named it): ``lm``, else the export's, else SmolLM2."""
     own_lm = lm is not None  # --lm replaces the stored LM wholly (its revision too)
     lm = lm or config.get("scorer", {}).get("lm", EMBEDDED_LM)
     log.info("frozen LM: %s%s", lm, "" if own_lm or not config else " (from the export's retriever.json)")
@@ -185,7 +193,7 @@ def _frozen_lm(config: dict, lm: str | None) -> tuple[str, bool]:
 def _compare(
     r: _Ranking,
     wanted: list[str],
-    scorer,
+    likelihood,
     k: int,
     concat_k: int,
     distractors: int,
@@ -199,7 +207,7 @@ def _compare(
         for method, sc in scores.items()
     }
     if concat_k > 0:
-        _add_concat(per_method, scores, r.examples, r.chars, scorer, concat_k)
+        _add_concat(per_method, scores, r.examples, r.chars, likelihood, concat_k)
     result = ev.EvalResult()
     result.table, result.paired = ev.aggregate(per_method, r.examples, n_boot, r.seed, PAIRS)
     if distractors > 0:
@@ -308,17 +316,17 @@ def _rows(sc, examples, table, priors, k: int, temperature: float) -> list[dict]
     return rows
 
 
-def _add_concat(per_method, scores, examples, chars, scorer, concat_k: int) -> None:
+def _add_concat(per_method, scores, examples, chars, likelihood, concat_k: int) -> None:
     requests, where = [], []
     for method, sc in scores.items():
         if sc is None:
             continue
         for i, e in enumerate(examples):
             top = np.argsort(-sc[i], kind="stable")[:concat_k]
-            requests.append(ScoreRequest(e, tuple(chars[e.character_id].settings[j] for j in top)))
+            requests.append(LoglikRequest(e, tuple(chars[e.character_id].settings[j] for j in top)))
             where.append((method, i))
-    res = scorer.score(requests)
-    scorer.flush()
+    res = likelihood.loglik(requests)
+    likelihood.flush()
     for (method, i), v in zip(where, res.logp_mean.tolist()):
         per_method[method][i][f"nll_top{concat_k}_concat"] = -v
 

@@ -13,7 +13,7 @@ the LM's log-likelihood per token of the gold reply (nats/token), over held-out 
 * ``agreement_with_other`` -- given a second LM, share of turns where both pick the same best setting (e.g.
   the base LM against its ``finetune-lm`` version, or two LMs of different families).
 
-It reads the shared score cache (:func:`replugchar.lm.score_cache.build_scorer`), so after ``fit``/``evaluate``
+It reads the shared log-likelihood cache (:func:`replugchar.lm.loglik_cache.build_likelihood`), so after ``fit``/``evaluate``
 scored a split it costs no LM time. Characters a ``finetune-lm`` folder was trained on are left out.
 """
 
@@ -29,8 +29,8 @@ import numpy as np
 from ..core.atomic import write_text
 from ..lm.finetuned import finetuned_characters
 from ..lm.gains import LMTable, lm_table
+from ..lm.likelihood import PromptTemplate
 from ..lm.models import EMBEDDED_ENCODER, EMBEDDED_LM
-from ..lm.scoring import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def report(
     lm_dtype: str = "auto",
     max_length: int = 512,
     max_batch_tokens: int = 4096,
-    score_cache_dir: str | None = "auto",
+    loglik_cache_dir: str | None = "auto",
     device: str = "auto",
     out: str | None = None,
 ) -> dict[str, float]:
@@ -106,11 +106,11 @@ def report(
         seed: split seed, also of the example sample; None = the export's, else 0.
         max_examples: cap on examples (LM cost: 1 + settings pairs per example, once; then cached).
         base_encoder: the encoder whose cosine similarity is the baseline retriever.
-        template: LM prompt template (as in the fit config, so the score cache is shared).
+        template: LM prompt template (as in the fit config, so the log-likelihood cache is shared).
         lm_dtype: "auto" = bfloat16 on GPU, float32 on CPU.
         max_length: token limit of prompt + response (as in the fit config).
         max_batch_tokens: token budget per LM forward pass (padded tokens counted).
-        score_cache_dir: shared LM-score cache ("auto" = $REPLUGCHAR_CACHE/scores; null = in memory).
+        loglik_cache_dir: shared log-likelihood cache ("auto" = $REPLUGCHAR_CACHE/logliks; null = in memory).
         device: where the LMs run: "auto" = cuda when available, else cpu.
         out: also write the numbers to this JSON file (null: print only).
     """
@@ -129,14 +129,14 @@ def report(
     examples, characters = select_examples(
         data_dir, split, val_fraction, test_fraction, seed, max_examples, exclude
     )
-    scoring = dict(
+    lm_options = dict(
         dtype=lm_dtype,
         max_length=max_length,
         max_batch_tokens=max_batch_tokens,
-        score_cache_dir=score_cache_dir,
+        loglik_cache_dir=loglik_cache_dir,
     )
-    table = _table_of(lm, examples, characters, scoring, template, device)
-    other = _table_of(other_lm, examples, characters, scoring, template, device) if other_lm else None
+    table = _table_of(lm, examples, characters, lm_options, template, device)
+    other = _table_of(other_lm, examples, characters, lm_options, template, device) if other_lm else None
     base = Retriever(load_encoder(base_encoder, device=device), None, {"query_text": "query"})
     similarity = [base.rank_example(e, characters[e.character_id].settings) for e in examples]
     numbers = teacher_report(table, similarity, other)
@@ -166,11 +166,16 @@ def _stored_config(folder: str) -> dict:
     return check_retriever_config(read_json(path, what="retriever.json"), path)
 
 
-def _table_of(spec: str, examples, characters, scoring: dict, template, device: str) -> LMTable:
-    """The LM table of ``spec`` over the examples, from the shared score cache where it has the pairs."""
-    from ..lm.score_cache import ScorerOptions, build_scorer
+def _table_of(spec: str, examples, characters, lm_options: dict, template, device: str) -> LMTable:
+    """The LM table of ``spec`` over the examples, from the shared log-likelihood cache where it has the pairs."""
+    from ..lm.loglik_cache import LikelihoodOptions, build_likelihood
 
-    scorer = build_scorer(ScorerOptions(name=spec, **scoring), template, device=device)
-    table = lm_table(examples, characters, scorer)
-    log.info("%s: %d pairs from the score cache, %d scored now", spec, scorer.hits, scorer.misses)
+    likelihood = build_likelihood(LikelihoodOptions(name=spec, **lm_options), template, device=device)
+    table = lm_table(examples, characters, likelihood)
+    log.info(
+        "%s: %d pairs from the log-likelihood cache, %d computed now",
+        spec,
+        likelihood.hits,
+        likelihood.misses,
+    )
     return table

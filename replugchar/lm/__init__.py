@@ -1,1 +1,1 @@
-"""The frozen LM: model loading, tokenizer hygiene and scoring, the score cache, the gain table. No Lightning."""
+"""The frozen LM: model loading, tokenizer hygiene and log-likelihoods, the log-likelihood cache, the gain table. No Lightning."""

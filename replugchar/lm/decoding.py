@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..core.data import Turn
-from .scoring import PromptTemplate
+from .likelihood import PromptTemplate
 
 MODES = ("concat", "top1", "ensemble")
 DEFAULT_MAX_NEW_TOKENS = 48
@@ -56,7 +56,7 @@ def fit_history(
     budget: int,
 ) -> list[Turn]:
     """The most recent turns of ``history`` whose longest prompt has at most ``budget`` tokens (oldest turns go
-    first, as in :class:`~replugchar.lm.scoring.LMScorer`)."""
+    first, as in :class:`~replugchar.lm.likelihood.LMLikelihood`)."""
     history = list(history)
     while True:
         longest = max(len(tok(p).input_ids) for p in build_prompts(template, hits, history, query, mode))

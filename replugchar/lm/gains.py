@@ -13,8 +13,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.data import Character, Example
-from .score_cache import CachedScorer
-from .scoring import NO_SETTING, ScoreRequest
+from .likelihood import NO_SETTING, LoglikRequest
+from .loglik_cache import CachedLikelihood
 
 
 def _znorm(values: Sequence[float]) -> list[float]:
@@ -46,19 +46,22 @@ class LMTable:
 
 
 def lm_table(
-    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer, chunk: int = 64
+    examples: Sequence[Example],
+    characters: dict[str, Character],
+    likelihood: CachedLikelihood,
+    chunk: int = 64,
 ) -> LMTable:
     requests = []
     for e in examples:
-        requests.append(ScoreRequest(e, NO_SETTING))
-        requests += [ScoreRequest(e, (s,)) for s in characters[e.character_id].settings]
+        requests.append(LoglikRequest(e, NO_SETTING))
+        requests += [LoglikRequest(e, (s,)) for s in characters[e.character_id].settings]
     means, sums, ntok = [], [], []
-    for i in tqdm(range(0, len(requests), chunk), desc="LM scores", unit="chunk", leave=False):
-        sc = scorer.score(requests[i : i + chunk])
+    for i in tqdm(range(0, len(requests), chunk), desc="LM log-likelihoods", unit="chunk", leave=False):
+        sc = likelihood.loglik(requests[i : i + chunk])
         means.append(sc.logp_mean)
         sums.append(sc.logp_sum)
         ntok.append(sc.n_tokens)
-        scorer.flush()
+        likelihood.flush()
     means, sums, ntok = np.concatenate(means), np.concatenate(sums), np.concatenate(ntok)
     none, per, per_sum, n_tok, pos = [], [], [], [], 0
     for e in examples:

@@ -108,11 +108,11 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     device: str | None = None,
 ):
-    """(model, tokenizer) for ``spec``, in eval mode with gradients off and the tokenizer fixed for scoring."""
+    """(model, tokenizer) for ``spec``, in eval mode with gradients off and the tokenizer fixed for log-likelihoods."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .scoring import fix_tokenizer
+    from .likelihood import fix_tokenizer
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar would precede every one-line error
 
@@ -150,16 +150,16 @@ of ``fit`` and ``finetune-lm``, which both take these."""
 
 @dataclass(frozen=True)
 class LMOptions:
-    """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen scorer, see
-    :class:`~replugchar.lm.score_cache.ScorerOptions`) and ``finetune-lm`` (the model it tunes) share."""
+    """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen likelihood, see
+    :class:`~replugchar.lm.loglik_cache.LikelihoodOptions`) and ``finetune-lm`` (the model it tunes) share."""
 
     name: str = EMBEDDED_LM
     """Hub id, local folder (e.g. the output of ``finetune-lm``), ``embedded:SmolLM2-135M-Instruct`` or
     ``tiny:gpt2``."""
     revision: str | None = None
-    """Hub revision of ``name`` (part of the score-cache key)."""
+    """Hub revision of ``name`` (part of the log-likelihood cache key)."""
     dtype: Dtype = "auto"
-    """Dtype of the loaded weights: ``auto`` = bfloat16 on a GPU where the weights stay frozen (the scorer, the
+    """Dtype of the loaded weights: ``auto`` = bfloat16 on a GPU where the weights stay frozen (the likelihood, the
     base of a LoRA fine-tune), float32 otherwise (on CPU, and the master weights of a full fine-tune)."""
     max_length: int = 512
     """Token limit of prompt + reply: the oldest context turns are dropped first, the reply (and its eos) never;

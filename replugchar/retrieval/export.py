@@ -60,7 +60,7 @@ rank a role-play character's settings by how much they help a frozen LM produce 
 
 - Base encoder: `{hp.get("encoder")}`
 - Frozen LM (supervision only, not included): `{lm.get("name")}`
-- Loss: LSRLoss, {loss.get("direction")}, γ={loss.get("gamma")}, β={loss.get("beta")}, k={hp.get("k")}, LM target = {loss.get("lm_score")} log-likelihood
+- Loss: LSRLoss, {loss.get("direction")}, γ={loss.get("gamma")}, β={loss.get("beta")}, k={hp.get("k")}, LM target = {loss.get("lm_loglik")} log-likelihood
 - Query text: {hp.get("query_text")}
 - Training data: {hp.get("data_dir", "see retriever.json")}
 
@@ -178,7 +178,7 @@ def export_retriever(
         if module.query_encoder is not None:
             module.query_encoder.save(str(tmp / "query_encoder"), create_model_card=False)
         index.write_files(tmp)
-        scorer = {k: v for k, v in module.scorer_config().items() if k != "trust_remote_code"}
+        likelihood = {k: v for k, v in module.lm_record().items() if k != "trust_remote_code"}
         config = {
             "format": FORMAT,
             "k": module.hparams.k,
@@ -186,7 +186,7 @@ def export_retriever(
             "query_text": module.hparams.query_text,
             "separate_query_encoder": module.query_encoder is not None,
             "template": dataclasses.asdict(module.template),
-            "scorer": scorer,  # what evaluate/chat default to; trust_remote_code is never stored
+            "scorer": likelihood,  # what evaluate/chat default to; trust_remote_code is never stored
             "encoder_base": module.hparams.encoder,
             "lm": module.lm_options.name,
             "encoder_fingerprint": fingerprint,

@@ -98,7 +98,7 @@ def check_fields(
 # ----------------------------------------------------------------------------------------------- retriever.json
 def check_template(value: Any, where: str) -> dict:
     """A PromptTemplate's fields, each a string whose ``{}`` placeholders are the ones that field fills."""
-    from ..lm.scoring import PromptTemplate
+    from ..lm.likelihood import PromptTemplate
 
     fields = PromptTemplate.__dataclass_fields__
     if not isinstance(value, dict):
@@ -131,7 +131,7 @@ def check_template(value: Any, where: str) -> dict:
     return value
 
 
-_SCORER_SPEC: dict[str, tuple[Check, str]] = {
+_LM_RECORD_SPEC: dict[str, tuple[Check, str]] = {
     "lm": (_STR, "a string"),
     "lm_revision": (_OPT_STR, "a string or null"),
     "lm_dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "auto/float32/bfloat16/float16"),
@@ -188,7 +188,7 @@ def check_retriever_config(config: Any, path: Path) -> dict:
             f"{where}: unsupported export format {config['format']} (this replugchar reads {FORMAT})"
         )
     check_template(config["template"], where)
-    check_fields(config.get("scorer", {}), _SCORER_SPEC, f"{where}: scorer")
+    check_fields(config.get("scorer", {}), _LM_RECORD_SPEC, f"{where}: scorer")
     if "template" in config.get("scorer", {}):
         check_template(config["scorer"]["template"], f"{where}: scorer")
     try:

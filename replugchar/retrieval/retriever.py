@@ -16,7 +16,7 @@ import torch
 
 from ..core.data import MAX_TEXT_CHARS, Example, query_text
 from ..core.scoring import ScoringRule, query_weight, rank_numpy, turn_role, turn_text, window
-from ..lm.scoring import PromptTemplate
+from ..lm.likelihood import PromptTemplate
 from .export_schema import FolderError
 from .index import SettingIndex, encoder_fingerprint
 

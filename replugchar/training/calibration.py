@@ -1,7 +1,7 @@
 """Fit the final mixing of the scoring rule on validation characters against the frozen LM: the scale α of the
 learned dialogue-evidence term, the prior weight λ and the relevance threshold τ.
 
-All are chosen to maximise the LM likelihood of the gold responses, using the same cached scores as training:
+All are chosen to maximise the LM likelihood of the gold responses, using the same cached log-likelihoods as training:
 for every validation example we know the gain (nats/token over no setting) of each of its character's settings,
 so trying a λ or τ costs a NumPy argmax, not an LM call.
 """
@@ -58,7 +58,7 @@ def fit(
     if len(sims) == 0:
         raise ValueError("no validation examples to calibrate on")
     if np.isinf(gains).any() or np.isnan(gains[~np.isnan(sims)]).any():
-        raise FloatingPointError("LM gains contain NaN/inf: check the LM scores")
+        raise FloatingPointError("LM gains contain NaN/inf: check the LM log-likelihoods")
     dialogue = np.zeros_like(sims) if dialogue is None else np.nan_to_num(dialogue)
     scales = (0.0,) if not dialogue.any() else tuple(scales)
     table = {
@@ -105,7 +105,7 @@ def validation_matrices(module, examples, chars, table=None):
 
     width = max(len(chars[e.character_id].settings) for e in examples)
     lookup = {(p.character_id, p.index_in_character): p.prior for p in table or []}
-    lm = lm_table(examples, chars, module.scorer)
+    lm = lm_table(examples, chars, module.likelihood)
     loo = loo_priors(examples, lm.gains)
     learned = module.rule
     retriever = module.as_retriever(learned)

@@ -27,7 +27,7 @@ class ExportRetriever(L.Callback):
 
     Args:
         dirpath: export folder; default ``<trainer.default_root_dir>/retriever``.
-        fit_mixing: fit α on the validation split (costs one no-setting LM score per validation example).
+        fit_mixing: fit α on the validation split (costs one no-setting LM log-likelihood per validation example).
 
     Attributes (read by the ``fit`` report): ``written``, the export folder once written (rank 0); ``mixing``, the
     fitted :class:`~replugchar.training.calibration.Calibration` (None when α was not fitted).
@@ -60,16 +60,16 @@ class ExportRetriever(L.Callback):
         )
 
     def _fit_mixing(self, trainer: L.Trainer, module, val) -> None:
-        """α on rank 0 (each validation pair scored once), broadcast so every rank holds the same head."""
+        """α on rank 0 (each validation pair's log-likelihood computed once), broadcast so every rank holds the same head."""
         import torch
 
         from .calibration import fit, fit_generality, generality_matrix, validation_matrices
 
         cal, gen_fit = None, None
-        module.flush_scores()
-        trainer.strategy.barrier()  # every rank's validation scores are on disk ...
+        module.flush_logliks()
+        trainer.strategy.barrier()  # every rank's validation log-likelihoods are on disk ...
         if trainer.global_rank == 0:
-            module.scorer.refresh()  # ... and rank 0 reads them instead of scoring those pairs again
+            module.likelihood.refresh()  # ... and rank 0 reads them instead of computing those pairs again
             sims, _, gains, dialogue = validation_matrices(module, val, module.characters)
             cal = fit(sims, np.zeros_like(sims), gains, grid=(0.0,), fit_threshold=False, dialogue=dialogue)
             if module.head.generality is not None:
@@ -79,7 +79,7 @@ class ExportRetriever(L.Callback):
                     base, generality_matrix(module, val, module.characters), gains, greeting
                 )
                 self.generality_groups = np.array([zlib.crc32(e.dialogue_id.encode()) for e in val])
-            module.flush_scores()
+            module.flush_logliks()
         cal, gen_fit = trainer.strategy.broadcast((cal, gen_fit), src=0)
         with torch.no_grad():
             module.head.weights.mul_(cal.dialogue_scale)

@@ -2,14 +2,14 @@
 
 Why a separate step: LSR trains the retriever towards the settings under which the LM finds the gold reply most
 likely, so the LM must be a good judge of *this* kind of character. Fine-tuning it on the training characters'
-replies, with prompts rendered by the scorer's own :class:`~replugchar.lm.scoring.PromptTemplate`, makes it one;
+replies, with prompts rendered by the frozen LM's own :class:`~replugchar.lm.likelihood.PromptTemplate`, makes it one;
 the character split is the hash split of :func:`replugchar.core.data.split_characters`, the one ``fit`` and
 ``evaluate`` use, so no validation/test character is ever in the teacher's training data.
 
 What makes the fine-tune stable (the failure this module exists to avoid): with ``pad_token == eos_token`` a loss
 mask built from ``input_ids != pad_token_id`` hides the eos that ends every reply, so the model never learns to
-stop. Here the tokenizer goes through :func:`~replugchar.lm.scoring.fix_tokenizer` (pad := unk or a new
-``<|pad|>``), sequences are tokenised by :meth:`LMScorer.encode_many <replugchar.lm.scoring.LMScorer.encode_many>`
+stop. Here the tokenizer goes through :func:`~replugchar.lm.likelihood.fix_tokenizer` (pad := unk or a new
+``<|pad|>``), sequences are tokenised by :meth:`LMLikelihood.encode_many <replugchar.lm.likelihood.LMLikelihood.encode_many>`
 (prompt + reply + eos, context dropped first when too long) and the loss mask comes from the number of reply
 tokens that method returns, never from token ids.
 
@@ -34,8 +34,14 @@ import torch
 from ..core.atomic import atomic_folder
 from ..core.options import as_options, check_ranges
 from ..lm.finetuned import TRAIN_CHARACTERS_FILE
+from ..lm.likelihood import (
+    LMLikelihood,
+    LoglikRequest,
+    PromptTemplate,
+    fix_tokenizer,
+    response_token_logprobs,
+)
 from ..lm.models import LM_FLAT_NAMES, LMOptions, load_causal_lm
-from ..lm.scoring import LMScorer, PromptTemplate, ScoreRequest, fix_tokenizer, response_token_logprobs
 from .optim import OptimizerOptions
 
 log = logging.getLogger(__name__)
@@ -103,12 +109,12 @@ class CharacterLMModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            lm: the causal LM to fine-tune (the same group as ``fit``'s ``model.lm``, less its scoring options).
+            lm: the causal LM to fine-tune (the same group as ``fit``'s ``model.lm``, less its batching and cache options).
                 Its tokenizer is fixed before training (pad := unk, or a new ``<|pad|>``, never eos).
                 ``dtype: auto`` = bfloat16 for ``lora`` on a GPU (frozen base), float32 otherwise (full
                 fine-tuning keeps float32 master weights; the trainer's precision, ``bf16-mixed`` on GPU by
                 default, sets the compute dtype).
-            template: the prompt template; must be the one the LSR run scores with (``model.template`` of its
+            template: the prompt template; must be the one the LSR run's frozen LM reads (``model.template`` of its
                 config) so the teacher is tuned on the prompts it will judge. Saved in the output folder.
             method: ``full`` trains every weight; ``lora`` trains low-rank adapters (peft) and merges them into
                 the weights when the model is saved, so the output loads without peft.
@@ -184,37 +190,37 @@ class CharacterLMModule(L.LightningModule):
         log.info("%s (%s, %s): %d of %d parameters trainable", options.name, hp.method, dtype, n_train, n_all)
 
     @property
-    def scorer(self) -> LMScorer:
-        """An :class:`~replugchar.lm.scoring.LMScorer` over the model being trained, for its tokenisation and
-        batch layout (prompt + reply + eos, its truncation policy, left padding): the loss is the score's
-        negative, laid out by the same code."""
+    def likelihood(self) -> LMLikelihood:
+        """An :class:`~replugchar.lm.likelihood.LMLikelihood` over the model being trained, for its tokenisation and
+        batch layout (prompt + reply + eos, its truncation policy, left padding): the loss is the
+        log-likelihood's negative, laid out by the same code."""
         if self.lm is None:
             self.configure_model()
-        return LMScorer(
+        return LMLikelihood(
             self.lm, self.tokenizer, self.template, max_length=self.lm_options.max_length, lm_key="finetune"
         )
 
-    def reply_nll(self, requests: Sequence[ScoreRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reply_nll(self, requests: Sequence[LoglikRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL of each reply and its eos, and the mask of those tokens: both (batch, r_max).
 
-        The batch is laid out and run through the LM by the scorer's own code (:meth:`LMScorer.collate` and
-        :func:`~replugchar.lm.scoring.response_token_logprobs`: left padding, positions counted from the first
+        The batch is laid out and run through the LM by LMLikelihood's own code (:meth:`LMLikelihood.collate` and
+        :func:`~replugchar.lm.likelihood.response_token_logprobs`: left padding, positions counted from the first
         real token, only the reply positions through the LM head), so the loss trained here is the negative of
-        the score LSR reads. The mask comes from the reply lengths that
-        :meth:`LMScorer.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
+        the log-likelihood LSR reads. The mask comes from the reply lengths that
+        :meth:`LMLikelihood.encode_many` returns: padding cannot hide the eos, whatever the pad token is.
         """
-        scorer = self.scorer
-        ids, mask, reply = scorer.collate(scorer.encode_many(requests))
+        likelihood = self.likelihood
+        ids, mask, reply = likelihood.collate(likelihood.encode_many(requests))
         token_logp = response_token_logprobs(self.lm, ids.to(self.device), mask.to(self.device), reply)
         return -token_logp, reply[:, -token_logp.shape[1] :].to(self.device)
 
-    def training_step(self, batch: list[ScoreRequest], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[LoglikRequest], batch_idx: int) -> torch.Tensor:
         nll, reply = self.reply_nll(batch)
         loss = nll.sum() / reply.sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=int(reply.sum()))
         return loss
 
-    def validation_step(self, batch: list[ScoreRequest], batch_idx: int) -> None:
+    def validation_step(self, batch: list[LoglikRequest], batch_idx: int) -> None:
         nll, reply = self.reply_nll(batch)
         n_tokens = int(reply.sum())
         self.log("val/loss", nll.sum() / n_tokens, prog_bar=True, batch_size=n_tokens)
@@ -233,10 +239,10 @@ class CharacterLMModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None or not getattr(dm, "train_examples", None):
             return
-        worst = [ScoreRequest(e, dm.characters[e.character_id].settings) for e in dm.train_examples]
-        scorer = self.scorer
+        worst = [LoglikRequest(e, dm.characters[e.character_id].settings) for e in dm.train_examples]
+        likelihood = self.likelihood
         for i in range(0, len(worst), 512):
-            scorer.encode_many(worst[i : i + 512])
+            likelihood.encode_many(worst[i : i + 512])
 
     def configure_optimizers(self):
         from transformers import get_linear_schedule_with_warmup
@@ -349,7 +355,7 @@ class CharacterLMModule(L.LightningModule):
             f"- data set: `{info['data_dir']}` (training split of the character hash split)",
             f"- tokenizer: pad `{tok.pad_token}` (id {tok.pad_token_id}) is not eos `{tok.eos_token}` "
             f"(id {tok.eos_token_id}); the loss covered each reply and the eos that ends it",
-            f"- prompt template: `{TEMPLATE_FILE}` (use the same `model.template` when LSR scores with this LM)",
+            f"- prompt template: `{TEMPLATE_FILE}` (use the same `model.template` when LSR judges with this LM)",
             f"- max_length: {lm.max_length}",
         ]
         for key in sorted(set(self.metrics_before) | set(metrics)):

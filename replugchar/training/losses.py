@@ -33,10 +33,10 @@ class LSRLoss(nn.Module):
     "Hello!") gets the full push up. KL(P_R‖Q) weighs each candidate's gradient by P_R, so exactly those
     settings get almost none; it is mode-seeking and learns slowly from a cold start.
 
-    Q is a constant: it is computed from detached LM scores, the LM never receives a gradient.
+    Q is a constant: it is computed from detached LM log-likelihoods, the LM never receives a gradient.
 
     Two options against a weak teacher (LLM-Embedder, Zhang et al. 2023), both off by default:
-    ``min_margin`` δ leaves out of the mean every query whose best and second-best LM scores differ by less than
+    ``min_margin`` δ leaves out of the mean every query whose best and second-best LM log-likelihoods differ by less than
     δ (the teacher cannot tell its candidates apart there), and ``top1_weight`` w adds w · CE(P_R, argmax Q), a
     hard push towards the LM's best candidate.
 
@@ -81,7 +81,7 @@ class LSRLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(log P_R, log Q, valid rows): the two log-distributions over candidates, -inf outside the mask."""
         if torch.isnan(lm_logp).any() or not torch.isfinite(sim).all():
-            raise FloatingPointError("LSRLoss got NaN/inf similarities or NaN LM scores")
+            raise FloatingPointError("LSRLoss got NaN/inf similarities or NaN LM log-likelihoods")
         if (lm_logp == float("inf")).any():
             raise FloatingPointError("LSRLoss got a log-likelihood of +inf (a probability above 1)")
         mask = torch.ones_like(sim, dtype=torch.bool) if mask is None else mask.bool()
@@ -132,10 +132,10 @@ class LossOptions:
     direction: Direction = "lm_to_retriever"
     """``lm_to_retriever`` = KL(Q‖P_R) (default, see :class:`LSRLoss`) or ``retriever_to_lm`` = KL(P_R‖Q) as
     written in REPLUG."""
-    lm_score: Literal["mean", "sum"] = "mean"
+    lm_loglik: Literal["mean", "sum"] = "mean"
     """LM target per candidate: mean per-token log-likelihood of the gold reply, or the sum."""
     min_margin: float = 0.0
-    """Train only on turns whose LM best-vs-second margin (log-likelihood per token for ``lm_score: mean``) is
+    """Train only on turns whose LM best-vs-second margin (log-likelihood per token for ``lm_loglik: mean``) is
     at least this (LLM-Embedder's filter against a weak teacher); 0 keeps all."""
     top1_weight: float = 0.0
     """Weight of a hard cross-entropy term on the LM's best candidate beside the KL."""
@@ -161,7 +161,7 @@ class LossOptions:
 
 
 def lm_margin(lm_logp: Tensor, mask: Tensor | None = None) -> Tensor:
-    """(batch,) best minus second-best finite LM score per query; 0 for a query with fewer than two."""
+    """(batch,) best minus second-best finite LM log-likelihood per query; 0 for a query with fewer than two."""
     ok = torch.isfinite(lm_logp) & (
         torch.ones_like(lm_logp, dtype=torch.bool) if mask is None else mask.bool()
     )

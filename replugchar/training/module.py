@@ -16,9 +16,9 @@ from torch import Tensor
 from ..core.data import Character, Example, QueryText, query_text
 from ..core.options import as_options
 from ..core.scoring import FEATURES, ScoringRule, dialogue_features, window
+from ..lm.likelihood import LoglikRequest, PromptTemplate
+from ..lm.loglik_cache import CachedLikelihood, LikelihoodOptions, build_likelihood
 from ..lm.models import EMBEDDED_ENCODER, LM_FLAT_NAMES, load_encoder
-from ..lm.score_cache import CachedScorer, ScorerOptions, build_scorer
-from ..lm.scoring import PromptTemplate, ScoreRequest
 from ..retrieval.index import SettingIndex, setting_records
 from .head import DialogueHead, HeadOptions
 from .losses import LossOptions, entropy
@@ -38,11 +38,11 @@ GROUPS = {
 FLAT_NAMES = {
     **LM_FLAT_NAMES,
     "lm_batch_tokens": ("lm", "max_batch_tokens"),
-    "score_cache_dir": ("lm", "score_cache_dir"),
+    "score_cache_dir": ("lm", "loglik_cache_dir"),
     "gamma": ("loss", "gamma"),
     "beta": ("loss", "beta"),
     "kl_direction": ("loss", "direction"),
-    "lm_score": ("loss", "lm_score"),
+    "lm_score": ("loss", "lm_loglik"),
     "min_margin": ("loss", "min_margin"),
     "top1_weight": ("loss", "top1_weight"),
     "dialogue_features": ("head", "dialogue_features"),
@@ -57,15 +57,23 @@ FLAT_NAMES = {
 """Where each option of the flat ``model`` section (before the option groups) went: ``old -> (group, field)``.
 :func:`grouped_hparams` reads checkpoints written then; README's option table is this one."""
 
+RENAMED_FIELDS = {("lm", "score_cache_dir"): "loglik_cache_dir", ("loss", "lm_score"): "lm_loglik"}
+"""(group, old field) -> new field: options renamed inside their group when "score" came to mean only the
+retrieval rule's (the LM's are log-likelihoods, ``loglik``)."""
+
 
 def grouped_hparams(hparams: dict) -> dict:
-    """``hparams`` of a checkpoint in the grouped form: flat ones (written before the option groups) regrouped
-    by :data:`FLAT_NAMES`, grouped ones unchanged, so ``fit --ckpt_path`` of an older run still parses."""
+    """``hparams`` of a checkpoint in today's grouped form: flat ones (written before the option groups)
+    regrouped by :data:`FLAT_NAMES`, renamed fields (:data:`RENAMED_FIELDS`) under their new names, the rest
+    unchanged, so ``fit --ckpt_path`` of an older run still parses."""
     out: dict = {}
     for key, value in hparams.items():
         if key in FLAT_NAMES and not isinstance(value, dict):
             group, field = FLAT_NAMES[key]
             out.setdefault(group, {})[field] = value
+        elif isinstance(value, dict):
+            fields = {RENAMED_FIELDS.get((key, name), name): v for name, v in value.items()}
+            out[key] = {**out.get(key, {}), **fields}
         else:
             out[key] = value
     return out
@@ -82,7 +90,7 @@ class LSRModule(L.LightningModule):
     def __init__(
         self,
         encoder: str = EMBEDDED_ENCODER,
-        lm: ScorerOptions = ScorerOptions(),
+        lm: LikelihoodOptions = LikelihoodOptions(),
         template: PromptTemplate = PromptTemplate(),
         k: int = 5,
         query_text: QueryText = "query",
@@ -96,9 +104,9 @@ class LSRModule(L.LightningModule):
         """
         Args:
             encoder: bi-encoder to fine-tune: hub id, local folder, ``embedded:all-MiniLM-L6-v2`` or ``tiny:bert``.
-            lm: the frozen causal LM that supervises retrieval, its batching and score cache. Never trained,
+            lm: the frozen causal LM that supervises retrieval, its batching and log-likelihood cache. Never trained,
                 never checkpointed.
-            template: LM prompt template (see :class:`~replugchar.lm.scoring.PromptTemplate`).
+            template: LM prompt template (see :class:`~replugchar.lm.likelihood.PromptTemplate`).
             k: candidate settings per query (top-k of the character's settings by the current index);
                 a character with at most k settings has all of them as candidates.
             query_text: what the encoder embeds for a query: the query alone (default), or the last context
@@ -113,7 +121,7 @@ class LSRModule(L.LightningModule):
             optimizer: AdamW learning rate, weight decay and warmup of the encoder(s).
         """
         super().__init__()
-        self.lm_options = as_options(ScorerOptions, lm, "model.lm")
+        self.lm_options = as_options(LikelihoodOptions, lm, "model.lm")
         self.template = as_options(PromptTemplate, template, "model.template")
         self.loss_options = as_options(LossOptions, loss, "model.loss")
         self.head_options = as_options(HeadOptions, head, "model.head")
@@ -134,7 +142,7 @@ class LSRModule(L.LightningModule):
         self._turn_cache: dict[tuple[bool, str], Tensor] = {}
         self.loss_fn = self.loss_options.build()
         self.characters: dict[str, Character] = {}
-        self._scorer: CachedScorer | None = None  # not an nn.Module: the LM stays out of state_dict
+        self._likelihood: CachedLikelihood | None = None  # not an nn.Module: the LM stays out of state_dict
         self.index: SettingIndex | None = None
         self._index_step = -1
         self._emb_stats: dict[str, float] = {}
@@ -168,17 +176,17 @@ class LSRModule(L.LightningModule):
             self.characters = dm.characters
 
     @property
-    def scorer(self) -> CachedScorer:
-        """The frozen LM behind its score cache, loaded on first use onto this module's device."""
-        if self._scorer is None:
-            self._scorer = build_scorer(
+    def likelihood(self) -> CachedLikelihood:
+        """The frozen LM behind its log-likelihood cache, loaded on first use onto this module's device."""
+        if self._likelihood is None:
+            self._likelihood = build_likelihood(
                 self.lm_options, self.template, device=str(self.device), rank=self.global_rank
             )
-        return self._scorer
+        return self._likelihood
 
-    def scorer_config(self) -> dict:
-        """The retriever.json ``"scorer"`` record (:meth:`~replugchar.lm.score_cache.ScorerOptions.record`):
-        export writes it so ``evaluate`` scores with the LM and template that training used."""
+    def lm_record(self) -> dict:
+        """The retriever.json ``"scorer"`` record (:meth:`~replugchar.lm.loglik_cache.LikelihoodOptions.record`):
+        export writes it so ``evaluate`` judges with the LM and template that training used."""
         return self.lm_options.record(self.template)
 
     @property
@@ -198,9 +206,9 @@ class LSRModule(L.LightningModule):
             )
         return rule
 
-    def set_scorer(self, scorer: CachedScorer) -> None:
+    def set_likelihood(self, likelihood: CachedLikelihood) -> None:
         """Share one loaded LM between modules (evaluation, notebooks, tests)."""
-        self._scorer = scorer
+        self._likelihood = likelihood
 
     # ------------------------------------------------------------------------------------------- encoding
     def as_retriever(self, rule: ScoringRule | None = None):
@@ -267,10 +275,10 @@ class LSRModule(L.LightningModule):
         """(batch, k) LM log-likelihood of the gold response with each candidate setting; -inf = no candidate."""
         k = self.hparams.k
         requests = [
-            ScoreRequest(e, (self.index.records[i].text,)) for e, row in zip(examples, cands) for i in row
+            LoglikRequest(e, (self.index.records[i].text,)) for e, row in zip(examples, cands) for i in row
         ]
-        scores = self.scorer.score(requests)
-        values = scores.logp_mean if self.loss_options.lm_score == "mean" else scores.logp_sum
+        logliks = self.likelihood.loglik(requests)
+        values = logliks.logp_mean if self.loss_options.lm_loglik == "mean" else logliks.logp_sum
         out = torch.full((len(examples), k), float("-inf"))
         pos = 0
         for row, ids in enumerate(cands):
@@ -451,19 +459,19 @@ class LSRModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: options.warmup(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def flush_scores(self) -> None:
-        """Write LM scores still buffered in memory to the cache (also called at the end of fit/validate)."""
-        if self._scorer is not None:
-            self._scorer.flush()
+    def flush_logliks(self) -> None:
+        """Write LM log-likelihoods still buffered in memory to the cache (also called at the end of fit/validate)."""
+        if self._likelihood is not None:
+            self._likelihood.flush()
 
     def on_train_epoch_end(self) -> None:
-        self.flush_scores()
+        self.flush_logliks()
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
 
     def on_validation_epoch_end(self) -> None:
-        self.flush_scores()
+        self.flush_logliks()
         rows = torch.cat(self._val_rows) if self._val_rows else torch.zeros((0, 3), dtype=torch.float64)
         if self.trainer.world_size > 1:
             # every rank holds as many rows as the others only if no row was dropped; pad to be safe
@@ -478,7 +486,7 @@ class LSRModule(L.LightningModule):
             self.index = None  # force a refresh at the next training step (val rebuilt it)
 
     def teardown(self, stage: str) -> None:
-        self.flush_scores()
+        self.flush_logliks()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the LM is not a registered submodule, so it is not in state_dict; say so in the checkpoint

@@ -30,7 +30,7 @@ import torch
 from ..core.atomic import atomic_file
 from ..core.data import Character, DataError, Example, iter_jsonl
 from ..lm.gains import _znorm, lm_table
-from ..lm.score_cache import CachedScorer
+from ..lm.loglik_cache import CachedLikelihood
 
 MAX_ABS_SCORE = 1e6
 """Imported judge scores are ratings (1-5, 0-100, ...): a larger magnitude is a broken file, and would overflow
@@ -91,17 +91,17 @@ def _table(
 
 # ----------------------------------------------------------------------------------------------- LM utility
 def setting_gains(
-    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer
+    examples: Sequence[Example], characters: dict[str, Character], likelihood: CachedLikelihood
 ) -> np.ndarray:
     """Gains as a (n, max_settings) matrix, NaN where a character has fewer settings."""
-    return lm_table(examples, characters, scorer).gain_matrix()
+    return lm_table(examples, characters, likelihood).gain_matrix()
 
 
 def lm_utility_priors(
-    examples: Sequence[Example], characters: dict[str, Character], scorer: CachedScorer
+    examples: Sequence[Example], characters: dict[str, Character], likelihood: CachedLikelihood
 ) -> list[Prior]:
     """Mean LM gain per setting over the character's ``examples`` (pass only training dialogues)."""
-    gains = setting_gains(examples, characters, scorer)
+    gains = setting_gains(examples, characters, likelihood)
     by_char: dict[str, list[int]] = defaultdict(list)
     for row, e in enumerate(examples):
         by_char[e.character_id].append(row)
@@ -113,7 +113,7 @@ def lm_utility_priors(
         for i in range(n):
             raw[(cid, i)] = float(np.mean(gains[rows, i]))
             greet[(cid, i)] = float(np.mean(gains[g_rows, i])) if g_rows else math.nan
-    prov = f"lm={scorer.fingerprint}"
+    prov = f"lm={likelihood.fingerprint}"
     return _table({c: characters[c] for c in by_char}, raw, "lm_utility", prov, greet, counts)
 
 

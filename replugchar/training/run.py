@@ -1,7 +1,7 @@
 """What a ``fit`` config builds, without a Trainer: ``load_run(config_args) -> (module, datamodule)``.
 
 Every tool command, notebook and benchmark starts here, so they read the same YAML as ``fit`` (the LM, template,
-score cache and character split that training used) and never import the CLI.
+log-likelihood cache and character split that training used) and never import the CLI.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.options import one_line
 from .datamodule import SPLIT_FLAT_NAMES, LSRDataModule
-from .module import FLAT_NAMES, LSRModule
+from .module import FLAT_NAMES, RENAMED_FIELDS, LSRModule
 
 Moves = Mapping[str, Mapping[str, tuple[str, str]]]
 """section -> old flat option -> (group, field): where an option of before the option groups went."""
@@ -20,6 +20,7 @@ FIT_MOVES: Moves = {"model": FLAT_NAMES, "data": SPLIT_FLAT_NAMES}
 
 def check_moved_options(args: Sequence[str], moves: Moves = FIT_MOVES) -> None:
     """A config file or flag written before the option groups (``model.lm_batch_tokens``, ``data.val_fraction``)
+    or before a field's rename (``model.lm.score_cache_dir``, :data:`~replugchar.training.module.RENAMED_FIELDS`)
     is one ``ValueError`` naming where each option went, not jsonargparse's "does not accept option"."""
     found: list[str] = []
     args = list(args)
@@ -34,8 +35,12 @@ def check_moved_options(args: Sequence[str], moves: Moves = FIT_MOVES) -> None:
             if name in moves.get(section, {}) and not _is_group_value(value):
                 group, field = moves[section][name]
                 found.append(f"--{section}.{name} is now --{section}.{group}.{field}")
+        elif arg.startswith("--model.") and arg.count(".") == 2:
+            _, group, name = arg[2:].split(".")
+            if (group, name) in RENAMED_FIELDS and "model" in moves:
+                found.append(f"{arg} is now --model.{group}.{RENAMED_FIELDS[group, name]}")
     if found:
-        raise ValueError("options moved into groups (README 'Options'): " + "; ".join(found))
+        raise ValueError("options moved or renamed (README 'Options'): " + "; ".join(found))
 
 
 def _moved_in_config(path: str, moves: Moves) -> list[str]:
@@ -52,6 +57,12 @@ def _moved_in_config(path: str, moves: Moves) -> list[str]:
             if name in table and not isinstance(value, dict):
                 group, field = table[name]
                 out.append(f"{section}.{name} is now {section}.{group}.{field}")
+            elif section == "model" and isinstance(value, dict):
+                out += [
+                    f"model.{name}.{old} is now model.{name}.{RENAMED_FIELDS[name, old]}"
+                    for old in value
+                    if (name, old) in RENAMED_FIELDS
+                ]
     return out
 
 

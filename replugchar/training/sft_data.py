@@ -5,8 +5,8 @@ Training requests are (example, settings) pairs of the training characters of th
 character's settings, a random subset of them or none (:func:`draw_settings`, weighted by ``data.settings_mix``).
 They come from :class:`SFTStream`, a seeded stream whose batch ``b`` is a pure function of (seed, b), so a run
 killed mid-epoch resumes on exactly the batches it had not trained on. The batches are text
-(:class:`~replugchar.lm.scoring.ScoreRequest` lists): :class:`replugchar.training.finetune.CharacterLMModule` tokenises
-them as the scorer does.
+(:class:`~replugchar.lm.likelihood.LoglikRequest` lists): :class:`replugchar.training.finetune.CharacterLMModule` tokenises
+them as the likelihood does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..core.data import Character, Example, SplitSpec
-from ..lm.scoring import ScoreRequest
+from ..lm.likelihood import LoglikRequest
 from .datamodule import LSRDataModule
 
 SETTINGS_MIX_KEYS = ("all", "subset", "none")
@@ -54,7 +54,7 @@ def draw_settings(
 ) -> tuple[str, ...]:
     """The settings one training prompt shows: all of them shuffled, a random subset of 1..max_subset, or none.
 
-    Why a mix: LSR scores replies under single settings and under no setting, and generation at inference sees
+    Why a mix: LSR reads the LM's log-likelihood of replies under single settings and under no setting, and generation at inference sees
     the top-k, so the teacher must be fluent in all three prompt shapes, not only the one it was tuned on.
     """
     kind = rng.choices(SETTINGS_MIX_KEYS, weights=[mix[k] for k in SETTINGS_MIX_KEYS])[0]
@@ -120,20 +120,20 @@ class SFTStream(IterableDataset):
             self._perms = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
         return self._perms[epoch]
 
-    def request(self, position: int) -> ScoreRequest:
+    def request(self, position: int) -> LoglikRequest:
         n = len(self.examples)
         example = self.examples[self._perm(position // n)[position % n]]
         rng = random.Random(f"{self.seed}:train:{position}")
         settings = draw_settings(
             self.characters[example.character_id].settings, self.mix, self.max_subset, rng
         )
-        return ScoreRequest(example, settings)
+        return LoglikRequest(example, settings)
 
-    def batch(self, b: int) -> list[ScoreRequest]:
+    def batch(self, b: int) -> list[LoglikRequest]:
         start = (b * self.world_size + self.rank) * self.batch_size
         return [self.request(p) for p in range(start, start + self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[ScoreRequest]]:
+    def __iter__(self) -> Iterator[list[LoglikRequest]]:
         end = (self.cursor // len(self) + 1) * len(self)
         while self.cursor < end:
             b = self.cursor
@@ -209,7 +209,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
         self.split = self.pool.split
         self.save_hyperparameters(ignore=["split"])
         self.hparams["split"] = self.split.to_dict()  # plain data in checkpoints
-        self.val_requests: list[ScoreRequest] = []
+        self.val_requests: list[LoglikRequest] = []
 
     def setup(self, stage: str | None = None) -> None:
         self.pool.setup(stage)
@@ -218,7 +218,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
         seed = self.split.seed
         # validation prompts are drawn once per example id, so every validation sees the same prompts
         self.val_requests = [
-            ScoreRequest(
+            LoglikRequest(
                 e,
                 draw_settings(
                     self.characters[e.character_id].settings,
@@ -282,7 +282,7 @@ class CharacterSFTDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.split.seed),
         )
 
-    def transfer_batch_to_device(self, batch: list[ScoreRequest], device, dataloader_idx: int):
+    def transfer_batch_to_device(self, batch: list[LoglikRequest], device, dataloader_idx: int):
         return batch  # text: CharacterLMModule.reply_nll tokenises it and builds the tensors on its device
 
     def val_dataloader(self) -> DataLoader:

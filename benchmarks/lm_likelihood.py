@@ -1,31 +1,31 @@
-"""Frozen-LM scoring speed: naive per-pair loop vs the package's batched scorer vs raw forward vs the cache.
+"""Frozen-LM scoring speed: naive per-pair loop vs the package's batched likelihood vs raw forward vs the cache.
 
 Four ways of obtaining log P(response | setting, dialogue) for the same (example, setting) pairs:
 
 (a) naive   -- one forward per pair, full-vocabulary log-softmax at every position, gather the response tokens;
-(b) batched -- :meth:`replugchar.lm.scoring.LMScorer.score`: length-sorted token-budget batches, left padding,
+(b) batched -- :meth:`replugchar.lm.likelihood.LMLikelihood.loglik`: length-sorted token-budget batches, left padding,
                the LM head and log-softmax on the response positions only (``logits_to_keep``);
 (c) limit   -- the forward pass alone on exactly the padded batches (b) builds, ``logits_to_keep=1``, no
                log-softmax, no tokenisation, no Python bookkeeping: what (b) would cost if scoring were free;
-(d) cached  -- :class:`replugchar.lm.score_cache.CachedScorer` on a second epoch over the same pairs, after a
+(d) cached  -- :class:`replugchar.lm.loglik_cache.CachedLikelihood` on a second epoch over the same pairs, after a
                restart (scores read back from Parquet shards): zero LM calls, asserted.
 
 Prints one Markdown table (and writes every figure as JSON with ``--json``). Figures are measured in one run on
 one machine; compare ratios, not absolute numbers, across machines.
 
 ``--prefix_share`` measures something else: the settings-after template
-(``PromptTemplate(settings_position="after")``) scored per prompt (``LMScorer(share_prefix=False)``) and
+(``PromptTemplate(settings_position="after")``) scored per prompt (``LMLikelihood(share_prefix=False)``) and
 prefix-shared (each turn's dialogue run once, its KV cache reused by all k + 1 candidates) on the same turns, at
 each k of ``--ks`` (default 5, 10, 60; candidates: no setting, the character's own settings, then other
 characters' settings in a seeded per-turn order). It prints the tokens through the model per scored pair, pairs/s,
 the speed-up and the largest |Δ log P| between the two paths; its last line reads
 ``prefix-shared vs per-prompt at k=5: X.XXx pairs/s``.
 
-    python benchmarks/lm_scoring.py --lm tiny:gpt2 --pairs 40 --naive_pairs 10       # smoke run
-    python benchmarks/lm_scoring.py                                                  # SmolLM2, CPU
-    python benchmarks/lm_scoring.py --lm random:SmolLM2-135M --device cuda           # GPU, random weights
-    python benchmarks/lm_scoring.py --prefix_share                                   # SmolLM2, ConvAI2 valid
-    python benchmarks/lm_scoring.py --prefix_share --lm tiny:gpt2 --data demo --pairs 24 --min_turns 2  # smoke
+    python benchmarks/lm_likelihood.py --lm tiny:gpt2 --pairs 40 --naive_pairs 10       # smoke run
+    python benchmarks/lm_likelihood.py                                                  # SmolLM2, CPU
+    python benchmarks/lm_likelihood.py --lm random:SmolLM2-135M --device cuda           # GPU, random weights
+    python benchmarks/lm_likelihood.py --prefix_share                                   # SmolLM2, ConvAI2 valid
+    python benchmarks/lm_likelihood.py --prefix_share --lm tiny:gpt2 --data demo --pairs 24 --min_turns 2  # smoke
 """
 
 from __future__ import annotations
@@ -45,9 +45,16 @@ import numpy as np
 import torch
 
 from replugchar.core.data import Corpus
+from replugchar.lm.likelihood import (
+    NO_SETTING,
+    LMLikelihood,
+    LoglikRequest,
+    Logliks,
+    PromptTemplate,
+    fix_tokenizer,
+)
+from replugchar.lm.loglik_cache import CachedLikelihood, request_key
 from replugchar.lm.models import byte_tokenizer, load_causal_lm
-from replugchar.lm.score_cache import CachedScorer, request_key
-from replugchar.lm.scoring import NO_SETTING, LMScorer, PromptTemplate, ScoreRequest, Scores, fix_tokenizer
 
 RANDOM_SMOLLM2 = "random:SmolLM2-135M"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,16 +91,16 @@ def random_smollm2(dtype: torch.dtype):
     return model.to(dtype=dtype).eval().requires_grad_(False), tok
 
 
-def load_requests(data: str, n_pairs: int) -> tuple[list[ScoreRequest], str]:
+def load_requests(data: str, n_pairs: int) -> tuple[list[LoglikRequest], str]:
     """(example, (setting,)) for every setting of each example's character, in data order, first ``n_pairs``."""
     if data != "demo" and not Path(data).is_dir():
         print(f"NOTICE: data folder {data} not found; using the bundled demo data instead")
         data = "demo"
     corpus = Corpus.load(data)
-    requests: list[ScoreRequest] = []
+    requests: list[LoglikRequest] = []
     for ex in corpus.examples:
         for setting in corpus.characters[ex.character_id].settings:
-            requests.append(ScoreRequest(ex, (setting,)))
+            requests.append(LoglikRequest(ex, (setting,)))
             if len(requests) == n_pairs:
                 return requests, corpus.source
     if len(requests) < n_pairs:
@@ -101,11 +108,11 @@ def load_requests(data: str, n_pairs: int) -> tuple[list[ScoreRequest], str]:
     return requests, corpus.source
 
 
-def padded_batches(scorer: LMScorer, encoded: list[tuple[list[int], int]], device: torch.device):
-    """The exact (ids, mask, position_ids) batches :meth:`LMScorer.score` builds, already on ``device``."""
+def padded_batches(likelihood: LMLikelihood, encoded: list[tuple[list[int], int]], device: torch.device):
+    """The exact (ids, mask, position_ids) batches :meth:`LMLikelihood.loglik` builds, already on ``device``."""
     out = []
-    for batch in scorer.batches([len(ids) for ids, _ in encoded]):  # the package's own batching
-        ids, mask, _ = scorer.collate([encoded[i] for i in batch])  # (batch, width), left-padded
+    for batch in likelihood.batches([len(ids) for ids, _ in encoded]):  # the package's own batching
+        ids, mask, _ = likelihood.collate([encoded[i] for i in batch])  # (batch, width), left-padded
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         out.append((ids.to(device), mask.to(device), position_ids.to(device)))
     return out
@@ -162,18 +169,20 @@ class Meter:
 
 
 @torch.inference_mode()
-def naive_score(model, scorer: LMScorer, requests: list[ScoreRequest], device: torch.device) -> Scores:
+def naive_score(
+    model, likelihood: LMLikelihood, requests: list[LoglikRequest], device: torch.device
+) -> Logliks:
     """One forward per pair; log-softmax over the full vocabulary at every position; gather the response."""
     logp_sum = np.zeros(len(requests))
     n_tokens = np.zeros(len(requests), dtype=np.int64)
     for j, request in enumerate(requests):
-        seq, n_resp = scorer.encode(request)
+        seq, n_resp = likelihood.encode(request)
         ids = torch.tensor([seq], device=device)  # (1, seq)
         logp = model(ids, use_cache=False).logits.float().log_softmax(-1)  # (1, seq, vocab)
         token_logp = logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # (seq-1,)
         logp_sum[j] = float(token_logp[-n_resp:].sum())
         n_tokens[j] = n_resp
-    return Scores(logp_sum, n_tokens)
+    return Logliks(logp_sum, n_tokens)
 
 
 @torch.inference_mode()
@@ -187,13 +196,13 @@ def raw_forward(model, batches) -> None:
 class Replay:
     """Stands in for the LM to fill the cache with the scores (b) already computed: no extra LM pass."""
 
-    def __init__(self, fingerprint: str, requests: list[ScoreRequest], scores: Scores) -> None:
+    def __init__(self, fingerprint: str, requests: list[LoglikRequest], scores: Logliks) -> None:
         self.fingerprint = fingerprint
         self._by_key = {request_key(r): (s, n) for r, s, n in zip(requests, scores.logp_sum, scores.n_tokens)}
 
-    def score(self, requests) -> Scores:
+    def loglik(self, requests) -> Logliks:
         values = [self._by_key[request_key(r)] for r in requests]
-        return Scores(np.array([v[0] for v in values]), np.array([v[1] for v in values], dtype=np.int64))
+        return Logliks(np.array([v[0] for v in values]), np.array([v[1] for v in values], dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -225,12 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="auto = float32 on CPU, bfloat16 on GPU",
     )
-    p.add_argument("--max_batch_tokens", type=int, default=4096, help="LMScorer token budget per batch")
+    p.add_argument("--max_batch_tokens", type=int, default=4096, help="LMLikelihood token budget per batch")
     p.add_argument(
         "--max_length",
         type=int,
         default=0,
-        help="LMScorer max_length; 0 = 384 (as in configs/*.yaml), 1024 for the byte-tokenizer LMs "
+        help="LMLikelihood max_length; 0 = 384 (as in configs/*.yaml), 1024 for the byte-tokenizer LMs "
         f"(tiny:gpt2, {RANDOM_SMOLLM2}) so that they see the same dialogue context",
     )
     p.add_argument(
@@ -285,33 +294,33 @@ def main(argv: list[str] | None = None) -> dict:
         return prefix_share(args, model, tok, device, dtype_name, max_length, load_s)
     requests, data_source = load_requests(args.data, args.pairs)
     naive_requests = requests[: args.naive_pairs]
-    scorer = LMScorer(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
+    likelihood = LMLikelihood(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
 
     # tokenisation alone, as (b) does it (part of (a) and (b), absent from (c))
     t = time.perf_counter()
-    encoded = scorer.encode_many(requests)
+    encoded = likelihood.encode_many(requests)
     tokenize_s = time.perf_counter() - t
     lengths = np.array([len(ids) for ids, _ in encoded])
     tokens = int(lengths.sum())
     naive_tokens = int(lengths[: len(naive_requests)].sum())
-    batches = padded_batches(scorer, encoded, device)
+    batches = padded_batches(likelihood, encoded, device)
     padded_tokens = sum(ids.numel() for ids, _, _ in batches)
 
     # warm-up: one pair naive, one batch raw, a few pairs batched
-    naive_score(model, scorer, requests[:1], device)
+    naive_score(model, likelihood, requests[:1], device)
     raw_forward(model, batches[:1])
-    scorer.score(requests[: min(8, len(requests))])
+    likelihood.loglik(requests[: min(8, len(requests))])
     if device.type == "cuda":
         torch.cuda.synchronize()
 
     with Meter(device) as m_naive:
-        naive = naive_score(model, scorer, naive_requests, device)
+        naive = naive_score(model, likelihood, naive_requests, device)
     m_batched = m_limit = None
     for _ in range(args.repeats):  # keep the fastest of each: the others measure the machine's noise
-        passes0 = scorer.forward_passes
+        passes0 = likelihood.forward_passes
         with Meter(device) as m:
-            batched = scorer.score(requests)
-        n_forward = scorer.forward_passes - passes0
+            batched = likelihood.loglik(requests)
+        n_forward = likelihood.forward_passes - passes0
         m_batched = m if m_batched is None or m.seconds < m_batched.seconds else m_batched
         with Meter(device) as m:
             raw_forward(model, batches)
@@ -319,17 +328,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (d): fill a cache on disk from (b)'s scores, "restart", then one more epoch over the same pairs
     with tempfile.TemporaryDirectory() as cache_dir:
-        filler = CachedScorer(Replay(scorer.fingerprint, requests, batched), cache_dir)
-        filler.score(requests)
+        filler = CachedLikelihood(Replay(likelihood.fingerprint, requests, batched), cache_dir)
+        filler.loglik(requests)
         filler.flush()
         t = time.perf_counter()
-        cached = CachedScorer(scorer, cache_dir)
+        cached = CachedLikelihood(likelihood, cache_dir)
         cache_load_s = time.perf_counter() - t
         cache_bytes = sum(f.stat().st_size for f in Path(cache_dir).rglob("*.parquet"))
-        passes0 = scorer.forward_passes
+        passes0 = likelihood.forward_passes
         with Meter(device) as m_cached:
-            again = cached.score(requests)
-        lm_calls = scorer.forward_passes - passes0
+            again = cached.loglik(requests)
+        lm_calls = likelihood.forward_passes - passes0
     if lm_calls != 0 or cached.misses != 0:
         raise RuntimeError(f"cached epoch made {lm_calls} LM calls ({cached.misses} misses); expected 0")
     if not np.array_equal(again.logp_sum, batched.logp_sum):
@@ -419,9 +428,9 @@ def print_report(r: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     labels = {
         "naive": "(a) naive per-pair loop",
-        "batched": "(b) LMScorer.score",
+        "batched": "(b) LMLikelihood.loglik",
         "limit": "(c) raw forward, same batches",
-        "cached": "(d) CachedScorer 2nd epoch",
+        "cached": "(d) CachedLikelihood 2nd epoch",
     }
     naive_ps = r["rows"]["naive"]["pairs_per_s"]
     for key, label in labels.items():
@@ -453,7 +462,7 @@ def print_report(r: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- --prefix_share
-def prefix_share_requests(corpus: Corpus, turns, k: int, seed: int) -> list[ScoreRequest]:
+def prefix_share_requests(corpus: Corpus, turns, k: int, seed: int) -> list[LoglikRequest]:
     """Each turn's k + 1 candidates: no setting, the character's own settings, then (past its own) other
     characters' settings in a per-turn seeded order, the same at every k (so a larger k extends a smaller one)."""
     pool = [(cid, s) for cid, ch in corpus.characters.items() for s in ch.settings]
@@ -465,15 +474,15 @@ def prefix_share_requests(corpus: Corpus, turns, k: int, seed: int) -> list[Scor
         chosen = (own + others)[:k]
         if len(chosen) < k:
             print(f"NOTICE: only {len(chosen)} settings in {corpus.source} (asked for k={k})")
-        requests.append(ScoreRequest(ex, NO_SETTING))
-        requests += [ScoreRequest(ex, (s,)) for s in chosen]
+        requests.append(LoglikRequest(ex, NO_SETTING))
+        requests += [LoglikRequest(ex, (s,)) for s in chosen]
     return requests
 
 
 def prefix_share(
     args, model, tok, device: torch.device, dtype_name: str, max_length: int, load_s: float
 ) -> dict:
-    """Per-prompt vs prefix-shared :meth:`LMScorer.score` on the same turns and the same settings-after template,
+    """Per-prompt vs prefix-shared :meth:`LMLikelihood.loglik` on the same turns and the same settings-after template,
     at each k.
 
     Why interleaved: on a shared machine the load changes within seconds, so the turns are cut into ``--chunks``
@@ -492,13 +501,13 @@ def prefix_share(
     sample = random.Random(args.seed).sample(corpus.examples, len(corpus.examples))  # one seeded turn order
     template = PromptTemplate(settings_position="after")
     kwargs = dict(max_length=max_length, max_batch_tokens=args.max_batch_tokens)
-    scorers = {
-        "per_prompt": LMScorer(model, tok, template, share_prefix=False, **kwargs),
-        "shared": LMScorer(model, tok, template, **kwargs),
+    likelihoods = {
+        "per_prompt": LMLikelihood(model, tok, template, share_prefix=False, **kwargs),
+        "shared": LMLikelihood(model, tok, template, **kwargs),
     }
     warm = prefix_share_requests(corpus, sample[:2], min(ks), args.seed)
-    for scorer in scorers.values():
-        scorer.score(warm)
+    for likelihood in likelihoods.values():
+        likelihood.loglik(warm)
 
     rows = []
     for k in ks:
@@ -508,26 +517,26 @@ def prefix_share(
             prefix_share_requests(corpus, turns[c::n_chunks], k, args.seed) for c in range(n_chunks)
         ]  # turn-aligned: a turn's k + 1 candidates stay together
         requests = [r for chunk in chunks for r in chunk]
-        encoded = scorers["shared"].encode_split_many(requests)
+        encoded = likelihoods["shared"].encode_split_many(requests)
         best: dict[str, dict] = {}
         for _ in range(args.repeats):
             runs = {name: {"seconds": 0.0, "cpu_s": 0.0, "tokens": 0, "passes": 0, "rss": [], "cuda": []}
-                    for name in scorers}  # fmt: skip
-            sums = {name: [] for name in scorers}
+                    for name in likelihoods}  # fmt: skip
+            sums = {name: [] for name in likelihoods}
             for c, chunk in enumerate(chunks):
-                for name in list(scorers)[:: 1 if c % 2 == 0 else -1]:
-                    scorer, run = scorers[name], runs[name]
+                for name in list(likelihoods)[:: 1 if c % 2 == 0 else -1]:
+                    likelihood, run = likelihoods[name], runs[name]
                     tokens0, passes0, cpu0 = (
-                        scorer.tokens_forwarded,
-                        scorer.forward_passes,
+                        likelihood.tokens_forwarded,
+                        likelihood.forward_passes,
                         time.process_time(),
                     )
                     with Meter(device) as meter:
-                        scores = scorer.score(chunk)
+                        scores = likelihood.loglik(chunk)
                     run["cpu_s"] += time.process_time() - cpu0
                     run["seconds"] += meter.seconds
-                    run["tokens"] += scorer.tokens_forwarded - tokens0
-                    run["passes"] += scorer.forward_passes - passes0
+                    run["tokens"] += likelihood.tokens_forwarded - tokens0
+                    run["passes"] += likelihood.forward_passes - passes0
                     run["rss"].append(meter.rss_peak_mib)
                     run["cuda"].append(meter.cuda_peak_mib)
                     sums[name].append(scores)

@@ -1,7 +1,9 @@
 """The frozen LM as a judge: log P(gold response | setting(s), dialogue), and the tokenizer fixes it needs.
 
-One scoring function (:meth:`LMScorer.score`) serves training, priors and evaluation; :class:`ScoreCache`
-(in :mod:`replugchar.lm.score_cache`) sits in front of it so no pair is ever scored twice.
+One function (:meth:`LMLikelihood.loglik`) serves training, priors and evaluation;
+:class:`~replugchar.lm.loglik_cache.CachedLikelihood` sits in front of it so no pair is ever computed twice.
+"Score" in this package is the retrieval rule's (:mod:`replugchar.core.scoring`); what the LM gives is a
+log-likelihood, ``loglik`` in names.
 """
 
 from __future__ import annotations
@@ -23,19 +25,19 @@ NO_SETTING: tuple[str, ...] = ()
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 def fix_tokenizer(tokenizer, model=None):
-    """Make ``tokenizer`` safe for scoring (and for fine-tuning the character LM).
+    """Make ``tokenizer`` safe for log-likelihoods (and for fine-tuning the character LM).
 
     Why: when ``pad_token == eos_token`` (SmolLM2, Llama-2 fine-tunes such as japanese-stablelm-instruct-beta-7b),
     any mask built from ``input_ids != pad_token_id`` also hides the eos that ends the response, so the LM is
     never scored (or trained) on stopping. Fix, as for the Llama-2 family: pad := unk when an unk token exists
     and differs from eos, otherwise add a dedicated ``<|pad|>`` token with ``normalized=False`` (so the
     normaliser cannot split or rewrite it) and resize ``model``'s embeddings. Padding goes on the left so that
-    every response ends at the last position (see :meth:`LMScorer.score`). Returns the same tokenizer.
+    every response ends at the last position (see :meth:`LMLikelihood.loglik`). Returns the same tokenizer.
     """
     from transformers import AddedToken
 
     if tokenizer.eos_token_id is None:
-        raise ValueError("the LM's tokenizer has no eos token: cannot score the end of a response")
+        raise ValueError("the LM's tokenizer has no eos token: cannot judge the end of a response")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         unk = tokenizer.unk_token_id
         if unk is not None and unk != tokenizer.eos_token_id:
@@ -54,7 +56,7 @@ def fix_tokenizer(tokenizer, model=None):
 SETTINGS_POSITIONS = ("before", "after")
 
 _ADDED_TEMPLATE_FIELDS = {"settings_position": "before"}
-"""Fields added to :class:`PromptTemplate` after score caches existed, with the value that reproduces the template
+"""Fields added to :class:`PromptTemplate` after log-likelihood caches existed, with the value that reproduces the template
 as it was. :meth:`PromptTemplate.fingerprint` leaves a field out of the hash while it holds that value, so every
 template that could be written before the field existed keeps its fingerprint, and with it its Parquet cache."""
 
@@ -85,7 +87,7 @@ class PromptTemplate:
         Character:
 
     so all candidates of a turn (every setting, and none) share the dialogue as a prefix, which
-    :meth:`LMScorer.score` runs once per turn (see :meth:`render_split`). The no-setting prompt is the same text
+    :meth:`LMLikelihood.loglik` runs once per turn (see :meth:`render_split`). The no-setting prompt is the same text
     in both positions.
     """
 
@@ -135,7 +137,7 @@ class PromptTemplate:
         the reply marker. Why the cut sits right after that newline: it is the longest prefix shared by every
         candidate of a turn (each suffix starts with a setting line or the marker), and byte-level BPE
         tokenizers (GPT-2, SmolLM2) pre-split text at a newline followed by a letter, so tokenising the two parts
-        separately gives the same ids as tokenising the whole prompt. :class:`LMScorer` tokenises them separately
+        separately gives the same ids as tokenising the whole prompt. :class:`LMLikelihood` tokenises them separately
         on both of its paths anyway, so the two always score the same token sequence, whatever the tokenizer.
         """
         if self.settings_position != "after":
@@ -160,13 +162,13 @@ class PromptTemplate:
 
 
 @dataclass(frozen=True)
-class ScoreRequest:
+class LoglikRequest:
     example: Example
     settings: tuple[str, ...] = NO_SETTING
 
 
 @dataclass
-class Scores:
+class Logliks:
     """Per request: summed log-likelihood of the response tokens (eos included) and their count."""
 
     logp_sum: np.ndarray  # (n,) float64
@@ -177,19 +179,19 @@ class Scores:
         return self.logp_sum / np.maximum(self.n_tokens, 1)
 
 
-# ----------------------------------------------------------------------------------------------- scorer
+# ----------------------------------------------------------------------------------------------- likelihood
 def response_token_logprobs(
     model, ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
 ) -> torch.Tensor:
     """log p of each response token (eos included) given everything before it: (batch, r_max), 0 off the response.
 
-    Takes a batch as :meth:`LMScorer.collate` lays it out (left padding, so the responses of all rows end at the
+    Takes a batch as :meth:`LMLikelihood.collate` lays it out (left padding, so the responses of all rows end at the
     last column; ``ids`` and ``attention_mask`` on the model's device) and returns its last ``r_max`` columns,
     ``r_max`` the longest response. Positions are counted from each row's first real token, so left padding
     does not shift them, and only the last ``r_max + 1`` positions go through the LM head (``logits_to_keep``).
-    One computation for scoring (:meth:`LMScorer.score`, under inference_mode) and for fine-tuning
+    One computation for the frozen LM (:meth:`LMLikelihood.loglik`, under inference_mode) and for fine-tuning
     (:meth:`replugchar.training.finetune.CharacterLMModule.reply_nll`, with gradients), so the loss trained is exactly
-    the negative of the score LSR reads.
+    the negative of the log-likelihood LSR reads.
     """
     width = ids.shape[1]
     r_max = int(response_mask.sum(1).max())
@@ -267,7 +269,7 @@ def _padded_partition(
     sum(overhead + rows x width), each run within ``budget`` (rows x (width + max ``cached`` columns), a run of
     one always allowed).
 
-    Why not the greedy fill of :meth:`LMScorer.batches`: a turn's continuations are few and of widely varying
+    Why not the greedy fill of :meth:`LMLikelihood.batches`: a turn's continuations are few and of widely varying
     length (the response is the turn's), so filling batches to the budget pads a lot, while cutting at every
     length step makes forwards too small to be efficient. Exact dynamic programme, O(n x rows per batch).
     """
@@ -297,7 +299,7 @@ cap: a row's tokens see one another through a dense (width x width) mask, mostly
 grows with the row's width, while narrower rows run the tokens their candidates share (``Character trait: i``)
 once per row and copy the prefix's KV once per row. 192 SmolLM2 tokens hold a ConvAI2 turn's k + 1 = 6
 candidates; on 2 CPU cores caps of 128 / 192 / 320 gave 2.73x / 2.86x / 2.79x at k = 5 and 3.52x / 3.64x / 3.59x
-at k = 60 over the per-prompt path (``benchmarks/lm_scoring.py --prefix_share`` turns, one run)."""
+at k = 60 over the per-prompt path (``benchmarks/lm_likelihood.py --prefix_share`` turns, one run)."""
 
 
 @dataclass
@@ -451,8 +453,9 @@ def _weights_key(model) -> str:
     return f"{type(model).__name__}-{hashlib.sha1(emb.tobytes()).hexdigest()[:12]}"
 
 
-class LMScorer:
-    """Scores (example, settings) pairs with a frozen causal LM in length-bucketed, token-budgeted batches.
+class LMLikelihood:
+    """log P(response | prompt) of (example, settings) pairs under a frozen causal LM, in length-bucketed,
+    token-budgeted batches.
 
     Truncation policy: the response is never cut. When prompt + response exceed ``max_length`` tokens, the
     oldest context turns are dropped first; if it still does not fit, :class:`ValueError` names the example.
@@ -460,10 +463,11 @@ class LMScorer:
     every prompt position costs several times the forward pass on CPU.
 
     Prefix sharing: with a settings-after template (``PromptTemplate(settings_position="after")``) the k + 1
-    candidates of a turn differ only after the dialogue, so :meth:`score` runs each distinct prefix once, keeps
+    candidates of a turn differ only after the dialogue, so :meth:`loglik` runs each distinct prefix once, keeps
     its KV cache, and runs only ``setting line(s) + reply marker + response`` per candidate against it (the tokens
-    that candidates start with once per row of candidates): ~k times fewer tokens through the model per turn. Scores equal the per-prompt path's (same token ids, fp noise only).
-    ``share_prefix=False`` forces the per-prompt path (benchmarks, checks); it does not change what a score is,
+    that candidates start with once per row of candidates): ~k times fewer tokens through the model per turn. The
+    log-likelihoods equal the per-prompt path's (same token ids, fp noise only).
+    ``share_prefix=False`` forces the per-prompt path (benchmarks, checks); it does not change what a log-likelihood is,
     so it is not part of :attr:`fingerprint`.
     """
 
@@ -493,17 +497,17 @@ class LMScorer:
         self.lm_key = lm_key or getattr(model.config, "_name_or_path", "") or _weights_key(model)
         self.share_prefix = share_prefix
         self.forward_passes = 0
-        self.pairs_scored = 0
+        self.pairs_computed = 0
         # real (non-padding) input tokens through the model; a cached prefix is counted once
         self.tokens_forwarded = 0
 
     @property
     def fingerprint(self) -> str:
-        """Identifies what a score depends on besides the pair: LM, dtype, template, length limit."""
+        """Identifies what a log-likelihood depends on besides the pair: LM, dtype, template, length limit."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return f"{self.lm_key}|{dtype}|{self.template.fingerprint()}|{self.max_length}"
 
-    def encode(self, request: ScoreRequest) -> tuple[list[int], int]:
+    def encode(self, request: LoglikRequest) -> tuple[list[int], int]:
         """Token ids of prompt + response + eos, and the number of response tokens at the end."""
         if self.template.settings_position == "after":
             prefix, continuation, n_resp = self.encode_split(request)
@@ -524,9 +528,9 @@ class LMScorer:
                 )
             context.pop(0)
 
-    def encode_many(self, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
+    def encode_many(self, requests: Sequence[LoglikRequest]) -> list[tuple[list[int], int]]:
         """:meth:`encode` for many requests, with one batched tokenizer call for prompts and one for responses
-        (per-pair calls cost a third of the scoring time on a GPU); over-long pairs take the truncating path."""
+        (per-pair calls cost a third of the LM time on a GPU); over-long pairs take the truncating path."""
         if not requests:
             return []
         if self.template.settings_position == "after":
@@ -555,15 +559,15 @@ class LMScorer:
         ).input_ids
         return [[*r, tok.eos_token_id] for r in ids]
 
-    def encode_split(self, request: ScoreRequest) -> tuple[list[int], list[int], int]:
+    def encode_split(self, request: LoglikRequest) -> tuple[list[int], list[int], int]:
         """Settings-after templates: (prefix ids, continuation ids, number of response tokens at the end).
 
         The prefix is :meth:`PromptTemplate.render_split`'s dialogue part tokenised on its own (with the
         tokenizer's special tokens, e.g. a bos); the continuation is the suffix tokenised without special tokens,
-        then the response and eos. Both paths of :meth:`score` score ``prefix + continuation``, so they see the
+        then the response and eos. Both paths of :meth:`loglik` score ``prefix + continuation``, so they see the
         same ids. Truncation as in :meth:`encode`: oldest context turns first, never the response. The suffix
         (settings) differs per candidate, so candidates of one turn can keep different numbers of turns: they
-        then have different prefixes, and :meth:`score` groups them apart.
+        then have different prefixes, and :meth:`loglik` groups them apart.
         """
         tok, ex = self.tokenizer, request.example
         [response] = self._response_ids([ex.response])
@@ -584,7 +588,7 @@ class LMScorer:
                 )
             context.pop(0)
 
-    def encode_split_many(self, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], list[int], int]]:
+    def encode_split_many(self, requests: Sequence[LoglikRequest]) -> list[tuple[list[int], list[int], int]]:
         """:meth:`encode_split` for many requests: each distinct prefix, suffix and response text is tokenised once
         (one batched call each; a turn's k + 1 candidates share one prefix); over-long pairs are truncated."""
         if not requests:
@@ -640,19 +644,19 @@ class LMScorer:
         return ids, mask, resp_mask
 
     @torch.inference_mode()
-    def score(self, requests: Sequence[ScoreRequest]) -> Scores:
+    def loglik(self, requests: Sequence[LoglikRequest]) -> Logliks:
         """Summed log P(response + eos | prompt) per request: prefix-shared for settings-after templates (when
         ``share_prefix`` and the model's attention allows it), one padded prompt per request otherwise."""
         after = self.template.settings_position == "after"
         if after and self.share_prefix and supports_prefix_sharing(self.model):
-            scores = self._score_shared(self.encode_split_many(requests))
+            out = self._loglik_shared(self.encode_split_many(requests))
         else:
             encoded = self.encode_many(requests)
-            scores = Scores(self._score_prompts(encoded), np.array([n for _, n in encoded], dtype=np.int64))
-        self.pairs_scored += len(requests)
-        return scores
+            out = Logliks(self._loglik_prompts(encoded), np.array([n for _, n in encoded], dtype=np.int64))
+        self.pairs_computed += len(requests)
+        return out
 
-    def _score_prompts(self, encoded: Sequence[tuple[list[int], int]]) -> np.ndarray:
+    def _loglik_prompts(self, encoded: Sequence[tuple[list[int], int]]) -> np.ndarray:
         """The per-prompt path: summed response log P of each (ids, n_response), in token-budgeted batches."""
         logp_sum = np.zeros(len(encoded), dtype=np.float64)
         device = next(self.model.parameters()).device
@@ -664,7 +668,7 @@ class LMScorer:
             self.tokens_forwarded += int(mask.sum())
         return logp_sum
 
-    def _score_shared(self, encoded: Sequence[tuple[list[int], list[int], int]]) -> Scores:
+    def _loglik_shared(self, encoded: Sequence[tuple[list[int], list[int], int]]) -> Logliks:
         """The prefix-shared path over :meth:`encode_split_many`'s output.
 
         1. Requests are grouped by prefix ids (one turn, and the same truncation); a group of one gains nothing
@@ -698,7 +702,7 @@ class LMScorer:
             else:  # nothing to share, or no prefix token to hold back
                 alone.extend(members)
         if alone:
-            logp_sum[alone] = self._score_prompts(
+            logp_sum[alone] = self._loglik_prompts(
                 [(encoded[i][0] + encoded[i][1], encoded[i][2]) for i in alone]
             )
         # longest first, cut as continuations are (_padded_partition), counting two forwards per prefix batch:
@@ -709,20 +713,20 @@ class LMScorer:
             widths, [0] * len(shared), self.max_batch_tokens, 2 * self._forward_overhead()
         )
         for i, j in cuts:
-            self._score_prefix_batch(shared[i:j], encoded, logp_sum)
-        return Scores(logp_sum, n_tokens)
+            self._loglik_prefix_batch(shared[i:j], encoded, logp_sum)
+        return Logliks(logp_sum, n_tokens)
 
     def _forward_overhead(self) -> int:
         device = next(self.model.parameters()).device
         return _FORWARD_OVERHEAD_TOKENS.get(device.type, _FORWARD_OVERHEAD_TOKENS["default"])
 
-    def _score_prefix_batch(
+    def _loglik_prefix_batch(
         self,
         groups: Sequence[tuple[tuple[int, ...], list[int]]],
         encoded: Sequence[tuple[list[int], list[int], int]],
         logp_sum: np.ndarray,
     ) -> None:
-        """One prefix batch of :meth:`_score_shared`: run the prefixes once, then every member's continuation, its
+        """One prefix batch of :meth:`_loglik_shared`: run the prefixes once, then every member's continuation, its
         turn's candidates packed as tries into rows (:class:`_TreeRow`)."""
         heads, members = [], []
         for prefix, group in groups:
@@ -739,7 +743,7 @@ class LMScorer:
         rows.sort(key=lambda r: -len(r.tokens))
         widths, cached = [len(r.tokens) for r in rows], [head_len[r.prefix_row] for r in rows]
         for lo, hi in _padded_partition(widths, cached, self.max_batch_tokens, self._forward_overhead()):
-            self._score_tree_batch(rows[lo:hi], layers, prefix_mask, head_len, logp_sum)
+            self._loglik_tree_batch(rows[lo:hi], layers, prefix_mask, head_len, logp_sum)
 
     def _run_prefixes(self, heads: Sequence[list[int]]) -> tuple[list, torch.Tensor]:
         """One left-padded forward over the prefixes: their KV per layer, each (prefixes, kv_heads, past, head_dim),
@@ -765,7 +769,7 @@ class LMScorer:
         cache = getattr(out, "cache", None)
         return _cache_tensors(cache if cache is not None else out.past_key_values), prefix_mask
 
-    def _score_tree_batch(
+    def _loglik_tree_batch(
         self,
         rows: Sequence[_TreeRow],
         layers: list,

@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from replugchar.core.data import Example, Turn
-from replugchar.lm import scoring
-from replugchar.lm.score_cache import CachedScorer
-from replugchar.lm.scoring import (
+from replugchar.lm import likelihood as likelihood_module
+from replugchar.lm.likelihood import (
     NO_SETTING,
-    LMScorer,
+    LMLikelihood,
+    LoglikRequest,
     PromptTemplate,
-    ScoreRequest,
     _full_attention_only,
     _padded_partition,
     supports_prefix_sharing,
 )
+from replugchar.lm.loglik_cache import CachedLikelihood
 
 AFTER = PromptTemplate(settings_position="after")
 JA = dict(
@@ -36,24 +36,24 @@ JA = dict(
 ATOL = 5e-5  # fp32: the two paths differ only in batch layout (padding, reduction order), sums of ~50 log p
 
 
-def candidates(examples, characters, *, pairs: bool = True) -> list[ScoreRequest]:
+def candidates(examples, characters, *, pairs: bool = True) -> list[LoglikRequest]:
     """Every turn's k + 1 candidates (each own setting, and none), plus a two-setting candidate, shuffled so that
     turns and candidates arrive interleaved."""
     out = []
     for ex in examples:
         settings = characters[ex.character_id].settings
-        out.append(ScoreRequest(ex, NO_SETTING))
-        out += [ScoreRequest(ex, (s,)) for s in settings]
+        out.append(LoglikRequest(ex, NO_SETTING))
+        out += [LoglikRequest(ex, (s,)) for s in settings]
         if pairs:
-            out.append(ScoreRequest(ex, settings[:2]))
+            out.append(LoglikRequest(ex, settings[:2]))
     random.Random(0).shuffle(out)
     return out
 
 
 def both_paths(model, tok, requests, template=AFTER, **kwargs):
-    shared = LMScorer(model, tok, template, **kwargs)
-    per_prompt = LMScorer(model, tok, template, share_prefix=False, **kwargs)
-    return shared, shared.score(requests), per_prompt, per_prompt.score(requests)
+    shared = LMLikelihood(model, tok, template, **kwargs)
+    per_prompt = LMLikelihood(model, tok, template, share_prefix=False, **kwargs)
+    return shared, shared.loglik(requests), per_prompt, per_prompt.loglik(requests)
 
 
 def shared_tokens(encoded) -> int:
@@ -78,7 +78,7 @@ def shared_tokens(encoded) -> int:
 @pytest.fixture
 def one_row_per_turn(monkeypatch):
     """Rows as wide as need be: each turn's candidates form one trie, so token counts have a closed form."""
-    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", 100_000)
+    monkeypatch.setattr(likelihood_module, "_TREE_ROW_TOKENS", 100_000)
 
 
 def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
@@ -93,19 +93,20 @@ def manual_logp(model, tok, prompt_ids: list[int], response: str) -> float:
 
 # ----------------------------------------------------------------------------------------------- template
 def test_default_template_fingerprints_are_pinned(tiny_lm):
-    """Values computed before settings_position existed: a changed hash would orphan every score cache."""
+    """Values computed before settings_position existed: a changed hash would orphan every log-likelihood cache."""
     assert PromptTemplate().fingerprint() == "ca4a1283cef8"
     assert PromptTemplate(settings_position="before").fingerprint() == "ca4a1283cef8"
     assert PromptTemplate(**JA).fingerprint() == "f2ec484302cb"
     # a template dict written before the field existed (retriever.json, hparams) loads to the same hash
     assert PromptTemplate(**{**JA, "response": " {text}"}).fingerprint() == "f2ec484302cb"
     model, tok = tiny_lm
-    assert LMScorer(model, tok, lm_key="tiny").fingerprint == "tiny|float32|ca4a1283cef8|512"
+    assert LMLikelihood(model, tok, lm_key="tiny").fingerprint == "tiny|float32|ca4a1283cef8|512"
     # the settings-after template scores other prompts: it must not share the default's cache
     assert AFTER.fingerprint() != PromptTemplate().fingerprint()
     assert PromptTemplate(**JA, settings_position="after").fingerprint() != "f2ec484302cb"
     assert (
-        LMScorer(model, tok, lm_key="tiny", share_prefix=False).fingerprint == "tiny|float32|ca4a1283cef8|512"
+        LMLikelihood(model, tok, lm_key="tiny", share_prefix=False).fingerprint
+        == "tiny|float32|ca4a1283cef8|512"
     )
 
 
@@ -143,19 +144,19 @@ def test_per_prompt_path_of_settings_after_equals_a_manual_forward(tiny_lm, exam
     the tokenisation of the whole prompt, and the score is the plain log-likelihood."""
     model, tok = tiny_lm
     ex = examples[5]  # three context turns
-    scorer = LMScorer(model, tok, AFTER, share_prefix=False)
+    likelihood = LMLikelihood(model, tok, AFTER, share_prefix=False)
     for settings in (NO_SETTING, characters["bob"].settings[:1], characters["bob"].settings[:2]):
         prompt = AFTER.render(settings, ex.context, ex.query)
         prefix, suffix = AFTER.render_split(settings, ex.context, ex.query)
-        ids, n = scorer.encode(ScoreRequest(ex, settings))
+        ids, n = likelihood.encode(LoglikRequest(ex, settings))
         assert ids[:-n] == tok(prompt).input_ids == tok(prefix).input_ids + tok(suffix).input_ids
-        got = scorer.score([ScoreRequest(ex, settings)]).logp_sum[0]
+        got = likelihood.loglik([LoglikRequest(ex, settings)]).logp_sum[0]
         assert got == pytest.approx(
             manual_logp(model, tok, tok(prompt).input_ids, " " + ex.response), abs=ATOL
         )
 
 
-def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, characters, one_row_per_turn):
+def test_prefix_shared_logliks_equal_per_prompt_logliks(tiny_lm, examples, characters, one_row_per_turn):
     model, tok = tiny_lm
     requests = candidates(examples, characters)
     shared, a, per_prompt, b = both_paths(model, tok, requests, max_batch_tokens=400)
@@ -173,26 +174,26 @@ def test_prefix_shared_scores_equal_per_prompt_scores(tiny_lm, examples, charact
     assert len(prefixes) == len(examples)
     assert per_prompt.tokens_forwarded == sum(len(p) + len(c) for p, c, _ in encoded)
     # at this budget a turn's trie is cut into rows (each runs the tokens its candidates share again)
-    wide = LMScorer(model, tok, AFTER, max_batch_tokens=100_000)
-    np.testing.assert_allclose(wide.score(requests).logp_sum, b.logp_sum, atol=ATOL, rtol=0)
+    wide = LMLikelihood(model, tok, AFTER, max_batch_tokens=100_000)
+    np.testing.assert_allclose(wide.loglik(requests).logp_sum, b.logp_sum, atol=ATOL, rtol=0)
     assert wide.tokens_forwarded == shared_tokens(encoded) < shared.tokens_forwarded
     assert shared.tokens_forwarded < per_prompt.tokens_forwarded - sum(len(p) for p in prefixes) * 3
     assert shared.forward_passes > 2  # several prefix batches and continuation batches at this budget
-    assert shared.pairs_scored == per_prompt.pairs_scored == len(requests)
+    assert shared.pairs_computed == per_prompt.pairs_computed == len(requests)
 
 
 @pytest.mark.parametrize("budget", [120, 700, 100_000])
-def test_prefix_shared_scores_do_not_depend_on_the_token_budget(tiny_lm, examples, characters, budget):
+def test_prefix_shared_logliks_do_not_depend_on_the_token_budget(tiny_lm, examples, characters, budget):
     """Tiny budgets split a turn's candidates over several continuation batches (each gathers the cache again),
     large ones mix prefixes of different lengths in one batch (left padding inside the cached prefix)."""
     model, tok = tiny_lm
     requests = candidates(examples[:6], characters, pairs=False)
-    want = LMScorer(model, tok, AFTER, share_prefix=False, max_batch_tokens=100_000).score(requests)
-    scorer = LMScorer(model, tok, AFTER, max_batch_tokens=budget)
-    got = scorer.score(requests)
+    want = LMLikelihood(model, tok, AFTER, share_prefix=False, max_batch_tokens=100_000).loglik(requests)
+    likelihood = LMLikelihood(model, tok, AFTER, max_batch_tokens=budget)
+    got = likelihood.loglik(requests)
     np.testing.assert_allclose(got.logp_sum, want.logp_sum, atol=ATOL, rtol=0)
     if budget == 120:
-        assert scorer.forward_passes > len({r.example.example_id for r in requests})
+        assert likelihood.forward_passes > len({r.example.example_id for r in requests})
 
 
 def test_empty_suffix_and_single_candidates(tiny_lm, examples, one_row_per_turn):
@@ -200,8 +201,8 @@ def test_empty_suffix_and_single_candidates(tiny_lm, examples, one_row_per_turn)
     predicts the first response token); a turn with one candidate takes the per-prompt path."""
     model, tok = tiny_lm
     template = PromptTemplate(query_line="User: {text}\n", settings_position="after")
-    requests = [ScoreRequest(ex, NO_SETTING) for ex in examples[:4]]
-    requests += [ScoreRequest(ex, ("I like tea.",)) for ex in examples[:3]]  # examples[3] is alone
+    requests = [LoglikRequest(ex, NO_SETTING) for ex in examples[:4]]
+    requests += [LoglikRequest(ex, ("I like tea.",)) for ex in examples[:3]]  # examples[3] is alone
     shared, a, _, b = both_paths(model, tok, requests, template=template)
     np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
     assert a.n_tokens.tolist() == b.n_tokens.tolist()
@@ -229,46 +230,46 @@ def test_truncation_gives_candidates_of_one_turn_different_prefixes(tiny_lm):
     )
     other = Example("ex-other", "c", "d2", query="Tea?", response="Gladly.", context=turns[2:])
     short, long = ("I swim.",), ("I grew up by the sea, in a small town with a lighthouse and a harbour.",)
-    wide = LMScorer(model, tok, AFTER, max_length=1000)
-    n_short = sum(map(len, wide.encode_split(ScoreRequest(ex, short))[:2]))
+    wide = LMLikelihood(model, tok, AFTER, max_length=1000)
+    n_short = sum(map(len, wide.encode_split(LoglikRequest(ex, short))[:2]))
     limit = n_short + 5  # the short candidate keeps every turn; the long one loses at least the first
-    requests = [ScoreRequest(ex, s) for s in (NO_SETTING, short, long, long + short)]
-    requests += [ScoreRequest(other, s) for s in (NO_SETTING, short, long)]
-    scorer = LMScorer(model, tok, AFTER, max_length=limit)
-    encoded = scorer.encode_split_many(requests)
+    requests = [LoglikRequest(ex, s) for s in (NO_SETTING, short, long, long + short)]
+    requests += [LoglikRequest(other, s) for s in (NO_SETTING, short, long)]
+    likelihood = LMLikelihood(model, tok, AFTER, max_length=limit)
+    encoded = likelihood.encode_split_many(requests)
     prefixes = [tok.decode(p) for p, _, _ in encoded]
     assert "FIRST" in prefixes[1] and "FIRST" not in prefixes[2]  # one turn, two prefixes
     assert len({tuple(p) for p, _, _ in encoded[:4]}) >= 2
-    assert [scorer.encode(r) for r in requests] == scorer.encode_many(
+    assert [likelihood.encode(r) for r in requests] == likelihood.encode_many(
         requests
     )  # same ids, one by one or many
     resp = len(tok(" " + ex.response).input_ids) + 1
     assert [n for _, _, n in encoded[:4]] == [resp] * 4  # the response is never cut
     assert all(len(p) + len(c) <= limit for p, c, _ in encoded)
 
-    a = scorer.score(requests)
-    b = LMScorer(model, tok, AFTER, max_length=limit, share_prefix=False).score(requests)
+    a = likelihood.loglik(requests)
+    b = LMLikelihood(model, tok, AFTER, max_length=limit, share_prefix=False).loglik(requests)
     np.testing.assert_allclose(a.logp_sum, b.logp_sum, atol=ATOL, rtol=0)
 
     # not even the context-free prompt fits: both paths raise, naming the example
-    too_small = len(scorer.encode_split(ScoreRequest(ex, long))[1]) + 2
+    too_small = len(likelihood.encode_split(LoglikRequest(ex, long))[1]) + 2
     for share in (True, False):
         with pytest.raises(ValueError, match="ex-long"):
-            LMScorer(model, tok, AFTER, max_length=too_small, share_prefix=share).score(requests[2:3])
+            LMLikelihood(model, tok, AFTER, max_length=too_small, share_prefix=share).loglik(requests[2:3])
 
 
-def test_cache_in_front_of_the_prefix_shared_scorer(tiny_lm, examples, characters, tmp_path):
+def test_cache_in_front_of_the_prefix_shared_likelihood(tiny_lm, examples, characters, tmp_path):
     model, tok = tiny_lm
     requests = candidates(examples[:3], characters, pairs=False)
-    scorer = LMScorer(model, tok, AFTER)
-    cached = CachedScorer(scorer, tmp_path)
-    first = cached.score(requests)
+    likelihood = LMLikelihood(model, tok, AFTER)
+    cached = CachedLikelihood(likelihood, tmp_path)
+    first = cached.loglik(requests)
     cached.flush()
-    passes = scorer.forward_passes
-    again = CachedScorer(scorer, tmp_path).score(requests)
-    assert scorer.forward_passes == passes  # all hits
+    passes = likelihood.forward_passes
+    again = CachedLikelihood(likelihood, tmp_path).loglik(requests)
+    assert likelihood.forward_passes == passes  # all hits
     np.testing.assert_array_equal(again.logp_sum, first.logp_sum)
-    default_folder = CachedScorer(LMScorer(model, tok), tmp_path).folder
+    default_folder = CachedLikelihood(LMLikelihood(model, tok), tmp_path).folder
     assert cached.folder != default_folder  # another template, another cache
 
 
@@ -283,7 +284,7 @@ def test_models_without_full_attention_everywhere_take_the_per_prompt_path(tiny_
     assert _full_attention_only(cfg(sliding_window=4096, use_sliding_window=False))
 
 
-def test_alibi_models_take_the_per_prompt_path_with_the_same_scores(tiny_lm, examples, characters):
+def test_alibi_models_take_the_per_prompt_path_with_the_same_logliks(tiny_lm, examples, characters):
     """Bloom passes every other check (eager attention, full layers) but builds ALiBi from a 2D mask."""
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -300,23 +301,23 @@ def test_alibi_models_take_the_per_prompt_path_with_the_same_scores(tiny_lm, exa
 
 
 @pytest.mark.parametrize("cap", [1, 40, 160])
-def test_rows_of_any_width_give_the_same_scores(tiny_lm, examples, characters, monkeypatch, cap):
+def test_rows_of_any_width_give_the_same_logliks(tiny_lm, examples, characters, monkeypatch, cap):
     """A turn's candidates cut into rows of at most ``cap`` nodes: one candidate per row (1), several rows per
     turn (40), one row for most turns (160), rows of different widths padded in one batch; a candidate asked
     twice in one call (the same trie path) gets the same score twice."""
     model, tok = tiny_lm
-    monkeypatch.setattr(scoring, "_TREE_ROW_TOKENS", cap)
+    monkeypatch.setattr(likelihood_module, "_TREE_ROW_TOKENS", cap)
     requests = candidates(examples[:6], characters)
     requests += requests[:5]  # duplicates
-    want = LMScorer(model, tok, AFTER, share_prefix=False).score(requests)
-    scorer = LMScorer(model, tok, AFTER)
-    got = scorer.score(requests)
+    want = LMLikelihood(model, tok, AFTER, share_prefix=False).loglik(requests)
+    likelihood = LMLikelihood(model, tok, AFTER)
+    got = likelihood.loglik(requests)
     np.testing.assert_allclose(got.logp_sum, want.logp_sum, atol=ATOL, rtol=0)
     assert got.logp_sum[-5:].tolist() == got.logp_sum[:5].tolist()
 
 
 def test_tree_row_runs_shared_tokens_once_and_predicts_each_target_from_its_own_path():
-    row = scoring._TreeRow(prefix_row=0)
+    row = likelihood_module._TreeRow(prefix_row=0)
     row.insert(7, [1, 2, 3, 9, 8], n_resp=2)  # continuation [1, 2, 3] then response [9, 8]
     assert row.new_nodes([1, 2, 4, 9]) == 2 and row.new_nodes([1, 2, 3]) == 0
     row.insert(5, [1, 2, 4, 9], n_resp=1)
@@ -324,9 +325,11 @@ def test_tree_row_runs_shared_tokens_once_and_predicts_each_target_from_its_own_
     assert row.parents == [-1, 0, 1, 2, 3, 1, 5]
     assert row.depths == [0, 1, 2, 3, 4, 2, 3]
     assert (row.predictors, row.targets, row.owners) == ([2, 3, 5], [9, 8, 9], [7, 7, 5])
-    rows = scoring._tree_rows(0, [(0, [1, 2, 3, 9], 1), (1, [1, 2, 4, 9], 1), (2, [5, 9], 1)], cap=6)
+    rows = likelihood_module._tree_rows(
+        0, [(0, [1, 2, 3, 9], 1), (1, [1, 2, 4, 9], 1), (2, [5, 9], 1)], cap=6
+    )
     assert [len(r.tokens) for r in rows] == [6, 2]  # the row is full at 6 nodes; [5, 9] starts the next
-    _, position_ids, sees = scoring._tree_batch(rows, cached=[10, 10], pad=0)
+    _, position_ids, sees = likelihood_module._tree_batch(rows, cached=[10, 10], pad=0)
     assert position_ids.tolist() == [[10, 11, 12, 13, 12, 13], [10, 11, 0, 0, 0, 0]]
     assert sees[0, 3].tolist() == [True, True, True, True, False, False]  # ancestors and itself
     assert sees[1, 4].tolist() == [False] * 4 + [True, False]  # padding sees itself only

@@ -1,7 +1,8 @@
-"""Persistent, resumable cache of LM scores in front of :class:`~replugchar.lm.scoring.LMScorer`.
+"""Persistent, resumable cache of the frozen LM's log-likelihoods in front of
+:class:`~replugchar.lm.likelihood.LMLikelihood`.
 
-Why: frozen-LM scoring is where LSR spends its time and its inputs never change, so each (LM, template,
-example, settings) pair is scored once, ever. Scores live in Parquet shards under one folder per scorer
+Why: the LM's forward passes are where LSR spends its time and their inputs never change, so each (LM, template,
+example, settings) pair is computed once, ever. Log-likelihoods live in Parquet shards under one folder per LM
 fingerprint; each shard is written to a temp file and renamed, so a run killed at any point leaves only whole
 shards, and a rerun recomputes only what no shard holds.
 """
@@ -23,13 +24,13 @@ import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_file
 from ..core.options import check_ranges
+from .likelihood import LMLikelihood, LoglikRequest, Logliks, PromptTemplate
 from .models import LMOptions
-from .scoring import LMScorer, PromptTemplate, ScoreRequest, Scores
 
 log = logging.getLogger(__name__)
 
 
-def _example_digest(request: ScoreRequest) -> str:
+def _example_digest(request: LoglikRequest) -> str:
     ex = request.example
     h = hashlib.sha1()
     for part in (ex.query, ex.response, *(f"{t.role}:{t.text}" for t in ex.context)):
@@ -45,39 +46,39 @@ def settings_id(settings: Sequence[str]) -> str:
     return hashlib.sha1("\x1f".join(settings).encode()).hexdigest()[:16]
 
 
-def request_key(request: ScoreRequest) -> str:
+def request_key(request: LoglikRequest) -> str:
     return f"{request.example.example_id}|{_example_digest(request)}|{settings_id(request.settings)}"
 
 
-class CachedScorer:
-    """``score(requests)`` like :class:`LMScorer`, reading and filling the cache.
+class CachedLikelihood:
+    """``loglik(requests)`` like :class:`LMLikelihood`, reading and filling the cache.
 
     Args:
-        scorer: the LM scorer; ``None`` makes a read-only cache that raises on a miss.
-        cache_dir: root folder; ``None`` keeps scores in memory only (tests, notebooks).
-        shard_size: new scores buffered before a shard is written.
+        lm: the frozen LM's likelihood; ``None`` makes a read-only cache that raises on a miss.
+        cache_dir: root folder; ``None`` keeps log-likelihoods in memory only (tests, notebooks).
+        shard_size: new log-likelihoods buffered before a shard is written.
         rank: process rank, part of shard names so DDP workers never write the same file.
     """
 
     def __init__(
         self,
-        scorer: LMScorer | None,
+        lm: LMLikelihood | None,
         cache_dir: str | Path | None = None,
         *,
         fingerprint: str = "",
         shard_size: int = 256,
         rank: int = 0,
     ) -> None:
-        self.scorer = scorer
-        self.fingerprint = fingerprint or (scorer.fingerprint if scorer else "")
+        self.lm = lm
+        self.fingerprint = fingerprint or (lm.fingerprint if lm else "")
         if not self.fingerprint:
-            raise ValueError("a read-only CachedScorer needs the fingerprint of the scorer that filled it")
+            raise ValueError("a read-only CachedLikelihood needs the fingerprint of the LM that filled it")
         self.folder = (
             Path(cache_dir) / hashlib.sha1(self.fingerprint.encode()).hexdigest()[:16] if cache_dir else None
         )
         self.shard_size = shard_size
         self.rank = rank
-        self._scores: dict[str, tuple[float, int]] = {}
+        self._logliks: dict[str, tuple[float, int]] = {}
         self._pending: dict[str, tuple[float, int]] = {}
         self._shards: set[str] = set()
         self.hits = 0
@@ -104,56 +105,58 @@ class CachedScorer:
                 sums = table.column("logp_sum").to_numpy()
                 ns = table.column("n_tokens").to_numpy()
             except (pa.ArrowException, OSError, KeyError) as err:
-                # a shard damaged outside our write path (disk full, copy): its pairs are scored again
-                log.warning("score cache: skipping unreadable shard %s (%s)", shard, err)
+                # a shard damaged outside our write path (disk full, copy): its pairs are computed again
+                log.warning("log-likelihood cache: skipping unreadable shard %s (%s)", shard, err)
                 continue
             ok = np.isfinite(sums) | (sums == -np.inf)  # NaN / +inf cannot be log-likelihoods
             if not ok.all():
                 log.warning(
-                    "score cache: %s holds %d non-finite scores; they will be recomputed",
+                    "log-likelihood cache: %s holds %d non-finite values; they will be recomputed",
                     shard,
                     int((~ok).sum()),
                 )
-            self._scores.update(
+            self._logliks.update(
                 (k, (s, n)) for k, s, n, good in zip(keys, sums.tolist(), ns.tolist(), ok) if good
             )
-        if self._scores:
-            log.info("score cache %s: %d scores loaded", self.folder, len(self._scores))
+        if self._logliks:
+            log.info("log-likelihood cache %s: %d pairs loaded", self.folder, len(self._logliks))
 
     def __len__(self) -> int:
-        return len(self._scores)
+        return len(self._logliks)
 
-    def __contains__(self, request: ScoreRequest) -> bool:
-        return request_key(request) in self._scores
+    def __contains__(self, request: LoglikRequest) -> bool:
+        return request_key(request) in self._logliks
 
-    def score(self, requests: Sequence[ScoreRequest]) -> Scores:
+    def loglik(self, requests: Sequence[LoglikRequest]) -> Logliks:
         keys = [request_key(r) for r in requests]
-        missing: dict[str, ScoreRequest] = {}
+        missing: dict[str, LoglikRequest] = {}
         for k, r in zip(keys, requests):
-            if k not in self._scores and k not in missing:
+            if k not in self._logliks and k not in missing:
                 missing[k] = r
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
         if missing:
-            if self.scorer is None:
+            if self.lm is None:
                 raise KeyError(
-                    f"{len(missing)} pairs are not in the score cache {self.folder} (run `replugchar score`)"
+                    f"{len(missing)} pairs are not in the log-likelihood cache {self.folder} (run `replugchar loglik`)"
                 )
-            fresh = self.scorer.score(list(missing.values()))
+            fresh = self.lm.loglik(list(missing.values()))
             for k, s, n in zip(missing, fresh.logp_sum.tolist(), fresh.n_tokens.tolist()):
                 if not np.isfinite(s) and s != -np.inf:
-                    raise FloatingPointError(f"LM score for {k} is {s}: check the LM's dtype and weights")
-                self._scores[k] = self._pending[k] = (s, n)
+                    raise FloatingPointError(
+                        f"LM log-likelihood of {k} is {s}: check the LM's dtype and weights"
+                    )
+                self._logliks[k] = self._pending[k] = (s, n)
             if len(self._pending) >= self.shard_size:
                 self.flush()
-        values = [self._scores[k] for k in keys]
-        return Scores(
+        values = [self._logliks[k] for k in keys]
+        return Logliks(
             np.array([v[0] for v in values], dtype=np.float64),
             np.array([v[1] for v in values], dtype=np.int64),
         )
 
     def flush(self) -> None:
-        """Write pending scores as one shard: temp file + rename, so a kill leaves no partial shard."""
+        """Write pending log-likelihoods as one shard: temp file + rename, so a kill leaves no partial shard."""
         if not self._pending or self.folder is None:
             self._pending.clear()
             return
@@ -171,18 +174,37 @@ class CachedScorer:
         self._pending.clear()
 
 
+CACHE_FOLDER = "logliks"
+"""Name of the ``auto`` cache folder under $REPLUGCHAR_CACHE."""
+_OLD_CACHE_FOLDER = "scores"
+"""Its name in 0.1 (when "score" meant both the retrieval rule's output and this)."""
+
+
 def resolve_cache_dir(option: str | None) -> Path | None:
-    """``"auto"`` -> ``$REPLUGCHAR_CACHE/scores``; a path -> that path; None -> no persistent cache."""
+    """``"auto"`` -> ``$REPLUGCHAR_CACHE/logliks``; a path -> that path; None -> no persistent cache.
+
+    An ``auto`` cache filled before the rename (``$REPLUGCHAR_CACHE/logliks``) is moved to the new name, once, by
+    one ``rename``: hours of LM time are not thrown away for a name, and a kill cannot leave half of it behind."""
     from .models import cache_dir
 
     if option is None:
         return None
-    return cache_dir() / "scores" if option == "auto" else Path(option).expanduser()
+    if option != "auto":
+        return Path(option).expanduser()
+    new, old = cache_dir() / CACHE_FOLDER, cache_dir() / _OLD_CACHE_FOLDER
+    if old.is_dir() and not new.exists():
+        try:
+            old.rename(new)
+            log.info("log-likelihood cache moved from %s to %s", old, new)
+        except OSError:  # another process (a DDP rank) moved it first, or the old one is read-only
+            if not new.exists():
+                return old
+    return new
 
 
 def _folder_digest(spec: str) -> str | None:
-    """Content id of a local model folder: ``finetune-lm`` may rewrite the same folder, whose old scores must
-    then miss the cache. Sizes and the first MiB of each weight file: cheap, and changes with any retraining."""
+    """Content id of a local model folder: ``finetune-lm`` may rewrite the same folder, whose old log-likelihoods
+    must then miss the cache. Sizes and the first MiB of each weight file: cheap, and changes with any retraining."""
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         return None
@@ -195,16 +217,17 @@ def _folder_digest(spec: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class ScorerOptions(LMOptions):
+class LikelihoodOptions(LMOptions):
     """The frozen LM that supervises retrieval (``model.lm`` of ``fit``): which LM and how it loads
-    (:class:`~replugchar.lm.models.LMOptions`), its batching and its score cache. With the prompt template this is
-    what a score depends on (:meth:`record`, stored in retriever.json)."""
+    (:class:`~replugchar.lm.models.LMOptions`), its batching and its log-likelihood cache. With the prompt template
+    this is what a log-likelihood depends on (:meth:`record`, stored in retriever.json)."""
 
     max_batch_tokens: int = 4096
-    """Token budget of one LM forward pass, padded tokens counted (:class:`~replugchar.lm.scoring.LMScorer`)."""
-    score_cache_dir: str | None = "auto"
-    """Persistent LM-score cache folder: ``auto`` = $REPLUGCHAR_CACHE/scores (default ~/.cache/replugchar/scores);
-    null keeps scores in memory for this run only."""
+    """Token budget of one LM forward pass, padded tokens counted
+    (:class:`~replugchar.lm.likelihood.LMLikelihood`)."""
+    loglik_cache_dir: str | None = "auto"
+    """Persistent folder of the LM's log-likelihoods: ``auto`` = $REPLUGCHAR_CACHE/logliks (default
+    ~/.cache/replugchar/logliks); null keeps them in memory for this run only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -225,15 +248,15 @@ class ScorerOptions(LMOptions):
         }
 
 
-def build_scorer(
-    options: ScorerOptions,
+def build_likelihood(
+    options: LikelihoodOptions,
     template: PromptTemplate | dict | None = None,
     *,
     device: str = "cpu",
     rank: int = 0,
-) -> CachedScorer:
-    """The frozen LM behind its score cache: the one constructor used by ``fit``, ``evaluate`` and the tools,
-    so a pair scored by one is a cache hit for the others."""
+) -> CachedLikelihood:
+    """The frozen LM behind its log-likelihood cache: the one constructor used by ``fit``, ``evaluate`` and the
+    tools, so a pair computed by one is a cache hit for the others."""
     from .models import load_causal_lm
 
     if isinstance(template, dict):
@@ -245,7 +268,7 @@ def build_scorer(
         trust_remote_code=options.trust_remote_code,
         device=str(device),
     )
-    scorer = LMScorer(
+    lm = LMLikelihood(
         model,
         tok,
         template,
@@ -253,4 +276,4 @@ def build_scorer(
         max_batch_tokens=options.max_batch_tokens,
         lm_key=f"{options.name}@{options.revision or _folder_digest(options.name) or 'main'}",
     )
-    return CachedScorer(scorer, resolve_cache_dir(options.score_cache_dir), rank=rank)
+    return CachedLikelihood(lm, resolve_cache_dir(options.loglik_cache_dir), rank=rank)
