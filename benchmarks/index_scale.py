@@ -8,6 +8,12 @@ with ``SettingIndex.search(q, 10, prior_weight=0.1)``. Recall@10 is measured aga
 ``nprobe`` and ``ef_search``, read from its signature: 16 and 256) and the fastest setting that reaches
 recall@10 >= 0.95, with its speed-up over flat.
 
+It also times the path that serves (``Retriever.search``): one character's settings per query, through
+``SettingIndex.search(..., character_ids=...)`` (a FAISS id selector), ``--character_queries`` queries, one at a
+time as a chat turn asks, and checks that every kind returns exactly flat's per-character top-k (it must: the
+selector search is exact for Flat, for IVF over the lists that hold the character and for HNSW's flat storage). So the table
+says what the index kind costs the serving path as n grows, beside what it buys pool-wide search.
+
 ``--vectors clustered`` (default) draws settings and queries from a mixture of Gaussians on the unit sphere, one
 centre per ``--cluster_size`` (100) settings, with per-vector noise so that the mean cosine to the own centre is
 about ``--cluster_cos`` (0.65): a stand-in for sentence embeddings, which are clustered by topic.
@@ -29,11 +35,11 @@ import os
 import platform
 import threading
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 
+from replugchar.core.atomic import write_text
 from replugchar.retrieval.index import SettingIndex, SettingRecord
 
 K = 10
@@ -173,6 +179,23 @@ def timed_search(index: SettingIndex, queries: np.ndarray, args, **params) -> tu
     return len(queries) / best, ids
 
 
+def timed_character_search(
+    index: SettingIndex, queries: np.ndarray, characters: list[str], args
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Per-character queries/s (one query per call, best of ``args.repeats``), and the (scores, ids) found."""
+    best, scores, ids = float("inf"), None, None
+    weight = args.prior_weight / args.prior_scale
+    for _ in range(args.repeats):
+        found = []
+        t = time.perf_counter()
+        for q, cid in zip(queries, characters):
+            found.append(index.search(q[None], K, character_ids=[cid], prior_weight=weight))
+        best = min(best, time.perf_counter() - t)
+        scores = np.concatenate([s for s, _ in found])
+        ids = np.concatenate([i for _, i in found])
+    return len(queries) / best, scores, ids
+
+
 def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lambda: None) -> dict:
     """Fill ``out`` (the row of size n) kind by kind, calling ``checkpoint()`` after each kind."""
     log(f"n={n:,}: drawing {args.vectors} vectors")
@@ -191,6 +214,9 @@ def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lam
     ]
     out.update({"n": n, **vec_info, "kinds": {}})
     truth = flat_qps = None
+    m = min(args.character_queries, len(queries))
+    served_by = [f"c{int(i):07d}" for i in rng.integers(0, n // SETTINGS_PER_CHARACTER, m)]
+    char_truth = char_flat_qps = None
     for kind in ("flat", *(k for k in args.kinds if k != "flat")):  # flat first: it is the ground truth
         gc.collect()
         build_kwargs = {"nlist": args.nlist or None} if kind == "ivf" else {}
@@ -216,6 +242,18 @@ def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lam
         elif kind == "hnsw":
             row["params"] = {"M": args.hnsw_m, "efConstruction": index.index.hnsw.efConstruction}
         index.search(queries[:10], K, prior_weight=args.prior_weight / args.prior_scale)  # warm-up
+        char_qps, char_scores, char_ids = timed_character_search(index, queries[:m], served_by, args)
+        if kind == "flat":
+            char_truth, char_flat_qps = (char_scores, char_ids), char_qps
+        row["per_character"] = {
+            "queries": m,
+            "qps": char_qps,
+            "qps_over_flat": char_qps / char_flat_qps,
+            "same_ids_as_flat": bool(np.array_equal(char_ids, char_truth[1])),
+            "max_abs_score_diff": float(np.max(np.abs(char_scores - char_truth[0]))),
+        }
+        log(f"n={n:,}: {kind} per-character search {char_qps:.0f} QPS, same top-{K} as flat: "
+            f"{row['per_character']['same_ids_as_flat']}")  # fmt: skip
         if kind == "flat":
             flat_qps, truth = timed_search(index, queries, args)
             log(f"n={n:,}: flat {flat_qps:.0f} QPS")
@@ -255,6 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of settings")
     p.add_argument("--dim", type=int, default=384, help="embedding dimension (all-MiniLM-L6-v2: 384)")
     p.add_argument("--queries", type=int, default=1000, help="queries per batched search")
+    p.add_argument(
+        "--character_queries",
+        type=int,
+        default=200,
+        help="per-character searches, one query per call (serving)",
+    )
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads; 0 keeps FAISS's default")
     p.add_argument(
         "--kinds", default="flat,ivf,hnsw", help="index kinds (flat is always built: ground truth)"
@@ -289,8 +333,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if not sizes or min(sizes) < K or min(args.dim, args.queries, args.repeats) <= 0 or args.prior_scale <= 0:
-        raise ValueError(f"--sizes must be >= {K}; --dim, --queries, --repeats and --prior_scale positive")
+    if not sizes or min(sizes) < K or min(args.dim, args.queries, args.repeats, args.character_queries) <= 0:
+        raise ValueError(f"--sizes must be >= {K}; --dim, --queries, --character_queries, --repeats positive")
+    if args.prior_scale <= 0:
+        raise ValueError("--prior_scale must be positive")
     if args.cluster_size <= 0 or not 0 < args.cluster_cos < 1 or args.ef_construction <= 0:
         raise ValueError("--cluster_size and --ef_construction must be positive, --cluster_cos in (0, 1)")
     if bad := set(args.kinds) - {"flat", "ivf", "hnsw"}:
@@ -317,8 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def checkpoint() -> None:  # after every index kind, so that a run cut short keeps what it finished
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            write_text(args.json, json.dumps(results, indent=2))
 
     for n in sizes:
         t = time.perf_counter()
@@ -393,6 +438,19 @@ def print_report(r: dict) -> None:
             print(
                 f"IVF list imbalance factor at n={size['n']:,}: {size['kinds']['ivf']['ivf_imbalance_factor']:.2f} "
                 "(1 = balanced lists)"
+            )
+    print(
+        f"\nServing path: one character's top-{c['k']} per query (`Retriever.search`: FAISS id selector), "
+        f"{c['character_queries']} queries one at a time"
+    )
+    print("| n | kind | per-character QPS | vs flat | same top-k as flat | max abs score diff |")
+    print("|---:|---|---:|---:|---|---:|")
+    for size in r["sizes"]:
+        for kind, x in size["kinds"].items():
+            pc = x["per_character"]
+            print(
+                f"| {size['n']:,} | {kind} | {pc['qps']:.0f} | {pc['qps_over_flat']:.2f}x | "
+                f"{'yes' if pc['same_ids_as_flat'] else '**no**'} | {pc['max_abs_score_diff']:.1e} |"
             )
     print("\nSweeps (QPS / recall@10):")
     for size in r["sizes"]:

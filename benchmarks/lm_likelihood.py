@@ -1,4 +1,4 @@
-"""Frozen-LM scoring speed: naive per-pair loop vs the package's batched likelihood vs raw forward vs the cache.
+"""Frozen-LM log-likelihood speed: naive per-pair loop vs the package's batched likelihood vs raw forward vs the cache.
 
 Four ways of obtaining log P(response | setting, dialogue) for the same (example, setting) pairs:
 
@@ -8,7 +8,7 @@ Four ways of obtaining log P(response | setting, dialogue) for the same (example
 (c) limit   -- the forward pass alone on exactly the padded batches (b) builds, ``logits_to_keep=1``, no
                log-softmax, no tokenisation, no Python bookkeeping: what (b) would cost if scoring were free;
 (d) cached  -- :class:`replugchar.lm.loglik_cache.CachedLikelihood` on a second epoch over the same pairs, after a
-               restart (scores read back from Parquet shards): zero LM calls, asserted.
+               restart (log-likelihoods read back from Parquet shards): zero LM calls, asserted.
 
 Prints one Markdown table (and writes every figure as JSON with ``--json``). Figures are measured in one run on
 one machine; compare ratios, not absolute numbers, across machines.
@@ -64,7 +64,7 @@ PREFIX_SHARE_DATA = REPO_ROOT.parent / "shared" / "data" / "convai2_valid"
 
 # ----------------------------------------------------------------------------------------------- setup
 def random_smollm2(dtype: torch.dtype):
-    """SmolLM2-135M's architecture with random weights and the byte tokenizer: speed only, scores meaningless."""
+    """SmolLM2-135M's architecture with random weights and the byte tokenizer: speed only, log-likelihoods meaningless."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer(8192)
@@ -169,7 +169,7 @@ class Meter:
 
 
 @torch.inference_mode()
-def naive_score(
+def naive_loglik(
     model, likelihood: LMLikelihood, requests: list[LoglikRequest], device: torch.device
 ) -> Logliks:
     """One forward per pair; log-softmax over the full vocabulary at every position; gather the response."""
@@ -194,11 +194,13 @@ def raw_forward(model, batches) -> None:
 
 
 class Replay:
-    """Stands in for the LM to fill the cache with the scores (b) already computed: no extra LM pass."""
+    """Stands in for the LM to fill the cache with the log-likelihoods (b) already computed: no extra LM pass."""
 
-    def __init__(self, fingerprint: str, requests: list[LoglikRequest], scores: Logliks) -> None:
+    def __init__(self, fingerprint: str, requests: list[LoglikRequest], logliks: Logliks) -> None:
         self.fingerprint = fingerprint
-        self._by_key = {request_key(r): (s, n) for r, s, n in zip(requests, scores.logp_sum, scores.n_tokens)}
+        self._by_key = {
+            request_key(r): (s, n) for r, s, n in zip(requests, logliks.logp_sum, logliks.n_tokens)
+        }
 
     def loglik(self, requests) -> Logliks:
         values = [self._by_key[request_key(r)] for r in requests]
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     if random_weights:
         print(
             f"NOTE: {RANDOM_SMOLLM2} has RANDOM weights and a byte tokenizer (~4x the tokens of SmolLM2's BPE): "
-            "only speed is meaningful, the scores are not"
+            "only speed is meaningful, the log-likelihoods are not"
         )
 
     if args.prefix_share:
@@ -307,14 +309,14 @@ def main(argv: list[str] | None = None) -> dict:
     padded_tokens = sum(ids.numel() for ids, _, _ in batches)
 
     # warm-up: one pair naive, one batch raw, a few pairs batched
-    naive_score(model, likelihood, requests[:1], device)
+    naive_loglik(model, likelihood, requests[:1], device)
     raw_forward(model, batches[:1])
     likelihood.loglik(requests[: min(8, len(requests))])
     if device.type == "cuda":
         torch.cuda.synchronize()
 
     with Meter(device) as m_naive:
-        naive = naive_score(model, likelihood, naive_requests, device)
+        naive = naive_loglik(model, likelihood, naive_requests, device)
     m_batched = m_limit = None
     for _ in range(args.repeats):  # keep the fastest of each: the others measure the machine's noise
         passes0 = likelihood.forward_passes
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
             raw_forward(model, batches)
         m_limit = m if m_limit is None or m.seconds < m_limit.seconds else m_limit
 
-    # (d): fill a cache on disk from (b)'s scores, "restart", then one more epoch over the same pairs
+    # (d): fill a cache on disk from (b)'s log-likelihoods, "restart", then one more epoch over the same pairs
     with tempfile.TemporaryDirectory() as cache_dir:
         filler = CachedLikelihood(Replay(likelihood.fingerprint, requests, batched), cache_dir)
         filler.loglik(requests)
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     if lm_calls != 0 or cached.misses != 0:
         raise RuntimeError(f"cached epoch made {lm_calls} LM calls ({cached.misses} misses); expected 0")
     if not np.array_equal(again.logp_sum, batched.logp_sum):
-        raise RuntimeError("cached scores differ from the batched scores they were filled with")
+        raise RuntimeError("cached log-likelihoods differ from the batched ones they were filled with")
 
     # agreement of (a) and (b) on the naive subset (same tokens; differences are padding/dtype numerics)
     diff = np.abs(naive.logp_sum - batched.logp_sum[: len(naive_requests)])
@@ -417,7 +419,9 @@ def print_report(r: dict) -> None:
     where = mach["gpu"] or f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads"
     print(f"\n## LM scoring: {c['lm']} ({c['dtype']}) on {c['device']} ({where}), torch {mach['torch']}")
     if r["random_weights"]:
-        print("**Random weights, byte tokenizer: speed only; scores and token counts are not SmolLM2's.**")
+        print(
+            "**Random weights, byte tokenizer: speed only; log-likelihoods and token counts are not SmolLM2's.**"
+        )
     print(
         f"data: {c['data_source']}; {r['rows']['batched']['pairs']} pairs, {r['mean_tokens_per_pair']:.0f} "
         f"tokens/pair; {r['batches']} batches of <= {c['max_batch_tokens']} tokens, padding efficiency "
@@ -532,14 +536,14 @@ def prefix_share(
                         time.process_time(),
                     )
                     with Meter(device) as meter:
-                        scores = likelihood.loglik(chunk)
+                        logliks = likelihood.loglik(chunk)
                     run["cpu_s"] += time.process_time() - cpu0
                     run["seconds"] += meter.seconds
                     run["tokens"] += likelihood.tokens_forwarded - tokens0
                     run["passes"] += likelihood.forward_passes - passes0
                     run["rss"].append(meter.rss_peak_mib)
                     run["cuda"].append(meter.cuda_peak_mib)
-                    sums[name].append(scores)
+                    sums[name].append(logliks)
             for name, run in runs.items():
                 run["logp_sum"] = np.concatenate([x.logp_sum for x in sums[name]])
                 run["n_tokens"] = np.concatenate([x.n_tokens for x in sums[name]])
@@ -619,7 +623,9 @@ def print_prefix_share_report(r: dict) -> None:
         f"\n## Prefix-shared LM scoring: {c['lm']} ({c['dtype']}) on {c['device']} ({where}), torch {mach['torch']}"
     )
     if r["random_weights"]:
-        print("**Random weights, byte tokenizer: speed only; scores and token counts are not SmolLM2's.**")
+        print(
+            "**Random weights, byte tokenizer: speed only; log-likelihoods and token counts are not SmolLM2's.**"
+        )
     print(
         f"data: {c['data_source']}; template settings_position=after; max_length {c['max_length']}, "
         f"max_batch_tokens {c['max_batch_tokens']}; the two paths take turns on each of up to {c['chunks']} chunks "

@@ -5,14 +5,13 @@ The public API is imported lazily (``replugchar --help`` must not load torch)::
     from replugchar import Retriever, ScoringRule, LSRLoss, LMLikelihood, PromptTemplate, SettingIndex, fix_tokenizer
 
 "Score" is the retrieval rule's (:class:`ScoringRule`); the frozen LM gives log-likelihoods (:class:`LMLikelihood`,
-``loglik``). The LM names of 0.1 (``LMScorer``, ``CachedScorer``, ...) still resolve, with a warning, for one
-release.
+``loglik``). An LM name of 0.1 (``LMScorer``, ``CachedScorer``, ...) is an ``ImportError`` that names its new
+spelling (README "Renamed in 0.2"): its methods were renamed too, so an alias would only fail one call later.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING
 
 __version__ = "0.2.0"
@@ -45,10 +44,10 @@ _API = {
     "evaluate": "evaluation.evaluate",
 }
 _RENAMED = {
-    "LMScorer": "LMLikelihood",
+    "LMScorer": "LMLikelihood (its .score is .loglik, returning Logliks)",
     "ScoreRequest": "LoglikRequest",
-    "CachedScorer": "CachedLikelihood",
-    "ScorerOptions": "LikelihoodOptions",
+    "CachedScorer": "CachedLikelihood (its .score is .loglik, its .scorer is .lm)",
+    "ScorerOptions": "LikelihoodOptions (score_cache_dir is loglik_cache_dir)",
     "build_scorer": "build_likelihood",
 }
 """0.1 name -> today's: "score" now means only the retrieval rule's."""
@@ -96,14 +95,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    if name in _RENAMED:
-        new = _RENAMED[name]
-        warnings.warn(
-            f"replugchar.{name} is now replugchar.{new} (the old name goes in the next release)",
-            DeprecationWarning,
-            stacklevel=2,
+    if name in _RENAMED:  # ImportError, not AttributeError: `from replugchar import X` would drop the message
+        raise ImportError(
+            f"replugchar.{name} was renamed in 0.2: it is replugchar.{_RENAMED[name]}", name=name
         )
-        name = new
     if name in _API:
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'replugchar' has no attribute {name!r}")

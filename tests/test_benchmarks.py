@@ -119,6 +119,11 @@ def test_index_scale_smoke_run_reports_the_package_search_defaults(tmp_path):
         assert all(0.0 <= s["recall"] <= 1.0 for s in kinds[kind]["sweep"])
     assert "| 400 | flat |" in proc.stdout and "| 400 | hnsw M=32" in proc.stdout
     assert "ef_search=256" in proc.stdout  # the default is measured even when the sweep stops before it
+    # the serving path: every kind gives flat's per-character top-k, scores included
+    for kind in ("flat", "ivf", "hnsw"):
+        served = kinds[kind]["per_character"]
+        assert served["same_ids_as_flat"] and served["max_abs_score_diff"] < 1e-5 and served["qps"] > 0, kind
+    assert "Serving path" in proc.stdout and "| 400 | ivf |" in proc.stdout
 
 
 def test_index_scale_reads_its_defaults_from_the_search_signature(monkeypatch):

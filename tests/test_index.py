@@ -144,7 +144,7 @@ def test_approximate_indexes_have_high_recall(kind):
     for row, cid in enumerate(chars):
         got_ids = [int(i) for i in restricted[row] if i >= 0]
         assert all(records[i].character_id == cid for i in got_ids)
-        if kind == "hnsw":  # (ivf: see test_ivf_character_search_finds_all_of_a_characters_settings)
+        if kind == "hnsw":  # (ivf: see test_ivf_build_on_few_settings)
             assert got_ids == [
                 int(i)
                 for i in exact.search(queries[row : row + 1], 3, character_ids=[cid], prior_weight=0.5)[1][0]

@@ -128,7 +128,7 @@ def test_max_length_is_capped_by_the_model_positions(tiny_lm):
 
 
 def test_loglik_of_an_lm_in_training_changes_nothing_and_builds_no_graph(tiny_lm, requests_):
-    """Fine-tuning validates with the likelihood, so it may get an LM that trains: scoring must leave its weights
+    """Fine-tuning validates with LMLikelihood, so it may get an LM that trains: loglik must leave its weights
     bit-identical, its requires_grad flags and train mode as they were, write no .grad, and run the forward passes
     without autograd although the caller has grad enabled (inside a training step)."""
     model, tok = copy.deepcopy(tiny_lm[0]).train().requires_grad_(True), tiny_lm[1]

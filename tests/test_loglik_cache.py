@@ -1,4 +1,4 @@
-"""CachedLikelihood: no pair is scored twice, in memory or across instances; shards appear whole; keys per template."""
+"""CachedLikelihood: no pair is computed twice, in memory or across instances; shards appear whole; keys per template."""
 
 from __future__ import annotations
 

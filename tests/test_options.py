@@ -128,7 +128,7 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch):
     ("dtype", "device", "frozen", "expected"),
     [
         ("auto", "cpu", True, "float32"),
-        ("auto", "cuda", True, "bfloat16"),  # the frozen likelihood, the frozen base of a LoRA fine-tune
+        ("auto", "cuda", True, "bfloat16"),  # the frozen LM, the frozen base of a LoRA fine-tune
         ("auto", "cuda:1", False, "float32"),  # full fine-tuning keeps float32 master weights
         ("float16", "cpu", True, "float16"),
     ],
@@ -151,7 +151,12 @@ def test_options_renamed_off_score_name_their_new_key_and_old_checkpoints_resume
         run_lightning(["fit", "--config", debug, "--config", str(old)])
     assert "model.lm.score_cache_dir is now model.lm.loglik_cache_dir" in str(err.value)
     assert "model.loss.lm_score is now model.loss.lm_loglik" in str(err.value)
-    for flag in (["--model.lm.score_cache_dir", "/x"], ["--model.loss.lm_score=sum"]):
+    for flag in (
+        ["--model.lm.score_cache_dir", "/x"],
+        ["--model.loss.lm_score=sum"],
+        ["--model.lm", "{score_cache_dir: null}"],  # a group given whole
+        ["--model.loss", '{"lm_score": "sum"}'],
+    ):
         with pytest.raises(ValueError, match=r"--model\.(lm\.score_cache_dir|loss\.lm_score) is now"):
             load_run(["--config", debug, *flag])
 
@@ -164,6 +169,21 @@ def test_options_renamed_off_score_name_their_new_key_and_old_checkpoints_resume
     assert cfg.config.fit.model.lm.loglik_cache_dir == cache and cfg.config.fit.model.loss.lm_loglik == "sum"
     module = LSRModule(**grouped_hparams(grouped_01))
     assert module.lm_options.loglik_cache_dir == cache and module.loss_options.lm_loglik == "sum"
+
+
+def test_a_0_1_lm_name_says_its_new_spelling():
+    """``from replugchar import LMScorer`` (0.1) names what replaced it, methods included, instead of Python's
+    bare "cannot import name"."""
+    import replugchar
+
+    with pytest.raises(
+        ImportError,
+        match=r"LMScorer was renamed in 0\.2: it is replugchar\.LMLikelihood \(its \.score is \.loglik",
+    ):
+        exec("from replugchar import LMScorer", {})
+    with pytest.raises(ImportError, match=r"replugchar\.CachedLikelihood"):
+        replugchar.CachedScorer  # noqa: B018
+    assert callable(replugchar.LMLikelihood.loglik) and callable(replugchar.CachedLikelihood.loglik)
 
 
 def test_the_scorer_record_keeps_the_export_format_names():

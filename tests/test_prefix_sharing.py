@@ -1,5 +1,5 @@
 """Prefix-shared LM scoring: the settings-after template, its fingerprint (the default's is pinned: Parquet caches
-are keyed by it), and scores of the prefix-shared path equal to the per-prompt path's for the same template, with
+are keyed by it), and log-likelihoods of the prefix-shared path equal to the per-prompt path's for the same template, with
 mixed examples, varied lengths, the no-setting candidate, token-budget batching and truncation."""
 
 from __future__ import annotations

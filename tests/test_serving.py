@@ -70,16 +70,17 @@ def test_search_equals_rank_for_every_index_kind(served, history):
 
 
 def test_without_history_and_gate_the_score_is_a_plain_faiss_search(served):
-    """The README's path: FAISS alone, [q, λ/α] against the stored vectors, one character by id selector."""
+    """The README's path: FAISS alone, [q, λ/c] against the stored vectors (c: the prior scale), one character
+    by id selector."""
     r, _, _ = served
     r = Retriever(r.encoder, r.index, r.config)
     r.rule = dataclasses.replace(r.rule, gate=(0.0, 0.0))
     index = r.index.index
-    lam, alpha = r.rule.prior_weight, r.index.meta["prior_scale"]
+    lam, c = r.rule.prior_weight, r.index.meta["prior_scale"]
     for cid in ("c03", "c21"):
         lo, hi = r.index.ranges[cid]
         q = r.embed_queries(["What do you do at night?"])
-        qv = np.hstack([q, [[lam / alpha]]]).astype("float32")
+        qv = np.hstack([q, [[lam / c]]]).astype("float32")
         kind = r.index.meta["kind"]
         sel = faiss.IDSelectorRange(lo, hi)
         if kind == "hnsw":
@@ -95,3 +96,22 @@ def test_without_history_and_gate_the_score_is_a_plain_faiss_search(served):
         hits = r.search(cid, "What do you do at night?", k=hi - lo, threshold=ALL)
         assert [h.setting_id for h in hits] == list(found[0])
         np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("history", [(), HISTORY], ids=["no-history", "history"])
+def test_without_a_prior_search_equals_rank_and_is_the_rule_without_its_prior_term(served, history):
+    """λ = 0, no generality, no gate: the index's prior coordinate meets a 0 in the query, so FAISS serves the
+    rule's similarity (+ dialogue evidence) alone, for every index kind; ``rank`` without priors agrees."""
+    r, chars, _ = served
+    r = Retriever(r.encoder, r.index, r.config)
+    r.rule = dataclasses.replace(r.rule, prior_weight=0.0, generality=(), gate=(0.0, 0.0))
+    query = "Hello! Do you like tea?"
+    for cid in ("c05", "c30"):
+        hits = r.search(cid, query, k=5, history=history, threshold=ALL)
+        ranked = r.rank(list(chars[cid].settings), query, history)
+        assert [h.index_in_character for h in hits] == list(np.argsort(-ranked, kind="stable"))
+        np.testing.assert_allclose([h.score for h in hits], np.sort(ranked)[::-1], atol=1e-5)
+        parts = np.array([h.similarity + h.dialogue for h in hits])
+        np.testing.assert_allclose(parts, [h.score for h in hits], atol=1e-5)  # no prior term left
+        if history:
+            assert any(abs(h.dialogue) > 1e-6 for h in hits)  # the dialogue evidence is still served

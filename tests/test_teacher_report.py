@@ -69,7 +69,7 @@ def test_mismatched_inputs_are_refused():
 
 @pytest.mark.slow
 def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsys, caplog):
-    """Logliks through the shared cache, excludes the fine-tune's training characters, compares two LMs."""
+    """Log-likelihoods through the shared cache, excludes the fine-tune's training characters, compares two LMs."""
     dm = CharacterSFTDataModule(
         data_dir="demo", batch_size=4, max_train_examples=16, split=SplitSpec(val_fraction=0.25)
     )
@@ -129,8 +129,10 @@ def test_the_command_on_a_base_lm_and_its_fine_tune(tmp_path, monkeypatch, capsy
         assert main(["--config", str(config)]) == numbers
     finally:
         logger.removeHandler(caplog.handler)
-    cache_lines = {r.getMessage() for r in caplog.records if "scored now" in r.getMessage()}
-    assert len(cache_lines) == 2 and all(line.endswith(" 0 scored now") for line in cache_lines), cache_lines
+    cache_lines = {r.getMessage() for r in caplog.records if "computed now" in r.getMessage()}
+    assert len(cache_lines) == 2 and all(line.endswith(" 0 computed now") for line in cache_lines), (
+        cache_lines
+    )
 
 
 def test_an_unknown_option_fails(tmp_path):

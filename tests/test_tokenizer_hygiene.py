@@ -1,4 +1,4 @@
-"""Tokenizer hygiene for scoring: pad must never be eos, padding goes left, and the response's eos is scored."""
+"""Tokenizer hygiene for log-likelihoods: pad must never be eos, padding goes left, and the response's eos counts."""
 
 from __future__ import annotations
 

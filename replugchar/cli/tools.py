@@ -201,7 +201,8 @@ def index(
         out: index folder to write.
         ckpt_path: trained checkpoint (default: the config's untrained encoder).
         priors: priors.jsonl from ``replugchar priors`` (its prior coordinate; default none).
-        kind: flat (exact), ivf or hnsw (approximate, for large characters or cross-character pools).
+        kind: flat (exact), ivf or hnsw (approximate, for searches across characters' pooled settings, as
+            another RAG stack may run on index.faiss); a per-character search is exact for every kind.
     """
     from ..retrieval.index import SettingIndex, encoder_fingerprint, setting_records
 
@@ -233,8 +234,8 @@ def export(
             ones).
         priors: priors.jsonl from ``replugchar priors``: copied into the folder and blended into index.faiss
             (default: no imported prior).
-        kind: index.faiss's kind: flat (exact) or ivf / hnsw (approximate: pays for large characters or pools
-            across characters).
+        kind: index.faiss's kind: flat (exact) or ivf / hnsw (approximate: pays for searches across characters'
+            pooled settings); a per-character search is exact for every kind.
         fitted: JSON from ``priors fit-weight`` (dialogue scale, λ, threshold).
         prior_weight: λ (overrides --fitted).
     """

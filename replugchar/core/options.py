@@ -1,7 +1,7 @@
 """Option groups: typed, frozen dataclasses with a docstring per field (the litgpt manner).
 
-Each group lives beside the concept it configures (the LM's in :mod:`replugchar.lm.models`, the frozen LM's in
-:mod:`replugchar.lm.loglik_cache`, the split's in :mod:`replugchar.core.data`, the loss's, the head's and the
+Each group lives beside the concept it configures (the LM's in :mod:`replugchar.lm.models`, the frozen LM's batching and
+cache in :mod:`replugchar.lm.loglik_cache`, the split's in :mod:`replugchar.core.data`, the loss's, the head's and the
 optimiser's under :mod:`replugchar.training`). LightningCLI / jsonargparse parse a dataclass-typed ``__init__``
 argument as a nested group, so a YAML section reads ``model: {lm: {name: ..., max_batch_tokens: ...}}`` and
 ``--help`` prints the field docstrings. Checkpoints and hparams hold the groups as plain dicts (a dataclass

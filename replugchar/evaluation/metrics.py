@@ -1,8 +1,8 @@
 """Does the retriever make the frozen LM's gold replies likelier? Metrics, baselines, intervals, tables, plots.
 
 Every method ranks the settings of the example's character. All LM numbers come from one
-:class:`~replugchar.lm.loglik_cache.CachedLikelihood` (the likelihood training used): for each example the gold response is
-scored once with no setting and once with each setting, so top-1 NLL, hit@1 of the LM-best setting, MRR and
+:class:`~replugchar.lm.loglik_cache.CachedLikelihood` (the frozen LM training used): for each example the gold response's
+log-likelihood is computed once with no setting and once with each setting, so top-1 NLL, hit@1 of the LM-best setting, MRR and
 nDCG of every method are lookups. Only the top-k *concatenated* prompt costs extra LM calls (``concat_k``).
 
 Priors for an evaluated character come from that character's *other* dialogues (leave one dialogue out), never

@@ -183,7 +183,7 @@ _OLD_CACHE_FOLDER = "scores"
 def resolve_cache_dir(option: str | None) -> Path | None:
     """``"auto"`` -> ``$REPLUGCHAR_CACHE/logliks``; a path -> that path; None -> no persistent cache.
 
-    An ``auto`` cache filled before the rename (``$REPLUGCHAR_CACHE/logliks``) is moved to the new name, once, by
+    An ``auto`` cache filled before the rename (``$REPLUGCHAR_CACHE/scores``) is moved to the new name, once, by
     one ``rename``: hours of LM time are not thrown away for a name, and a kill cannot leave half of it behind."""
     from .models import cache_dir
 

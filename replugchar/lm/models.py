@@ -150,7 +150,7 @@ of ``fit`` and ``finetune-lm``, which both take these."""
 
 @dataclass(frozen=True)
 class LMOptions:
-    """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen likelihood, see
+    """Which causal LM to load and how (``model.lm``): the group ``fit`` (the frozen LM, see
     :class:`~replugchar.lm.loglik_cache.LikelihoodOptions`) and ``finetune-lm`` (the model it tunes) share."""
 
     name: str = EMBEDDED_LM
@@ -159,7 +159,7 @@ class LMOptions:
     revision: str | None = None
     """Hub revision of ``name`` (part of the log-likelihood cache key)."""
     dtype: Dtype = "auto"
-    """Dtype of the loaded weights: ``auto`` = bfloat16 on a GPU where the weights stay frozen (the likelihood, the
+    """Dtype of the loaded weights: ``auto`` = bfloat16 on a GPU where the weights stay frozen (the frozen LM, the
     base of a LoRA fine-tune), float32 otherwise (on CPU, and the master weights of a full fine-tune)."""
     max_length: int = 512
     """Token limit of prompt + reply: the oldest context turns are dropped first, the reply (and its eos) never;

@@ -178,7 +178,7 @@ def export_retriever(
         if module.query_encoder is not None:
             module.query_encoder.save(str(tmp / "query_encoder"), create_model_card=False)
         index.write_files(tmp)
-        likelihood = {k: v for k, v in module.lm_record().items() if k != "trust_remote_code"}
+        lm_record = {k: v for k, v in module.lm_record().items() if k != "trust_remote_code"}
         config = {
             "format": FORMAT,
             "k": module.hparams.k,
@@ -186,7 +186,7 @@ def export_retriever(
             "query_text": module.hparams.query_text,
             "separate_query_encoder": module.query_encoder is not None,
             "template": dataclasses.asdict(module.template),
-            "scorer": likelihood,  # what evaluate/chat default to; trust_remote_code is never stored
+            "scorer": lm_record,  # the frozen LM: what evaluate/chat default to; trust_remote_code is never stored
             "encoder_base": module.hparams.encoder,
             "lm": module.lm_options.name,
             "encoder_fingerprint": fingerprint,

@@ -5,8 +5,9 @@ each query is sent as [e_q, λ/c], so the inner product is the blended score for
 is a query-time knob (λ = 0 is plain cosine retrieval). The prior scale c = 1/√d (``prior_scale`` in index.json) puts the prior coordinate on the scale of one
 embedding coordinate: with c = 1 a z-normalised prior dominates IVF's k-means (lists 17x unbalanced at 10^4
 settings in benchmarks/index_scale.py) and HNSW's graph. Settings of one character have contiguous ids, so a
-search restricted to one character is a FAISS search with an id selector (``IDSelectorRange``): exact for Flat,
-for IVF (all lists probed) and for HNSW (its flat storage); the ANN structures pay for searches across characters. One builder serves the training refresh,
+search restricted to one character is exact for every kind: a FAISS search with an id selector
+(``IDSelectorRange``) for Flat, for HNSW (its flat storage) and for IVF (over just the lists that hold the
+character's settings); the ANN structures pay for searches across characters. One builder serves the training refresh,
 ``replugchar index`` and export.
 """
 
@@ -62,6 +63,7 @@ class SettingIndex:
         self.priors = priors  # (n,) float32, zeros when no prior
         self.meta = meta
         self._vectors: dict[str, np.ndarray] = {}
+        self._lists: dict[str, np.ndarray] = {}
         self.ranges: dict[str, tuple[int, int]] = {}
         for r in records:
             lo, hi = self.ranges.get(r.character_id, (r.setting_id, r.setting_id))
@@ -168,9 +170,9 @@ class SettingIndex:
             return self.index.search(qv, k)
         if len(character_ids) != len(qv):
             raise ValueError(f"{len(qv)} queries but {len(character_ids)} character ids")
-        # A character's settings have contiguous ids: FAISS searches only them (an id selector). IVF probes every
-        # list then, and HNSW's restricted graph walk can miss some of a few ids, so it searches its flat storage
-        # of the same vectors: exact, and what `index --kind` builds still serves every search.
+        # A character's settings have contiguous ids: FAISS searches only them (an id selector). IVF scans just
+        # the lists that hold them, and HNSW's restricted graph walk can miss some of a few ids, so it searches
+        # its flat storage of the same vectors: exact, and what `index --kind` builds still serves every search.
         scores = np.full((len(qv), k), -np.inf, dtype=np.float32)
         ids = np.full((len(qv), k), -1, dtype=np.int64)
         for row, cid in enumerate(character_ids):
@@ -178,17 +180,37 @@ class SettingIndex:
                 raise KeyError(f"unknown character '{cid}' (not in the index)")
             lo, hi = self.ranges[cid]
             sel = faiss.IDSelectorRange(lo, hi)
-            kind = self.meta["kind"]
+            kind, n = self.meta["kind"], min(k, hi - lo)
             if kind == "ivf":
-                index, params = self.index, faiss.SearchParametersIVF(sel=sel, nprobe=self.index.nlist)
-            elif kind == "hnsw":
-                index, params = faiss.downcast_index(self.index.storage), faiss.SearchParameters(sel=sel)
+                d, i = self._ivf_character_search(qv[row : row + 1], cid, n)
             else:
-                index, params = self.index, faiss.SearchParameters(sel=sel)
-            n = min(k, hi - lo)
-            d, i = index.search(qv[row : row + 1], n, params=params)  # (1, n)
+                index = faiss.downcast_index(self.index.storage) if kind == "hnsw" else self.index
+                d, i = index.search(qv[row : row + 1], n, params=faiss.SearchParameters(sel=sel))  # (1, n)
             scores[row, :n], ids[row, :n] = d[0], i[0]
         return scores, ids
+
+    def _ivf_character_search(
+        self, query: np.ndarray, character_id: str, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` of one character from IVF: only the lists that hold its settings (found through the direct
+        map) are scanned, with the character's id selector. Exact, at about flat's cost, where probing every list
+        cost O(all settings): 0.04x flat's queries/s at 10^5 settings (benchmarks/index_scale.py).
+
+        ``search_preassigned_c`` is FAISS's own C++ ``search_preassigned``, which takes search parameters (the
+        Python wrapper of the same name refuses them, and without the selector it would have to return whole
+        lists to be filtered here: 8x slower in that benchmark)."""
+        lo, hi = self.ranges[character_id]
+        if character_id not in self._lists:
+            lists = {faiss.lo_listno(self.index.direct_map.get(i)) for i in range(lo, hi)}
+            self._lists[character_id] = np.array(sorted(lists), dtype=np.int64)[None]  # (1, n_lists)
+        lists = self._lists[character_id]
+        params = faiss.SearchParametersIVF(sel=faiss.IDSelectorRange(lo, hi), nprobe=lists.shape[1])
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        coarse = np.zeros(lists.shape, dtype=np.float32)  # IVFFlat scores the vectors themselves: unused
+        d, i = np.empty((1, n), dtype=np.float32), np.empty((1, n), dtype=np.int64)
+        ptr = faiss.swig_ptr
+        self.index.search_preassigned_c(1, ptr(q), n, ptr(lists), ptr(coarse), ptr(d), ptr(i), False, params)
+        return d, i
 
     # ------------------------------------------------------------------------------------------- files
     def write_files(self, folder: Path) -> None:

@@ -35,6 +35,8 @@ def check_moved_options(args: Sequence[str], moves: Moves = FIT_MOVES) -> None:
             if name in moves.get(section, {}) and not _is_group_value(value):
                 group, field = moves[section][name]
                 found.append(f"--{section}.{name} is now --{section}.{group}.{field}")
+            elif section == "model" and "model" in moves and _is_group_value(value):
+                found += _renamed_fields(name, _group_mapping(value), "--")
         elif arg.startswith("--model.") and arg.count(".") == 2:
             _, group, name = arg[2:].split(".")
             if (group, name) in RENAMED_FIELDS and "model" in moves:
@@ -58,12 +60,31 @@ def _moved_in_config(path: str, moves: Moves) -> list[str]:
                 group, field = table[name]
                 out.append(f"{section}.{name} is now {section}.{group}.{field}")
             elif section == "model" and isinstance(value, dict):
-                out += [
-                    f"model.{name}.{old} is now model.{name}.{RENAMED_FIELDS[name, old]}"
-                    for old in value
-                    if (name, old) in RENAMED_FIELDS
-                ]
+                out += _renamed_fields(name, value)
     return out
+
+
+def _renamed_fields(group: str, fields: object, dash: str = "") -> list[str]:
+    """``"model.lm.score_cache_dir is now model.lm.loglik_cache_dir"`` for each renamed field of a group's
+    mapping (``dash="--"``: spelled as flags)."""
+    if not isinstance(fields, dict):
+        return []
+    return [
+        f"{dash}model.{group}.{old} is now {dash}model.{group}.{RENAMED_FIELDS[group, old]}"
+        for old in fields
+        if (group, old) in RENAMED_FIELDS
+    ]
+
+
+def _group_mapping(value: str) -> object:
+    """The mapping a ``--model.GROUP`` value holds (inline YAML/JSON or a file of it); None if unreadable."""
+    import yaml
+
+    try:
+        text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
+        return yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # jsonargparse names what it cannot read
 
 
 def _is_group_value(value: str | None) -> bool:

@@ -6,7 +6,7 @@ character's settings, a random subset of them or none (:func:`draw_settings`, we
 They come from :class:`SFTStream`, a seeded stream whose batch ``b`` is a pure function of (seed, b), so a run
 killed mid-epoch resumes on exactly the batches it had not trained on. The batches are text
 (:class:`~replugchar.lm.likelihood.LoglikRequest` lists): :class:`replugchar.training.finetune.CharacterLMModule` tokenises
-them as the likelihood does.
+them as :class:`~replugchar.lm.likelihood.LMLikelihood` does.
 """
 
 from __future__ import annotations
