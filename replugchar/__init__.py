@@ -46,7 +46,7 @@ _API = {
 _RENAMED = {
     "LMScorer": "LMLikelihood (its .score is .loglik, returning Logliks)",
     "ScoreRequest": "LoglikRequest",
-    "CachedScorer": "CachedLikelihood (its .score is .loglik, its .scorer is .lm)",
+    "CachedScorer": "CachedLikelihood (its .score is .loglik, its .scorer is .uncached)",
     "ScorerOptions": "LikelihoodOptions (score_cache_dir is loglik_cache_dir)",
     "build_scorer": "build_likelihood",
 }

@@ -380,7 +380,7 @@ def test_lsr_fit_on_japanese_uses_faiss_candidates_of_the_own_character(fitted):
     assert all(len(recs) == K and {r.character_id for r in recs} == {e.character_id} for e, recs in val)
     # every (example, setting) candidate went through the LM exactly once
     pairs = {(e.example_id, r.text) for _, e, recs in fitted.seen for r in recs}
-    assert module.likelihood.lm.pairs_computed == len(pairs)
+    assert module.likelihood.uncached.pairs_computed == len(pairs)
 
     after = module.encoder.state_dict()
     assert any(not torch.equal(fitted.before[k], after[k]) for k in fitted.before)

@@ -179,7 +179,7 @@ def test_lsr_training_ranks_the_setting_the_lm_needs_first(toy, tmp_path):
     assert any(not torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
     assert all(torch.isfinite(v).all() for v in weights_after.values() if v.is_floating_point())
     # each (example, setting) pair went through the LM once, however many epochs
-    assert module.likelihood.lm.pairs_computed == len(examples) * 4
+    assert module.likelihood.uncached.pairs_computed == len(examples) * 4
 
     trainer.save_checkpoint(tmp_path / "toy.ckpt")
     ckpt = torch.load(tmp_path / "toy.ckpt", map_location="cpu", weights_only=True)
@@ -208,7 +208,7 @@ def test_fit_persists_the_lm_logliks_it_computed(toy, tmp_path):
     module.characters = characters
     trainer = toy_trainer(max_steps=2)
     trainer.fit(module, train_dataloaders=DataLoader(examples, batch_size=8, collate_fn=collate_examples))
-    scored = module.likelihood.lm.pairs_computed
+    scored = module.likelihood.uncached.pairs_computed
     assert scored == 2 * 8 * 4
     on_disk = CachedLikelihood(None, tmp_path / "scores", fingerprint=module.likelihood.fingerprint)
     assert len(on_disk) == scored

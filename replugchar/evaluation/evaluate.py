@@ -142,7 +142,7 @@ def evaluate(
     )
     result.meta = {
         **_meta(data_dir, split, examples, base_encoder, retriever, prior_weight, k, distractors),
-        "lm": likelihood.lm.lm_key if likelihood.lm else None,
+        "lm": likelihood.uncached.lm_key if likelihood.uncached else None,
         "scoring": exported.rule.to_dict() if exported else None,
         "loglik_cache": str(likelihood.folder),
         "lm_pairs_computed_now": likelihood.misses,

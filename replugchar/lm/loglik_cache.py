@@ -54,7 +54,7 @@ class CachedLikelihood:
     """``loglik(requests)`` like :class:`LMLikelihood`, reading and filling the cache.
 
     Args:
-        lm: the frozen LM's likelihood; ``None`` makes a read-only cache that raises on a miss.
+        uncached: the frozen LM's own LMLikelihood; ``None`` makes a read-only cache that raises on a miss.
         cache_dir: root folder; ``None`` keeps log-likelihoods in memory only (tests, notebooks).
         shard_size: new log-likelihoods buffered before a shard is written.
         rank: process rank, part of shard names so DDP workers never write the same file.
@@ -62,15 +62,15 @@ class CachedLikelihood:
 
     def __init__(
         self,
-        lm: LMLikelihood | None,
+        uncached: LMLikelihood | None,
         cache_dir: str | Path | None = None,
         *,
         fingerprint: str = "",
         shard_size: int = 256,
         rank: int = 0,
     ) -> None:
-        self.lm = lm
-        self.fingerprint = fingerprint or (lm.fingerprint if lm else "")
+        self.uncached = uncached
+        self.fingerprint = fingerprint or (uncached.fingerprint if uncached else "")
         if not self.fingerprint:
             raise ValueError("a read-only CachedLikelihood needs the fingerprint of the LM that filled it")
         self.folder = (
@@ -136,11 +136,11 @@ class CachedLikelihood:
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
         if missing:
-            if self.lm is None:
+            if self.uncached is None:
                 raise KeyError(
                     f"{len(missing)} pairs are not in the log-likelihood cache {self.folder} (run `replugchar loglik`)"
                 )
-            fresh = self.lm.loglik(list(missing.values()))
+            fresh = self.uncached.loglik(list(missing.values()))
             for k, s, n in zip(missing, fresh.logp_sum.tolist(), fresh.n_tokens.tolist()):
                 if not np.isfinite(s) and s != -np.inf:
                     raise FloatingPointError(
