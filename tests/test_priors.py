@@ -26,7 +26,7 @@ def _jsonl(path, rows):
 
 
 def test_import_jsonl_by_index_and_text_is_znormalised_within_character(tmp_path):
-    rows = [{"character_id": "a", "setting_id": i, "score": s} for i, s in enumerate([5, 1, 3])]
+    rows = [{"character_id": "a", "index_in_character": i, "score": s} for i, s in enumerate([5, 1, 3])]
     rows += [
         {"character_id": "b", "setting": "likes jazz", "score": 2},
         {"character_id": "b", "setting": "hates mornings", "score": 4},
@@ -42,9 +42,32 @@ def test_import_jsonl_by_index_and_text_is_znormalised_within_character(tmp_path
 
 def test_import_csv(tmp_path):
     path = tmp_path / "p.csv"
-    path.write_text("character_id,setting_id,score\nb,0,1\nb,1,3\n", encoding="utf-8")
+    path.write_text("character_id,index_in_character,score\nb,0,1\nb,1,3\n", encoding="utf-8")
     table = import_priors(path, CHARS)
     assert [p.index_in_character for p in table] == [0, 1] and table[1].prior > table[0].prior
+
+
+def test_a_0_1_file_with_setting_id_reads_as_the_position_and_its_errors_name_that_column(tmp_path):
+    """0.1's import files called the position ``setting_id`` (the index's name for a global row): still read,
+    as the same position, and a bad value is reported under the column the file used."""
+    new = _jsonl(
+        tmp_path / "new.jsonl",
+        [{"character_id": "b", "index_in_character": i, "score": s} for i, s in [(0, 1), (1, 3)]],
+    )
+    old = tmp_path / "old.csv"
+    old.write_text("character_id,setting_id,score\nb,0,1\nb,1,3\n", encoding="utf-8")
+    assert [(p.index_in_character, p.prior) for p in import_priors(old, CHARS)] == [
+        (p.index_in_character, p.prior) for p in import_priors(new, CHARS)
+    ]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"character_id": "b", "index_in_character": 9, "score": 1}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'index_in_character': 9 out of range"):
+        import_priors(bad, CHARS)
+    headless = tmp_path / "h.csv"
+    headless.write_text("character_id,score\nb,1\n", encoding="utf-8")
+    with pytest.raises(
+        DataError, match=r"h\.csv:1: the header must name .*index_in_character \(or setting\)"
+    ):
+        import_priors(headless, CHARS)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +85,7 @@ def test_import_csv(tmp_path):
         ),
         (
             {"character_id": "a", "setting": "is a pirate", "score": 1},
-            r"p.jsonl:1: field 'setting_id': unknown setting",
+            r"p.jsonl:1: field 'setting': unknown setting",
         ),
         ({"character_id": "a", "setting_id": 0}, r"p.jsonl:1: field 'score' missing or not a number"),
     ],

@@ -124,7 +124,7 @@ def priors_import(fit: FitConfig, out: str, file: str) -> None:
 
     Args:
         out: priors.jsonl to write.
-        file: JSONL/CSV with character_id, setting_id (index or text), score.
+        file: JSONL/CSV with character_id, index_in_character (or setting: its exact text) and score.
     """
     _need_file(file, "--file")
     from ..training.priors import import_priors

@@ -144,8 +144,16 @@ def llm_judge_priors(
 
 
 # ----------------------------------------------------------------------------------------------- import
+SETTING_FIELDS = ("index_in_character", "setting", "setting_id", "setting_index")
+"""Columns that name the setting of an imported row, in the order they are looked for (the last two: 0.1 files)."""
+
+
 def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Prior]:
-    """Read external scores: JSONL or CSV with character_id, setting (index or exact text) and score."""
+    """Read external scores: JSONL or CSV with ``character_id``, the setting and ``score`` (the judge's rating).
+
+    The setting is ``index_in_character`` (its position in the character's list) or ``setting`` (its exact
+    text); ``setting_id`` is read as either, for files written for 0.1 (where it meant the position, while the
+    index's ``setting_id`` is a global row: one name, two meanings)."""
     path = Path(path)
     raw: dict[tuple[str, int], float] = {}
     seen: dict[tuple[str, int], str] = {}
@@ -155,22 +163,20 @@ def import_priors(path: str | Path, characters: dict[str, Character]) -> list[Pr
         if cid not in characters:
             raise DataError(f"{where}: field 'character_id': unknown character {cid!r}")
         settings = characters[cid].settings
-        sid = next(
-            (rec[k] for k in ("setting_id", "index_in_character", "setting_index", "setting") if k in rec),
-            None,
-        )
+        field = next((k for k in SETTING_FIELDS if k in rec), "index_in_character")
+        sid = rec.get(field)
         if isinstance(sid, str) and sid.strip().isdigit() and from_csv:  # CSV cells are text
             sid = int(sid)
         if isinstance(sid, int) and not isinstance(sid, bool):
             if not 0 <= sid < len(settings):
                 raise DataError(
-                    f"{where}: field 'setting_id': {sid} out of range for '{cid}' ({len(settings)} settings)"
+                    f"{where}: field '{field}': {sid} out of range for '{cid}' ({len(settings)} settings)"
                 )
             idx = sid
         elif isinstance(sid, str) and sid in settings:
             idx = settings.index(sid)
         else:
-            raise DataError(f"{where}: field 'setting_id': unknown setting {sid!r} of character '{cid}'")
+            raise DataError(f"{where}: field '{field}': unknown setting {sid!r} of character '{cid}'")
         value = rec.get("score")
         if from_csv and isinstance(value, str):
             try:
@@ -210,10 +216,10 @@ def _read_rows(path: Path):
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
-            if "character_id" not in header or "score" not in header:
+            if "character_id" not in header or "score" not in header or not set(SETTING_FIELDS) & set(header):
                 raise DataError(
-                    f"{path}:1: the header must name the comma-separated columns character_id, setting_id "
-                    f"(or setting) and score; got {','.join(header)[:80]!r}"
+                    f"{path}:1: the header must name the comma-separated columns character_id, "
+                    f"index_in_character (or setting) and score; got {','.join(header)[:80]!r}"
                 )
             for lineno, row in enumerate(reader, start=2):
                 if None in row or None in row.values():  # more or fewer cells than the header
