@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +63,27 @@ def fit_probe(
     return score
 
 
-def main() -> None:
+class ProbeData(NamedTuple):
+    """Everything the probes are fitted and scored on, one row per example: frozen embeddings, the LM's
+    log-likelihoods and its best setting, and the groups (dialogues) and folds (characters) of the evaluation."""
+
+    q: torch.Tensor  # (n, d) query embeddings
+    s: torch.Tensor  # (n, k, d) setting embeddings
+    lm: torch.Tensor  # (n, k) LM log-likelihoods, as the loss uses them (mean or sum)
+    best: np.ndarray  # (n,) the LM's best setting
+    mean_lp: np.ndarray  # (n, k) per-token log P of each setting over a random candidate's
+    groups: np.ndarray  # (n,) dialogue ids: the bootstrap resamples whole dialogues
+    folds: np.ndarray  # (n,) the fold of each example's character
+    n_chars: int
+    k: int
+
+    def gain(self, top: np.ndarray) -> np.ndarray:
+        """Per-token LM gain of the setting each example picked (``top``) over a random candidate."""
+        return self.mean_lp[np.arange(len(top)), top]
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """The probe's own options; the rest of the command line goes to :func:`load_run` as fit-config overrides."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -70,10 +91,21 @@ def main() -> None:
     parser.add_argument("--l2", type=float, nargs="+", default=[1e-3, 1e-2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--json", help="also write the figures here")
-    args, rest = parser.parse_known_args()
-    torch.manual_seed(0)
-    module, dm = load_run(rest)
-    loss = module.loss_options
+    return parser.parse_known_args()
+
+
+def character_folds(examples: list, n_folds: int) -> tuple[np.ndarray, int]:
+    """Each example's fold, by character (seeded shuffle): as the training split, no character is in both the
+    fitted and the scored part; and the number of characters."""
+    chars = sorted({e.character_id for e in examples})
+    random.Random(0).shuffle(chars)
+    fold_of = {c: i % n_folds for i, c in enumerate(chars)}
+    return np.array([fold_of[e.character_id] for e in examples]), len(chars)
+
+
+def probe_data(module, dm, n_folds: int) -> ProbeData:
+    """Score every (example, own setting) pair with the LM (through the cache) and embed queries and settings
+    with the untrained encoder; every character is cut to the smallest number of settings, k."""
     examples = [*dm.train_examples, *dm.val_examples]
     settings = [dm.characters[e.character_id].settings for e in examples]
     k = min(len(s) for s in settings)
@@ -83,45 +115,57 @@ def main() -> None:
     requests = [LoglikRequest(e, (t,)) for e, ss in zip(examples, settings) for t in ss]
     logliks = module.likelihood.loglik(requests)
     module.flush_logliks()
-    values = logliks.logp_mean if loss.lm_loglik == "mean" else logliks.logp_sum
+    values = logliks.logp_mean if module.loss_options.lm_loglik == "mean" else logliks.logp_sum
     lm = torch.as_tensor(values, dtype=torch.float32).view(len(examples), k)  # (n, k)
     q = torch.as_tensor(module.encode_all(module.query_strings(examples), queries=True))  # (n, d)
     s = torch.as_tensor(module.encode_all([t for ss in settings for t in ss])).view(len(examples), k, -1)
-    best = lm.argmax(1).numpy()
     mean_lp = logliks.logp_mean.reshape(len(examples), k)
     mean_lp = mean_lp - mean_lp.mean(1, keepdims=True)  # gain of each setting over a random candidate
+    folds, n_chars = character_folds(examples, n_folds)
+    return ProbeData(
+        q=q,
+        s=s,
+        lm=lm,
+        best=lm.argmax(1).numpy(),
+        mean_lp=mean_lp,
+        groups=np.array([e.dialogue_id for e in examples]),
+        folds=folds,
+        n_chars=n_chars,
+        k=k,
+    )
 
-    def gain(top: np.ndarray) -> np.ndarray:
-        return mean_lp[np.arange(len(top)), top]
 
-    groups = np.array([e.dialogue_id for e in examples])
+def cross_validated_top(
+    kind: str, data: ProbeData, loss_fn: LSRLoss, l2: float, n_folds: int, steps: int
+) -> np.ndarray:
+    """Each example's top-1 setting under a probe fitted on the other folds' characters."""
+    top = np.zeros(len(data.best), dtype=int)
+    for f in range(n_folds):
+        train, test = data.folds != f, data.folds == f
+        score = fit_probe(kind, data.q[train], data.s[train], data.lm[train], loss_fn, l2, steps)
+        with torch.no_grad():
+            top[test] = score(data.q[test], data.s[test]).argmax(1).numpy()
+    return top
 
-    chars = sorted({e.character_id for e in examples})
-    random.Random(0).shuffle(chars)
-    fold_of = {c: i % args.folds for i, c in enumerate(chars)}
-    folds = np.array([fold_of[e.character_id] for e in examples])
-    loss_fn = LSRLoss(gamma=loss.gamma, beta=loss.beta, direction=loss.direction)
 
-    base_top = torch.einsum("bd,bkd->bk", q, s).argmax(1).numpy()
-    base_hit = (base_top == best).astype(float)
+def probe_rows(args: argparse.Namespace, data: ProbeData, loss_fn: LSRLoss) -> list[dict]:
+    """Plain similarity's row, then one per probe and l2: agreement with the LM's best setting and its paired
+    difference from similarity, with a 95% interval that resamples whole dialogues."""
+    base_top = torch.einsum("bd,bkd->bk", data.q, data.s).argmax(1).numpy()
+    base_hit = (base_top == data.best).astype(float)
     rows = [
         {
             "probe": "similarity (untrained encoder)",
             "agreement": base_hit.mean(),
-            "gain": gain(base_top).mean(),
+            "gain": data.gain(base_top).mean(),
         }
     ]
     for kind in PROBES:
         for l2 in args.l2:
-            top = np.zeros(len(examples), dtype=int)
-            for f in range(args.folds):
-                train, test = folds != f, folds == f
-                score = fit_probe(kind, q[train], s[train], lm[train], loss_fn, l2, args.steps)
-                with torch.no_grad():
-                    top[test] = score(q[test], s[test]).argmax(1).numpy()
-            hit = (top == best).astype(float)
+            top = cross_validated_top(kind, data, loss_fn, l2, args.folds, args.steps)
+            hit = (top == data.best).astype(float)
             diff = hit - base_hit
-            lo, hi = bootstrap_ci(diff, groups, n_boot=2000, seed=0)
+            lo, hi = bootstrap_ci(diff, data.groups, n_boot=2000, seed=0)
             rows.append(
                 {
                     "probe": f"{kind} (l2={l2:g})",
@@ -129,12 +173,17 @@ def main() -> None:
                     "diff": diff.mean(),
                     "lo": lo,
                     "hi": hi,
-                    "gain": gain(top).mean(),
+                    "gain": data.gain(top).mean(),
                 }
             )
+    return rows
 
+
+def print_report(args: argparse.Namespace, module, data: ProbeData, rows: list[dict]) -> None:
+    """The set-up line and the Markdown table of every probe against similarity."""
+    loss, k = module.loss_options, data.k
     print(
-        f"\n{len(examples)} examples, {len(chars)} characters, k={k}, {args.folds}-fold CV by character; "
+        f"\n{len(data.best)} examples, {data.n_chars} characters, k={k}, {args.folds}-fold CV by character; "
         f"chance = {1 / k:.3f}; LM {module.lm_options.name}, encoder {module.hparams.encoder}, γ={loss.gamma}, β={loss.beta}\n"
     )
     print(
@@ -143,9 +192,21 @@ def main() -> None:
     for r in rows:
         ci = f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if "diff" in r else "–"
         print(f"| {r['probe']} | {r['agreement']:.4f} | {ci} | {r['gain']:+.4f} |")
+
+
+def main() -> None:
+    """Load the fit config's data and models, fit and score every probe, print the table (and the JSON)."""
+    args, rest = parse_args()
+    torch.manual_seed(0)
+    module, dm = load_run(rest)
+    loss = module.loss_options
+    data = probe_data(module, dm, args.folds)
+    loss_fn = LSRLoss(gamma=loss.gamma, beta=loss.beta, direction=loss.direction)
+    rows = probe_rows(args, data, loss_fn)
+    print_report(args, module, data, rows)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"n": len(examples), "k": k, "folds": args.folds, "rows": rows}, f, indent=2)
+            json.dump({"n": len(data.best), "k": data.k, "folds": args.folds, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

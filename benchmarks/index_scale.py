@@ -35,6 +35,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -106,6 +107,7 @@ class PeakRSS:
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int, chunk: int = 100_000) -> np.ndarray:
+    """(n, dim) uniform random unit vectors, drawn in chunks so that the temporaries stay small at 10^6 settings."""
     out = np.empty((n, dim), dtype=np.float32)
     for lo in range(0, n, chunk):
         block = rng.standard_normal((min(chunk, n - lo), dim), dtype=np.float32)
@@ -196,8 +198,23 @@ def timed_character_search(
     return len(queries) / best, scores, ids
 
 
-def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lambda: None) -> dict:
-    """Fill ``out`` (the row of size n) kind by kind, calling ``checkpoint()`` after each kind."""
+class FlatReference:
+    """Exact search's answers and speeds at one size, filled when flat (always first) is measured: every other
+    kind's recall, agreement and speed-ups are taken against these."""
+
+    def __init__(self) -> None:
+        self.qps = 0.0  # batched pool-wide search
+        self.ids: np.ndarray | None = None  # (queries, K) exact top-k
+        self.char_qps = 0.0  # per-character serving path
+        self.char_scores: np.ndarray | None = None
+        self.char_ids: np.ndarray | None = None
+
+
+def draw_pool(
+    n: int, args: argparse.Namespace, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray, list[SettingRecord]]:
+    """The n settings (embeddings, priors, records: ``SETTINGS_PER_CHARACTER`` per character) and the queries,
+    drawn from ``rng`` in a fixed order so that a seed gives the same pool whatever kinds are measured."""
     log(f"n={n:,}: drawing {args.vectors} vectors")
     emb, queries, vec_info = make_vectors(rng, n, args)  # (n, dim), (queries, dim)
     if args.vectors == "clustered":
@@ -212,83 +229,136 @@ def bench_size(n: int, args, rng: np.random.Generator, out: dict, checkpoint=lam
         SettingRecord(i, f"c{i // SETTINGS_PER_CHARACTER:07d}", i % SETTINGS_PER_CHARACTER, "")
         for i in range(n)
     ]
+    return emb, queries, vec_info, priors, records
+
+
+def build_kind(
+    kind: str,
+    emb: np.ndarray,
+    records: list[SettingRecord],
+    priors: np.ndarray,
+    args: argparse.Namespace,
+    n: int,
+) -> tuple[SettingIndex, dict]:
+    """Build one index kind, timing it and measuring the memory it keeps and needs; returns the index and the
+    start of its row (build figures and the kind's parameters)."""
+    gc.collect()
+    build_kwargs = {"nlist": args.nlist or None} if kind == "ivf" else {}
+    if kind == "hnsw":
+        build_kwargs.update(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction)
+    log(f"n={n:,}: building {kind}")
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        index = SettingIndex.build(emb, records, priors, kind=kind, **build_kwargs)
+        build_s = time.perf_counter() - t
+    log(f"n={n:,}: {kind} built in {build_s:.1f} s")
+    row = {
+        "build_s": build_s,
+        "index_mib": len(faiss.serialize_index(index.index)) / 2**20,
+        "rss_delta_mib": mem.delta_mib,
+        "rss_build_peak_delta_mib": mem.peak_delta_mib,
+        "params": {},
+    }
+    if kind == "ivf":
+        row["params"] = {"nlist": index.index.nlist}
+        # 1 = equal lists; k = searches scan k times the vectors a balanced partition would
+        row["ivf_imbalance_factor"] = index.index.invlists.imbalance_factor()
+    elif kind == "hnsw":
+        row["params"] = {"M": args.hnsw_m, "efConstruction": index.index.hnsw.efConstruction}
+    return index, row
+
+
+def serving_path(
+    kind: str,
+    index: SettingIndex,
+    queries: np.ndarray,
+    served_by: list[str],
+    args: argparse.Namespace,
+    n: int,
+    ref: FlatReference,
+) -> dict:
+    """The per-character search ``Retriever.search`` runs, one query per call: its speed, and whether it returns
+    exactly flat's top-k (flat itself fills ``ref``)."""
+    char_qps, char_scores, char_ids = timed_character_search(index, queries, served_by, args)
+    if kind == "flat":
+        ref.char_scores, ref.char_ids, ref.char_qps = char_scores, char_ids, char_qps
+    figures = {
+        "queries": len(queries),
+        "qps": char_qps,
+        "qps_over_flat": char_qps / ref.char_qps,
+        "same_ids_as_flat": bool(np.array_equal(char_ids, ref.char_ids)),
+        "max_abs_score_diff": float(np.max(np.abs(char_scores - ref.char_scores))),
+    }
+    log(f"n={n:,}: {kind} per-character search {char_qps:.0f} QPS, same top-{K} as flat: "
+        f"{figures['same_ids_as_flat']}")  # fmt: skip
+    return figures
+
+
+def pool_sweep(
+    kind: str, index: SettingIndex, queries: np.ndarray, args: argparse.Namespace, n: int, ref: FlatReference
+) -> list[dict]:
+    """Batched pool-wide search over the kind's search parameter (``nprobe`` / ``ef_search``), stopping once
+    recall saturates, plus the package default if the sweep stopped before it; flat is one exact point (and
+    fills ``ref``: the ground truth of every recall)."""
+    if kind == "flat":
+        ref.qps, ref.ids = timed_search(index, queries, args)
+        log(f"n={n:,}: flat {ref.qps:.0f} QPS")
+        return [{"qps": ref.qps, "recall": 1.0}]
+    name, values = ("nprobe", NPROBES) if kind == "ivf" else ("ef_search", EF_SEARCHES)
+    if kind == "ivf":  # up to nprobe = nlist, which visits every list (exhaustive)
+        values = [*(v for v in values if v < index.index.nlist), index.index.nlist]
+    sweep = []
+    for v in values:
+        qps, ids = timed_search(index, queries, args, **{name: v})
+        sweep.append({name: v, "qps": qps, "recall": recall_at_k(ids, ref.ids)})
+        log(f"n={n:,}: {kind} {name}={v}: {qps:.0f} QPS, recall@10 {sweep[-1]['recall']:.3f}")
+        if sweep[-1]["recall"] >= 0.999:  # larger values cannot gain recall, only lose speed
+            break
+    if not any(s[name] == DEFAULTS[kind][name] for s in sweep):
+        qps, ids = timed_search(index, queries, args, **DEFAULTS[kind])
+        sweep.append({name: DEFAULTS[kind][name], "qps": qps, "recall": recall_at_k(ids, ref.ids)})
+    return sweep
+
+
+def summarise_sweep(kind: str, sweep: list[dict], flat_qps: float) -> dict:
+    """The sweep, its point at the package defaults and its fastest point reaching ``RECALL_TARGET`` (or None),
+    each with its speed-up over flat."""
+    default = next(s for s in sweep if all(s.get(k) == v for k, v in DEFAULTS[kind].items()))
+    ok = [s for s in sweep if s["recall"] >= RECALL_TARGET]
+    best = max(ok, key=lambda s: s["qps"]) if ok else None
+    return {
+        "sweep": sweep,
+        "default": {**default, "qps_over_flat": default["qps"] / flat_qps},
+        "best_at_target": None if best is None else {**best, "qps_over_flat": best["qps"] / flat_qps},
+    }
+
+
+def bench_size(
+    n: int,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    out: dict,
+    checkpoint: Callable[[], None] = lambda: None,
+) -> dict:
+    """Fill ``out`` (the row of size n) kind by kind, calling ``checkpoint()`` after each kind."""
+    emb, queries, vec_info, priors, records = draw_pool(n, args, rng)
     out.update({"n": n, **vec_info, "kinds": {}})
-    truth = flat_qps = None
     m = min(args.character_queries, len(queries))
     served_by = [f"c{int(i):07d}" for i in rng.integers(0, n // SETTINGS_PER_CHARACTER, m)]
-    char_truth = char_flat_qps = None
+    ref = FlatReference()
     for kind in ("flat", *(k for k in args.kinds if k != "flat")):  # flat first: it is the ground truth
-        gc.collect()
-        build_kwargs = {"nlist": args.nlist or None} if kind == "ivf" else {}
-        if kind == "hnsw":
-            build_kwargs.update(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction)
-        log(f"n={n:,}: building {kind}")
-        with PeakRSS() as mem:
-            t = time.perf_counter()
-            index = SettingIndex.build(emb, records, priors, kind=kind, **build_kwargs)
-            build_s = time.perf_counter() - t
-        log(f"n={n:,}: {kind} built in {build_s:.1f} s")
-        row = {
-            "build_s": build_s,
-            "index_mib": len(faiss.serialize_index(index.index)) / 2**20,
-            "rss_delta_mib": mem.delta_mib,
-            "rss_build_peak_delta_mib": mem.peak_delta_mib,
-            "params": {},
-        }
-        if kind == "ivf":
-            row["params"] = {"nlist": index.index.nlist}
-            # 1 = equal lists; k = searches scan k times the vectors a balanced partition would
-            row["ivf_imbalance_factor"] = index.index.invlists.imbalance_factor()
-        elif kind == "hnsw":
-            row["params"] = {"M": args.hnsw_m, "efConstruction": index.index.hnsw.efConstruction}
+        index, row = build_kind(kind, emb, records, priors, args, n)
         index.search(queries[:10], K, prior_weight=args.prior_weight / args.prior_scale)  # warm-up
-        char_qps, char_scores, char_ids = timed_character_search(index, queries[:m], served_by, args)
-        if kind == "flat":
-            char_truth, char_flat_qps = (char_scores, char_ids), char_qps
-        row["per_character"] = {
-            "queries": m,
-            "qps": char_qps,
-            "qps_over_flat": char_qps / char_flat_qps,
-            "same_ids_as_flat": bool(np.array_equal(char_ids, char_truth[1])),
-            "max_abs_score_diff": float(np.max(np.abs(char_scores - char_truth[0]))),
-        }
-        log(f"n={n:,}: {kind} per-character search {char_qps:.0f} QPS, same top-{K} as flat: "
-            f"{row['per_character']['same_ids_as_flat']}")  # fmt: skip
-        if kind == "flat":
-            flat_qps, truth = timed_search(index, queries, args)
-            log(f"n={n:,}: flat {flat_qps:.0f} QPS")
-            sweep = [{"qps": flat_qps, "recall": 1.0}]
-        else:
-            name, values = ("nprobe", NPROBES) if kind == "ivf" else ("ef_search", EF_SEARCHES)
-            if kind == "ivf":  # up to nprobe = nlist, which visits every list (exhaustive)
-                values = [*(v for v in values if v < index.index.nlist), index.index.nlist]
-            sweep = []
-            for v in values:
-                qps, ids = timed_search(index, queries, args, **{name: v})
-                sweep.append({name: v, "qps": qps, "recall": recall_at_k(ids, truth)})
-                log(f"n={n:,}: {kind} {name}={v}: {qps:.0f} QPS, recall@10 {sweep[-1]['recall']:.3f}")
-                if sweep[-1]["recall"] >= 0.999:  # larger values cannot gain recall, only lose speed
-                    break
-            if not any(s[name] == DEFAULTS[kind][name] for s in sweep):
-                qps, ids = timed_search(index, queries, args, **DEFAULTS[kind])
-                sweep.append({name: DEFAULTS[kind][name], "qps": qps, "recall": recall_at_k(ids, truth)})
-        default = next(s for s in sweep if all(s.get(k) == v for k, v in DEFAULTS[kind].items()))
-        ok = [s for s in sweep if s["recall"] >= RECALL_TARGET]
-        best = max(ok, key=lambda s: s["qps"]) if ok else None
-        row.update(
-            {
-                "sweep": sweep,
-                "default": {**default, "qps_over_flat": default["qps"] / flat_qps},
-                "best_at_target": None if best is None else {**best, "qps_over_flat": best["qps"] / flat_qps},
-            }
-        )
+        row["per_character"] = serving_path(kind, index, queries[:m], served_by, args, n, ref)
+        row.update(summarise_sweep(kind, pool_sweep(kind, index, queries, args, n, ref), ref.qps))
         out["kinds"][kind] = row
         checkpoint()
         del index
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """Sizes, vector distribution, index parameters and timing options (add_argument calls only)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of settings")
     p.add_argument("--dim", type=int, default=384, help="embedding dimension (all-MiniLM-L6-v2: 384)")
@@ -330,7 +400,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[int]]:
+    """The options (``args.kinds`` as a list) and the sizes, rejected before any index is built when one of
+    them would fail or mean nothing later."""
+    args = build_parser().parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not sizes or min(sizes) < K or min(args.dim, args.queries, args.repeats, args.character_queries) <= 0:
@@ -341,11 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--cluster_size and --ef_construction must be positive, --cluster_cos in (0, 1)")
     if bad := set(args.kinds) - {"flat", "ivf", "hnsw"}:
         raise ValueError(f"--kinds: unknown index kind(s) {sorted(bad)}; use flat, ivf, hnsw")
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
+    return args, sizes
 
-    rng = np.random.default_rng(args.seed)
-    results = {
+
+def new_results(args: argparse.Namespace, sizes: list[int]) -> dict:
+    """The JSON's frame: the config and the machine (figures compare within one machine), no size measured yet."""
+    return {
         "config": {
             **vars(args),
             "sizes": sizes,
@@ -360,6 +437,15 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "sizes": [],
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Measure every size, writing the JSON after each index kind, then print the report; returns the figures."""
+    args, sizes = parse_args(argv)
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    results = new_results(args, sizes)
 
     def checkpoint() -> None:  # after every index kind, so that a run cut short keeps what it finished
         if args.json:
@@ -386,7 +472,8 @@ def _fmt_params(s: dict) -> str:
     )
 
 
-def print_report(r: dict) -> None:
+def print_setup(r: dict) -> None:
+    """The heading (dimension, queries, prior weight, FAISS threads) and how the vectors were drawn, per size."""
     c, m = r["config"], r["machine"]
     print(
         f"\n## SettingIndex at scale: dim {c['dim']} + 1 prior coordinate, {c['queries']} queries, k={c['k']}, "
@@ -411,6 +498,11 @@ def print_report(r: dict) -> None:
                 f"{size['query_cos_to_own_centre_mean']:.3f}, random pairs {size['cos_random_pairs_mean']:.3f}"
             )
         print()
+
+
+def print_pool_table(r: dict) -> None:
+    """Build cost, memory and pool-wide search per size and kind: at the defaults and at the recall target."""
+    c = r["config"]
     print(
         "| n | kind | build s | index MiB | RSS Δ MiB | defaults: QPS (recall@10) | "
         f"best with recall@10 >= {c['recall_target']} | QPS | vs flat |"
@@ -439,6 +531,11 @@ def print_report(r: dict) -> None:
                 f"IVF list imbalance factor at n={size['n']:,}: {size['kinds']['ivf']['ivf_imbalance_factor']:.2f} "
                 "(1 = balanced lists)"
             )
+
+
+def print_serving_table(r: dict) -> None:
+    """The per-character serving path per size and kind, and whether it returns exactly flat's top-k."""
+    c = r["config"]
     print(
         f"\nServing path: one character's top-{c['k']} per query (`Retriever.search`: FAISS id selector), "
         f"{c['character_queries']} queries one at a time"
@@ -452,12 +549,24 @@ def print_report(r: dict) -> None:
                 f"| {size['n']:,} | {kind} | {pc['qps']:.0f} | {pc['qps_over_flat']:.2f}x | "
                 f"{'yes' if pc['same_ids_as_flat'] else '**no**'} | {pc['max_abs_score_diff']:.1e} |"
             )
+
+
+def print_sweeps(r: dict) -> None:
+    """Every point of each approximate kind's sweep, so that a reader can pick another trade-off."""
     print("\nSweeps (QPS / recall@10):")
     for size in r["sizes"]:
         for kind, x in size["kinds"].items():
             if kind != "flat":
                 cells = ", ".join(f"{_fmt_params(s)}: {s['qps']:.0f}/{s['recall']:.3f}" for s in x["sweep"])
                 print(f"- n={size['n']:,} {kind}: {cells}")
+
+
+def print_report(r: dict) -> None:
+    """The Markdown tables: build and pool-wide search per kind, the serving path, and the sweeps."""
+    print_setup(r)
+    print_pool_table(r)
+    print_serving_table(r)
+    print_sweeps(r)
 
 
 if __name__ == "__main__":

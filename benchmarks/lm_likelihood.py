@@ -40,10 +40,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from replugchar.core.atomic import write_text
 from replugchar.core.data import Corpus
 from replugchar.lm.likelihood import (
     NO_SETTING,
@@ -91,12 +93,17 @@ def random_smollm2(dtype: torch.dtype):
     return model.to(dtype=dtype).eval().requires_grad_(False), tok
 
 
-def load_requests(data: str, n_pairs: int) -> tuple[list[LoglikRequest], str]:
-    """(example, (setting,)) for every setting of each example's character, in data order, first ``n_pairs``."""
+def resolve_data(data: str) -> str:
+    """``data``, or "demo" (with a notice) when that folder is missing: the benchmark still runs anywhere."""
     if data != "demo" and not Path(data).is_dir():
         print(f"NOTICE: data folder {data} not found; using the bundled demo data instead")
         data = "demo"
-    corpus = Corpus.load(data)
+    return data
+
+
+def load_requests(data: str, n_pairs: int) -> tuple[list[LoglikRequest], str]:
+    """(example, (setting,)) for every setting of each example's character, in data order, first ``n_pairs``."""
+    corpus = Corpus.load(resolve_data(data))
     requests: list[LoglikRequest] = []
     for ex in corpus.examples:
         for setting in corpus.characters[ex.character_id].settings:
@@ -207,8 +214,10 @@ class Replay:
         return Logliks(np.array([v[0] for v in values]), np.array([v[1] for v in values], dtype=np.int64))
 
 
-# ----------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
+# ----------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    """Every option of both modes (the four-method table and ``--prefix_share``); the defaults that depend on the
+    mode are ``None`` here and filled in by :func:`parse_args`."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--lm",
@@ -264,20 +273,31 @@ def main(argv: list[str] | None = None) -> dict:
         "--seed", type=int, default=0, help="--prefix_share: turn sample and other-character draws"
     )
     p.add_argument("--chunks", type=int, default=4, help="--prefix_share: interleaved chunks of turns per k")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line and fill in the mode-dependent defaults, so that the JSON's config records the
+    values actually used; reject sizes that would make a figure meaningless (a division by zero, an empty run)."""
+    args = build_parser().parse_args(argv)
     args.data = args.data or str(PREFIX_SHARE_DATA if args.prefix_share else DEFAULT_DATA)
     args.pairs = args.pairs or (180 if args.prefix_share else 2000)
     args.repeats = args.repeats or (2 if args.prefix_share else 1)
     if min(args.pairs, args.naive_pairs, args.repeats, args.max_batch_tokens) <= 0:
         raise ValueError("--pairs, --naive_pairs, --repeats and --max_batch_tokens must be positive")
-    byte_level = args.lm in ("tiny:gpt2", RANDOM_SMOLLM2)
-    max_length = args.max_length or (1024 if byte_level else 384)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args
+
+
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The device and dtype name the options ask for ("auto": the GPU if there is one, bfloat16 there)."""
     auto_device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto_device if args.device == "auto" else args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, dtype_name
 
+
+def load_model(args: argparse.Namespace, device: torch.device, dtype_name: str) -> tuple[Any, Any, float]:
+    """(model, tokenizer, load seconds); the load time is reported, kept apart from every measured method."""
     t0 = time.perf_counter()
     if args.lm == RANDOM_SMOLLM2:
         model, tok = random_smollm2(getattr(torch, dtype_name))
@@ -285,50 +305,117 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, tok = load_causal_lm(args.lm, dtype=dtype_name, device=str(device))
     load_s = time.perf_counter() - t0
-    random_weights = args.lm == RANDOM_SMOLLM2
-    if random_weights:
+    if args.lm == RANDOM_SMOLLM2:
         print(
             f"NOTE: {RANDOM_SMOLLM2} has RANDOM weights and a byte tokenizer (~4x the tokens of SmolLM2's BPE): "
             "only speed is meaningful, the log-likelihoods are not"
         )
+    return model, tok, load_s
 
-    if args.prefix_share:
-        return prefix_share(args, model, tok, device, dtype_name, max_length, load_s)
-    requests, data_source = load_requests(args.data, args.pairs)
-    naive_requests = requests[: args.naive_pairs]
-    likelihood = LMLikelihood(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
 
-    # tokenisation alone, as (b) does it (part of (a) and (b), absent from (c))
+def machine_info(device: torch.device) -> dict:
+    """Where the figures were measured: they only compare within one machine."""
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+
+
+def write_json(path: str | None, results: dict) -> None:
+    """Write ``results`` to ``path`` (``--json``, atomically); nothing when no path was given."""
+    if path:
+        write_text(path, json.dumps(results, indent=2))
+        print(f"\nwrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------- the four methods
+class Prepared(NamedTuple):
+    """Tokenisation of every pair, timed on its own (part of (a) and (b), absent from (c)), and (c)'s batches."""
+
+    tokenize_s: float
+    tokens: int  # response + context tokens over all pairs
+    naive_tokens: int  # the same over (a)'s subset
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    padded_tokens: int
+
+
+class BatchedTiming(NamedTuple):
+    """(b) and (c), the fastest of ``--repeats`` each: the other passes measure the machine's noise."""
+
+    logliks: Logliks  # (b)'s log-likelihoods, for the agreement check and to fill (d)'s cache
+    batched: Meter
+    limit: Meter
+    forward_passes: int  # LM calls (b) made (in its last pass)
+
+
+class CachedEpoch(NamedTuple):
+    """(d): the second epoch served from a cache on disk, and what loading that cache cost."""
+
+    meter: Meter
+    load_s: float
+    parquet_bytes: int
+    lm_calls: int
+
+
+def prepare(
+    likelihood: LMLikelihood, requests: list[LoglikRequest], n_naive: int, device: torch.device
+) -> Prepared:
+    """Tokenise as (b) does and build the padded batches (c) runs, so that (c) times the forward pass alone."""
     t = time.perf_counter()
     encoded = likelihood.encode_many(requests)
     tokenize_s = time.perf_counter() - t
     lengths = np.array([len(ids) for ids, _ in encoded])
-    tokens = int(lengths.sum())
-    naive_tokens = int(lengths[: len(naive_requests)].sum())
     batches = padded_batches(likelihood, encoded, device)
-    padded_tokens = sum(ids.numel() for ids, _, _ in batches)
+    return Prepared(
+        tokenize_s=tokenize_s,
+        tokens=int(lengths.sum()),
+        naive_tokens=int(lengths[:n_naive].sum()),
+        batches=batches,
+        padded_tokens=sum(ids.numel() for ids, _, _ in batches),
+    )
 
-    # warm-up: one pair naive, one batch raw, a few pairs batched
+
+def warm_up(
+    model, likelihood: LMLikelihood, requests: list[LoglikRequest], prepared: Prepared, device: torch.device
+) -> None:
+    """One pair naive, one batch raw, a few pairs batched: first-call costs (allocation, kernels) stay untimed."""
     naive_loglik(model, likelihood, requests[:1], device)
-    raw_forward(model, batches[:1])
+    raw_forward(model, prepared.batches[:1])
     likelihood.loglik(requests[: min(8, len(requests))])
     if device.type == "cuda":
         torch.cuda.synchronize()
 
-    with Meter(device) as m_naive:
-        naive = naive_loglik(model, likelihood, naive_requests, device)
+
+def time_batched(
+    model,
+    likelihood: LMLikelihood,
+    requests: list[LoglikRequest],
+    prepared: Prepared,
+    device: torch.device,
+    repeats: int,
+) -> BatchedTiming:
+    """Time (b) and (c) alternately ``repeats`` times and keep the fastest of each."""
     m_batched = m_limit = None
-    for _ in range(args.repeats):  # keep the fastest of each: the others measure the machine's noise
+    for _ in range(repeats):
         passes0 = likelihood.forward_passes
         with Meter(device) as m:
             batched = likelihood.loglik(requests)
         n_forward = likelihood.forward_passes - passes0
         m_batched = m if m_batched is None or m.seconds < m_batched.seconds else m_batched
         with Meter(device) as m:
-            raw_forward(model, batches)
+            raw_forward(model, prepared.batches)
         m_limit = m if m_limit is None or m.seconds < m_limit.seconds else m_limit
+    return BatchedTiming(batched, m_batched, m_limit, n_forward)
 
-    # (d): fill a cache on disk from (b)'s log-likelihoods, "restart", then one more epoch over the same pairs
+
+def time_cached_epoch(
+    likelihood: LMLikelihood, requests: list[LoglikRequest], batched: Logliks, device: torch.device
+) -> CachedEpoch:
+    """(d): fill a cache on disk from (b)'s log-likelihoods (no extra LM pass), "restart" by opening it afresh,
+    then time one more epoch over the same pairs; it must make no LM call and return (b)'s numbers exactly."""
     with tempfile.TemporaryDirectory() as cache_dir:
         filler = CachedLikelihood(Replay(likelihood.fingerprint, requests, batched), cache_dir)
         filler.loglik(requests)
@@ -345,76 +432,114 @@ def main(argv: list[str] | None = None) -> dict:
         raise RuntimeError(f"cached epoch made {lm_calls} LM calls ({cached.misses} misses); expected 0")
     if not np.array_equal(again.logp_sum, batched.logp_sum):
         raise RuntimeError("cached log-likelihoods differ from the batched ones they were filled with")
+    return CachedEpoch(m_cached, cache_load_s, cache_bytes, lm_calls)
 
-    # agreement of (a) and (b) on the naive subset (same tokens; differences are padding/dtype numerics)
-    diff = np.abs(naive.logp_sum - batched.logp_sum[: len(naive_requests)])
-    same_counts = bool(np.array_equal(naive.n_tokens, batched.n_tokens[: len(naive_requests)]))
 
-    def row(meter: Meter, pairs: int, toks: int) -> dict:
-        return {
-            "pairs": pairs,
-            "tokens": toks,
-            "seconds": meter.seconds,
-            "pairs_per_s": pairs / meter.seconds,
-            "tokens_per_s": toks / meter.seconds,
-            "rss_peak_delta_mib": meter.rss_peak_mib,
-            "rss_peak_mib": meter.rss_abs_mib,
-            "cuda_peak_delta_mib": meter.cuda_peak_mib,
-        }
-
-    rows = {
-        "naive": row(m_naive, len(naive_requests), naive_tokens),
-        "batched": row(m_batched, len(requests), tokens),
-        "limit": row(m_limit, len(requests), tokens),
-        "cached": row(m_cached, len(requests), tokens),
+def meter_row(meter: Meter, pairs: int, toks: int) -> dict:
+    """One method's row of the table: throughput per pair and per token, and peak memory."""
+    return {
+        "pairs": pairs,
+        "tokens": toks,
+        "seconds": meter.seconds,
+        "pairs_per_s": pairs / meter.seconds,
+        "tokens_per_s": toks / meter.seconds,
+        "rss_peak_delta_mib": meter.rss_peak_mib,
+        "rss_peak_mib": meter.rss_abs_mib,
+        "cuda_peak_delta_mib": meter.cuda_peak_mib,
     }
-    ratios = {
+
+
+def naive_vs_batched(naive: Logliks, batched: Logliks) -> dict:
+    """Agreement of (a) and (b) on (a)'s subset: the same tokens, so differences are padding/dtype numerics."""
+    n = len(naive.logp_sum)
+    diff = np.abs(naive.logp_sum - batched.logp_sum[:n])
+    return {
+        "max_abs_diff_logp_sum": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "same_token_counts": bool(np.array_equal(naive.n_tokens, batched.n_tokens[:n])),
+    }
+
+
+def method_ratios(rows: dict, timing: BatchedTiming, tokenize_s: float) -> dict:
+    """The ratios the report quotes: (b) over (a), (b) against the raw-forward limit, (d) over (a)."""
+    return {
         "batched_over_naive_pairs_per_s": rows["batched"]["pairs_per_s"] / rows["naive"]["pairs_per_s"],
         "batched_over_naive_tokens_per_s": rows["batched"]["tokens_per_s"] / rows["naive"]["tokens_per_s"],
-        "batched_pct_of_limit": 100 * m_limit.seconds / m_batched.seconds,
+        "batched_pct_of_limit": 100 * timing.limit.seconds / timing.batched.seconds,
         "cached_over_naive_pairs_per_s": rows["cached"]["pairs_per_s"] / rows["naive"]["pairs_per_s"],
-        "tokenize_pct_of_batched": 100 * tokenize_s / m_batched.seconds,
+        "tokenize_pct_of_batched": 100 * tokenize_s / timing.batched.seconds,
     }
+
+
+def compare_methods(
+    args: argparse.Namespace,
+    model,
+    tok,
+    device: torch.device,
+    dtype_name: str,
+    max_length: int,
+    load_s: float,
+) -> dict:
+    """Measure (a)-(d) on the same pairs, print the table, write the JSON; returns every figure."""
+    requests, data_source = load_requests(args.data, args.pairs)
+    naive_requests = requests[: args.naive_pairs]
+    likelihood = LMLikelihood(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
+    prepared = prepare(likelihood, requests, len(naive_requests), device)
+    warm_up(model, likelihood, requests, prepared, device)
+    with Meter(device) as m_naive:
+        naive = naive_loglik(model, likelihood, naive_requests, device)
+    timing = time_batched(model, likelihood, requests, prepared, device, args.repeats)
+    cache = time_cached_epoch(likelihood, requests, timing.logliks, device)
+    agreement = naive_vs_batched(naive, timing.logliks)
+    tokens = prepared.tokens
+    rows = {
+        "naive": meter_row(m_naive, len(naive_requests), prepared.naive_tokens),
+        "batched": meter_row(timing.batched, len(requests), tokens),
+        "limit": meter_row(timing.limit, len(requests), tokens),
+        "cached": meter_row(cache.meter, len(requests), tokens),
+    }
+    config = {**vars(args), "max_length": max_length, "device": str(device), "dtype": dtype_name}
     results = {
-        "config": {
-            **vars(args),
-            "max_length": max_length,
-            "device": str(device),
-            "dtype": dtype_name,
-            "data_source": data_source,
-        },
-        "random_weights": random_weights,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
+        "config": {**config, "data_source": data_source},
+        "random_weights": args.lm == RANDOM_SMOLLM2,
+        "machine": machine_info(device),
         "model_load_s": load_s,
-        "tokenize_s": tokenize_s,
-        "batches": len(batches),
-        "forward_passes_batched": n_forward,
-        "padding_efficiency": tokens / padded_tokens,
+        "tokenize_s": prepared.tokenize_s,
+        "batches": len(prepared.batches),
+        "forward_passes_batched": timing.forward_passes,
+        "padding_efficiency": tokens / prepared.padded_tokens,
         "mean_tokens_per_pair": tokens / len(requests),
-        "cache": {"load_s": cache_load_s, "parquet_bytes": cache_bytes, "lm_calls_second_epoch": lm_calls},
-        "naive_vs_batched": {
-            "max_abs_diff_logp_sum": float(diff.max()),
-            "mean_abs_diff": float(diff.mean()),
-            "same_token_counts": same_counts,
+        "cache": {
+            "load_s": cache.load_s,
+            "parquet_bytes": cache.parquet_bytes,
+            "lm_calls_second_epoch": cache.lm_calls,
         },
+        "naive_vs_batched": agreement,
         "rows": rows,
-        "ratios": ratios,
+        "ratios": method_ratios(rows, timing, prepared.tokenize_s),
     }
     print_report(results)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     return results
 
 
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    """Load the LM once, then run the mode asked for: the four-method table, or ``--prefix_share``."""
+    args = parse_args(argv)
+    byte_level = args.lm in ("tiny:gpt2", RANDOM_SMOLLM2)
+    max_length = args.max_length or (1024 if byte_level else 384)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype_name = pick_device(args)
+    model, tok, load_s = load_model(args, device, dtype_name)
+    if args.prefix_share:
+        return prefix_share(args, model, tok, device, dtype_name, max_length, load_s)
+    return compare_methods(args, model, tok, device, dtype_name, max_length, load_s)
+
+
 def print_report(r: dict) -> None:
+    """The four-method table and the ratios below it, in Markdown."""
     c, mach = r["config"], r["machine"]
     where = mach["gpu"] or f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads"
     print(f"\n## LM scoring: {c['lm']} ({c['dtype']}) on {c['device']} ({where}), torch {mach['torch']}")
@@ -483,8 +608,134 @@ def prefix_share_requests(corpus: Corpus, turns, k: int, seed: int) -> list[Logl
     return requests
 
 
+def prefix_share_setup(args: argparse.Namespace) -> tuple[list[int], Corpus, list]:
+    """The ks, the corpus and one seeded order of its turns (each k takes a prefix of it, so that a larger k
+    scores the turns a smaller one did, and more)."""
+    ks = [int(k) for k in args.ks.split(",")]
+    if min(ks) <= 0 or args.min_turns <= 0 or args.chunks <= 0:
+        raise ValueError("--ks, --min_turns and --chunks must be positive")
+    corpus = Corpus.load(resolve_data(args.data))
+    sample = random.Random(args.seed).sample(corpus.examples, len(corpus.examples))  # one seeded turn order
+    return ks, corpus, sample
+
+
+def new_run() -> dict:
+    """One path's running totals over the chunks of one pass."""
+    return {"seconds": 0.0, "cpu_s": 0.0, "tokens": 0, "passes": 0, "rss": [], "cuda": []}
+
+
+def time_chunk(
+    likelihood: LMLikelihood, chunk: list[LoglikRequest], run: dict, device: torch.device
+) -> Logliks:
+    """Score one chunk on one path, adding its wall time, CPU time, tokens, forward passes and memory to ``run``."""
+    tokens0, passes0, cpu0 = likelihood.tokens_forwarded, likelihood.forward_passes, time.process_time()
+    with Meter(device) as meter:
+        logliks = likelihood.loglik(chunk)
+    run["cpu_s"] += time.process_time() - cpu0
+    run["seconds"] += meter.seconds
+    run["tokens"] += likelihood.tokens_forwarded - tokens0
+    run["passes"] += likelihood.forward_passes - passes0
+    run["rss"].append(meter.rss_peak_mib)
+    run["cuda"].append(meter.cuda_peak_mib)
+    return logliks
+
+
+def interleaved_pass(
+    likelihoods: dict[str, LMLikelihood], chunks: list[list[LoglikRequest]], device: torch.device
+) -> dict[str, dict]:
+    """One pass over the chunks, the two paths taking turns on each (which goes first alternates), so that both
+    see the same machine load; each path's run holds its totals and its log-likelihoods in request order."""
+    runs = {name: new_run() for name in likelihoods}
+    sums: dict[str, list[Logliks]] = {name: [] for name in likelihoods}
+    for c, chunk in enumerate(chunks):
+        for name in list(likelihoods)[:: 1 if c % 2 == 0 else -1]:
+            sums[name].append(time_chunk(likelihoods[name], chunk, runs[name], device))
+    for name, run in runs.items():
+        run["logp_sum"] = np.concatenate([x.logp_sum for x in sums[name]])
+        run["n_tokens"] = np.concatenate([x.n_tokens for x in sums[name]])
+    return runs
+
+
+def fastest_passes(
+    likelihoods: dict[str, LMLikelihood],
+    chunks: list[list[LoglikRequest]],
+    device: torch.device,
+    repeats: int,
+) -> dict[str, dict]:
+    """Per path, the fastest of ``repeats`` interleaved passes: the slower ones measure the machine's noise."""
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, run in interleaved_pass(likelihoods, chunks, device).items():
+            if name not in best or run["seconds"] < best[name]["seconds"]:
+                best[name] = run
+    return best
+
+
+def path_figures(run: dict, n_pairs: int) -> dict:
+    """One path's figures at one k: time (wall and CPU), tokens through the model, forward passes, peak memory."""
+    return {
+        "seconds": run["seconds"],
+        "cpu_seconds": run["cpu_s"],
+        "pairs_per_s": n_pairs / run["seconds"],
+        "pairs_per_cpu_s": n_pairs / run["cpu_s"],
+        "tokens": run["tokens"],
+        "tokens_per_pair": run["tokens"] / n_pairs,
+        "tokens_per_s": run["tokens"] / run["seconds"],
+        "forward_passes": run["passes"],
+        "rss_peak_delta_mib": None if None in run["rss"] else max(run["rss"]),
+        "cuda_peak_delta_mib": None if None in run["cuda"] else max(run["cuda"]),
+    }
+
+
+def measure_k(
+    k: int,
+    args: argparse.Namespace,
+    corpus: Corpus,
+    sample: list,
+    likelihoods: dict[str, LMLikelihood],
+    device: torch.device,
+) -> dict:
+    """Both paths on the same turns at one k: the table's row, with the speed-ups and the agreement of the scores."""
+    turns = sample[: max(args.min_turns, math.ceil(args.pairs / (k + 1)))]
+    n_chunks = min(args.chunks, len(turns))
+    chunks = [
+        prefix_share_requests(corpus, turns[c::n_chunks], k, args.seed) for c in range(n_chunks)
+    ]  # turn-aligned: a turn's k + 1 candidates stay together
+    requests = [r for chunk in chunks for r in chunk]
+    encoded = likelihoods["shared"].encode_split_many(requests)
+    best = fastest_passes(likelihoods, chunks, device, args.repeats)
+    a, b = best["per_prompt"], best["shared"]
+    row = {
+        "k": k,
+        "turns": len(turns),
+        "pairs": len(requests),
+        "chunks": n_chunks,
+        "mean_prefix_tokens": float(np.mean([len(p) for p, _, _ in encoded[:: k + 1]])),
+        "mean_continuation_tokens": float(np.mean([len(c) for _, c, _ in encoded])),
+        "max_abs_diff_logp_sum": float(np.abs(a["logp_sum"] - b["logp_sum"]).max()),
+        "same_token_counts": bool(np.array_equal(a["n_tokens"], b["n_tokens"])),
+    }
+    for name, run in best.items():
+        row[name] = path_figures(run, len(requests))
+    row["speedup_pairs_per_s"] = row["shared"]["pairs_per_s"] / row["per_prompt"]["pairs_per_s"]
+    row["speedup_pairs_per_cpu_s"] = row["shared"]["pairs_per_cpu_s"] / row["per_prompt"]["pairs_per_cpu_s"]
+    row["tokens_ratio"] = row["per_prompt"]["tokens_per_pair"] / row["shared"]["tokens_per_pair"]
+    print(
+        f"k={k}: {row['pairs']} pairs, speed-up {row['speedup_pairs_per_s']:.2f}x "
+        f"({row['speedup_pairs_per_cpu_s']:.2f}x per CPU-s), max |Δ log P| {row['max_abs_diff_logp_sum']:.2e}",
+        flush=True,
+    )
+    return row
+
+
 def prefix_share(
-    args, model, tok, device: torch.device, dtype_name: str, max_length: int, load_s: float
+    args: argparse.Namespace,
+    model,
+    tok,
+    device: torch.device,
+    dtype_name: str,
+    max_length: int,
+    load_s: float,
 ) -> dict:
     """Per-prompt vs prefix-shared :meth:`LMLikelihood.loglik` on the same turns and the same settings-after template,
     at each k.
@@ -494,15 +745,7 @@ def prefix_share(
     conditions; a path's time is the sum over chunks, and the fastest of ``--repeats`` such passes is kept.
     CPU time (``time.process_time``, all threads) is recorded too: it is what the work costs whatever else runs.
     """
-    ks = [int(k) for k in args.ks.split(",")]
-    if min(ks) <= 0 or args.min_turns <= 0 or args.chunks <= 0:
-        raise ValueError("--ks, --min_turns and --chunks must be positive")
-    data = args.data
-    if data != "demo" and not Path(data).is_dir():
-        print(f"NOTICE: data folder {data} not found; using the bundled demo data instead")
-        data = "demo"
-    corpus = Corpus.load(data)
-    sample = random.Random(args.seed).sample(corpus.examples, len(corpus.examples))  # one seeded turn order
+    ks, corpus, sample = prefix_share_setup(args)
     template = PromptTemplate(settings_position="after")
     kwargs = dict(max_length=max_length, max_batch_tokens=args.max_batch_tokens)
     likelihoods = {
@@ -512,103 +755,17 @@ def prefix_share(
     warm = prefix_share_requests(corpus, sample[:2], min(ks), args.seed)
     for likelihood in likelihoods.values():
         likelihood.loglik(warm)
-
-    rows = []
-    for k in ks:
-        turns = sample[: max(args.min_turns, math.ceil(args.pairs / (k + 1)))]
-        n_chunks = min(args.chunks, len(turns))
-        chunks = [
-            prefix_share_requests(corpus, turns[c::n_chunks], k, args.seed) for c in range(n_chunks)
-        ]  # turn-aligned: a turn's k + 1 candidates stay together
-        requests = [r for chunk in chunks for r in chunk]
-        encoded = likelihoods["shared"].encode_split_many(requests)
-        best: dict[str, dict] = {}
-        for _ in range(args.repeats):
-            runs = {name: {"seconds": 0.0, "cpu_s": 0.0, "tokens": 0, "passes": 0, "rss": [], "cuda": []}
-                    for name in likelihoods}  # fmt: skip
-            sums = {name: [] for name in likelihoods}
-            for c, chunk in enumerate(chunks):
-                for name in list(likelihoods)[:: 1 if c % 2 == 0 else -1]:
-                    likelihood, run = likelihoods[name], runs[name]
-                    tokens0, passes0, cpu0 = (
-                        likelihood.tokens_forwarded,
-                        likelihood.forward_passes,
-                        time.process_time(),
-                    )
-                    with Meter(device) as meter:
-                        logliks = likelihood.loglik(chunk)
-                    run["cpu_s"] += time.process_time() - cpu0
-                    run["seconds"] += meter.seconds
-                    run["tokens"] += likelihood.tokens_forwarded - tokens0
-                    run["passes"] += likelihood.forward_passes - passes0
-                    run["rss"].append(meter.rss_peak_mib)
-                    run["cuda"].append(meter.cuda_peak_mib)
-                    sums[name].append(logliks)
-            for name, run in runs.items():
-                run["logp_sum"] = np.concatenate([x.logp_sum for x in sums[name]])
-                run["n_tokens"] = np.concatenate([x.n_tokens for x in sums[name]])
-                if name not in best or run["seconds"] < best[name]["seconds"]:
-                    best[name] = run
-        a, b = best["per_prompt"], best["shared"]
-        row = {
-            "k": k,
-            "turns": len(turns),
-            "pairs": len(requests),
-            "chunks": n_chunks,
-            "mean_prefix_tokens": float(np.mean([len(p) for p, _, _ in encoded[:: k + 1]])),
-            "mean_continuation_tokens": float(np.mean([len(c) for _, c, _ in encoded])),
-            "max_abs_diff_logp_sum": float(np.abs(a["logp_sum"] - b["logp_sum"]).max()),
-            "same_token_counts": bool(np.array_equal(a["n_tokens"], b["n_tokens"])),
-        }
-        for name, run in best.items():
-            row[name] = {
-                "seconds": run["seconds"],
-                "cpu_seconds": run["cpu_s"],
-                "pairs_per_s": len(requests) / run["seconds"],
-                "pairs_per_cpu_s": len(requests) / run["cpu_s"],
-                "tokens": run["tokens"],
-                "tokens_per_pair": run["tokens"] / len(requests),
-                "tokens_per_s": run["tokens"] / run["seconds"],
-                "forward_passes": run["passes"],
-                "rss_peak_delta_mib": None if None in run["rss"] else max(run["rss"]),
-                "cuda_peak_delta_mib": None if None in run["cuda"] else max(run["cuda"]),
-            }
-        row["speedup_pairs_per_s"] = row["shared"]["pairs_per_s"] / row["per_prompt"]["pairs_per_s"]
-        row["speedup_pairs_per_cpu_s"] = (
-            row["shared"]["pairs_per_cpu_s"] / row["per_prompt"]["pairs_per_cpu_s"]
-        )
-        row["tokens_ratio"] = row["per_prompt"]["tokens_per_pair"] / row["shared"]["tokens_per_pair"]
-        rows.append(row)
-        print(
-            f"k={k}: {row['pairs']} pairs, speed-up {row['speedup_pairs_per_s']:.2f}x "
-            f"({row['speedup_pairs_per_cpu_s']:.2f}x per CPU-s), max |Δ log P| {row['max_abs_diff_logp_sum']:.2e}",
-            flush=True,
-        )
+    rows = [measure_k(k, args, corpus, sample, likelihoods, device) for k in ks]
+    config = {**vars(args), "max_length": max_length, "device": str(device), "dtype": dtype_name}
     results = {
-        "config": {
-            **vars(args),
-            "max_length": max_length,
-            "device": str(device),
-            "dtype": dtype_name,
-            "data_source": corpus.source,
-            "template": "settings_position=after",
-        },
+        "config": {**config, "data_source": corpus.source, "template": "settings_position=after"},
         "random_weights": args.lm == RANDOM_SMOLLM2,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
+        "machine": machine_info(device),
         "model_load_s": load_s,
         "rows": rows,
     }
     print_prefix_share_report(results)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
     head = next((r for r in rows if r["k"] == 5), rows[0])
     print(
         f"prefix-shared vs per-prompt at k={head['k']}: {head['speedup_pairs_per_s']:.2f}x pairs/s"
@@ -617,6 +774,7 @@ def prefix_share(
 
 
 def print_prefix_share_report(r: dict) -> None:
+    """The per-k table of both paths, in Markdown."""
     c, mach = r["config"], r["machine"]
     where = mach["gpu"] or f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads"
     print(

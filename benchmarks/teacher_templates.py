@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 
+from replugchar.core.atomic import write_text
 from replugchar.core.scoring import ScoringRule
 from replugchar.evaluation.metrics import bootstrap_ci
 from replugchar.lm.gains import lm_table
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             "agree_similarity_ci": [slo, shi],
         }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_text(args.json, json.dumps(out, indent=1))
     return out
 
 
