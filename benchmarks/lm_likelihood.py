@@ -296,6 +296,17 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, str]:
     return device, dtype_name
 
 
+class LoadedLM(NamedTuple):
+    """The LM both modes measure, loaded once, and how: the figures are reported with it."""
+
+    model: Any
+    tok: Any
+    device: torch.device
+    dtype_name: str
+    max_length: int
+    load_s: float
+
+
 def load_model(args: argparse.Namespace, device: torch.device, dtype_name: str) -> tuple[Any, Any, float]:
     """(model, tokenizer, load seconds); the load time is reported, kept apart from every measured method."""
     t0 = time.perf_counter()
@@ -471,16 +482,9 @@ def method_ratios(rows: dict, timing: BatchedTiming, tokenize_s: float) -> dict:
     }
 
 
-def compare_methods(
-    args: argparse.Namespace,
-    model,
-    tok,
-    device: torch.device,
-    dtype_name: str,
-    max_length: int,
-    load_s: float,
-) -> dict:
+def compare_methods(args: argparse.Namespace, lm: LoadedLM) -> dict:
     """Measure (a)-(d) on the same pairs, print the table, write the JSON; returns every figure."""
+    model, tok, device, dtype_name, max_length, load_s = lm
     requests, data_source = load_requests(args.data, args.pairs)
     naive_requests = requests[: args.naive_pairs]
     likelihood = LMLikelihood(model, tok, max_length=max_length, max_batch_tokens=args.max_batch_tokens)
@@ -533,9 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device, dtype_name = pick_device(args)
     model, tok, load_s = load_model(args, device, dtype_name)
-    if args.prefix_share:
-        return prefix_share(args, model, tok, device, dtype_name, max_length, load_s)
-    return compare_methods(args, model, tok, device, dtype_name, max_length, load_s)
+    lm = LoadedLM(model, tok, device, dtype_name, max_length, load_s)
+    return prefix_share(args, lm) if args.prefix_share else compare_methods(args, lm)
 
 
 def print_report(r: dict) -> None:
@@ -728,15 +731,7 @@ def measure_k(
     return row
 
 
-def prefix_share(
-    args: argparse.Namespace,
-    model,
-    tok,
-    device: torch.device,
-    dtype_name: str,
-    max_length: int,
-    load_s: float,
-) -> dict:
+def prefix_share(args: argparse.Namespace, lm: LoadedLM) -> dict:
     """Per-prompt vs prefix-shared :meth:`LMLikelihood.loglik` on the same turns and the same settings-after template,
     at each k.
 
@@ -745,6 +740,7 @@ def prefix_share(
     conditions; a path's time is the sum over chunks, and the fastest of ``--repeats`` such passes is kept.
     CPU time (``time.process_time``, all threads) is recorded too: it is what the work costs whatever else runs.
     """
+    model, tok, device, dtype_name, max_length, load_s = lm
     ks, corpus, sample = prefix_share_setup(args)
     template = PromptTemplate(settings_position="after")
     kwargs = dict(max_length=max_length, max_batch_tokens=args.max_batch_tokens)
