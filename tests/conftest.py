@@ -208,6 +208,18 @@ def write_data(tmp_path) -> DataWriter:
 
 
 # ----------------------------------------------------------------------------------------------- raw data records
+def three_turn_example() -> Example:
+    """A turn after three marked context turns (FIRST, SECOND, THIRD): truncation tests see which turn went."""
+    turns = (
+        Turn("user", "FIRST turn: good morning to you."),
+        Turn("character", "SECOND turn: morning! Lovely day."),
+        Turn("user", "THIRD turn: it is indeed."),
+    )
+    return Example(
+        "ex-long", "c", "d", query="Shall we walk?", response="Yes, let us walk by the sea.", context=turns
+    )
+
+
 def character(cid: str = "c1", n_settings: int = 3, **extra) -> dict:
     """A characters.jsonl record with ``n_settings`` distinct settings; ``extra`` adds or overrides fields."""
     return {"character_id": cid, "settings": [f"{cid} trait number {i}." for i in range(n_settings)], **extra}

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import three_turn_example
 
 from replugchar.core.data import Example, Turn
 from replugchar.lm.likelihood import NO_SETTING, LMLikelihood, LoglikRequest, PromptTemplate
@@ -80,14 +81,8 @@ def test_logliks_equal_a_manual_full_forward(tiny_lm):
 
 def test_truncation_drops_oldest_context_first_and_never_cuts_the_response(tiny_lm):
     model, tok = tiny_lm
-    turns = (
-        Turn("user", "FIRST turn: good morning to you."),
-        Turn("character", "SECOND turn: morning! Lovely day."),
-        Turn("user", "THIRD turn: it is indeed."),
-    )
-    ex = Example(
-        "ex-long", "c", "d", query="Shall we walk?", response="Yes, let us walk by the sea.", context=turns
-    )
+    ex = three_turn_example()
+    turns = ex.context
     req = LoglikRequest(ex, ("I grew up by the sea.",))
     template = PromptTemplate()
     resp = [*tok(" " + ex.response, add_special_tokens=False).input_ids, tok.eos_token_id]

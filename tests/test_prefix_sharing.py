@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import three_turn_example
 
 from replugchar.core.data import Example, Turn
 from replugchar.lm import likelihood as likelihood_module
@@ -220,14 +221,8 @@ def test_truncation_gives_candidates_of_one_turn_different_prefixes(tiny_lm):
     """A long setting needs more room than a short one, so at a tight max_length its candidate drops the oldest
     turn and the others keep it: prefixes differ within the turn; each group is scored against its own prefix."""
     model, tok = tiny_lm
-    turns = (
-        Turn("user", "FIRST turn: good morning to you."),
-        Turn("character", "SECOND turn: morning! Lovely day."),
-        Turn("user", "THIRD turn: it is indeed."),
-    )
-    ex = Example(
-        "ex-long", "c", "d", query="Shall we walk?", response="Yes, let us walk by the sea.", context=turns
-    )
+    ex = three_turn_example()
+    turns = ex.context
     other = Example("ex-other", "c", "d2", query="Tea?", response="Gladly.", context=turns[2:])
     short, long = ("I swim.",), ("I grew up by the sea, in a small town with a lighthouse and a harbour.",)
     wide = LMLikelihood(model, tok, AFTER, max_length=1000)
